@@ -1,0 +1,20 @@
+"""The VAE, its anomaly score and the model bundle. Imports neither Kafka nor training code."""
+
+from detector.bundle import Bundle, BundleError, load_bundle, save_bundle
+from detector.calibration import Calibration
+from detector.config import ModelConfig
+from detector.model import VAE
+from detector.scorer import Detector, PendingScores, Scores
+
+__all__ = [
+    "VAE",
+    "Bundle",
+    "BundleError",
+    "Calibration",
+    "Detector",
+    "ModelConfig",
+    "PendingScores",
+    "Scores",
+    "load_bundle",
+    "save_bundle",
+]

@@ -1,0 +1,57 @@
+"""Per-image terms of the negative evidence lower bound (ELBO).
+
+    -ELBO(x) = E_q(z|x)[-log p(x|z)] + beta * KL(q(z|x) || N(0, I))
+
+(Kingma & Welling, "Auto-Encoding Variational Bayes", 2014, eq. 3 and appendix B; the beta
+weight is Higgins et al., "beta-VAE", 2017.) Every function returns one value per image so that
+training takes the mean and scoring keeps them apart.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from detector.config import Likelihood
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) per row, in closed form:
+    -1/2 * sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)."""
+    return -0.5 * torch.sum(1.0 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+
+
+def reconstruction_nll(
+    x: torch.Tensor, logits: torch.Tensor, *, likelihood: Likelihood, log_sigma: torch.Tensor
+) -> torch.Tensor:
+    """-log p(x|z) per row, in nats, for inputs x in [0, 1] (N x 784) and decoder logits.
+
+    bernoulli: binary cross-entropy summed over pixels.
+    gaussian_*: sum_i (x_i - m_i)^2 / (2 sigma^2) + log sigma + 1/2 log 2 pi, with m = sigmoid(logits)
+    and one sigma shared by all pixels (fixed, or learned through log_sigma).
+    """
+    if likelihood == "bernoulli":
+        return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=1)
+    mean = torch.sigmoid(logits)
+    squared = (x - mean).pow(2).sum(dim=1)
+    pixels = x.shape[1]
+    return squared * torch.exp(-2.0 * log_sigma) / 2.0 + pixels * (log_sigma + _HALF_LOG_2PI)
+
+
+def negative_elbo(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    likelihood: Likelihood,
+    log_sigma: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Reconstruction NLL + beta * KL per row: the training loss and the anomaly score."""
+    recon = reconstruction_nll(x, logits, likelihood=likelihood, log_sigma=log_sigma)
+    return recon + beta * kl_divergence(mu, logvar)

@@ -1,0 +1,122 @@
+"""The variational autoencoder: an nn.Module that knows tensors and nothing else."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from detector.config import IMAGE_PIXELS, IMAGE_SIDE, ModelConfig
+from detector.loss import negative_elbo
+
+
+def _mlp_encoder(config: ModelConfig) -> tuple[nn.Module, int]:
+    layers: list[nn.Module] = []
+    width = IMAGE_PIXELS
+    for hidden in config.mlp_hidden:
+        layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(config.dropout)]
+        width = hidden
+    return nn.Sequential(*layers), width
+
+
+def _mlp_decoder(config: ModelConfig) -> nn.Module:
+    layers: list[nn.Module] = []
+    width = config.latent_dim
+    for hidden in reversed(config.mlp_hidden):
+        layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(config.dropout)]
+        width = hidden
+    layers.append(nn.Linear(width, IMAGE_PIXELS))
+    return nn.Sequential(*layers)
+
+
+def _conv_encoder(config: ModelConfig) -> tuple[nn.Module, int]:
+    c1, c2 = config.conv_channels
+    # 28 -> 14 -> 7 with stride-2, kernel-4, padding-1 convolutions.
+    body = nn.Sequential(
+        nn.Unflatten(1, (1, IMAGE_SIDE, IMAGE_SIDE)),
+        nn.Conv2d(1, c1, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Dropout(config.dropout),
+    )
+    return body, c2 * 7 * 7
+
+
+def _conv_decoder(config: ModelConfig) -> nn.Module:
+    c1, c2 = config.conv_channels
+    return nn.Sequential(
+        nn.Linear(config.latent_dim, c2 * 7 * 7),
+        nn.ReLU(),
+        nn.Unflatten(1, (c2, 7, 7)),
+        nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),
+        nn.Flatten(),
+    )
+
+
+class VAE(nn.Module):
+    """Encoder q(z|x) = N(mu, diag(exp(logvar))), decoder p(x|z) given by logits over 784 pixels.
+
+    Inputs are float tensors N x 784 in [0, 1]. The decoder returns logits: sigmoid(logits) is the
+    Bernoulli probability or the Gaussian mean, depending on `config.likelihood`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.kind == "mlp":
+            self.encoder, features = _mlp_encoder(config)
+            self.decoder = _mlp_decoder(config)
+        else:
+            self.encoder, features = _conv_encoder(config)
+            self.decoder = _conv_decoder(config)
+        self.fc_mu = nn.Linear(features, config.latent_dim)
+        self.fc_logvar = nn.Linear(features, config.latent_dim)
+        # One observation noise for all pixels; a buffer-like parameter when it is fixed.
+        self.log_sigma = nn.Parameter(
+            torch.tensor(math.log(config.sigma)),
+            requires_grad=config.likelihood == "gaussian_learned",
+        )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder(x)
+        return self.fc_mu(features), self.fc_logvar(features)
+
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """z = mu + sigma * eps with eps ~ N(0, I), so gradients flow through mu and sigma."""
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+
+    def loss(self, x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor):
+        """Per-image negative ELBO under this model's likelihood and beta."""
+        return negative_elbo(
+            x,
+            logits.float(),
+            mu.float(),
+            logvar.float(),
+            likelihood=self.config.likelihood,
+            log_sigma=self.log_sigma,
+            beta=self.config.beta,
+        )
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic anomaly score per image: the negative ELBO at z = mu (no sampling, so the
+        same image always gets the same score)."""
+        mu, logvar = self.encode(x)
+        return self.loss(x, self.decode(mu), mu, logvar)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n images N x 784 in [0, 1] decoded from z ~ N(0, I): the decoder's mean."""
+        device = self.fc_mu.weight.device
+        z = torch.randn(n, self.config.latent_dim, generator=generator).to(device)
+        return torch.sigmoid(self.decode(z))

@@ -1,0 +1,119 @@
+"""One typed, validated settings object: config.yaml, then environment, then --set overrides.
+
+Environment variables map onto keys as VAEWATCH_<SECTION>__<KEY> (for containers), e.g.
+VAEWATCH_STREAM__BOOTSTRAP_SERVERS=kafka:9092. Values of overrides and environment variables are
+YAML, so `--set "data.normal_classes=[3]"` gives a list and `--set train.amp=false` a bool.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from detector.config import DetectorSettings, ModelConfig
+from streams.config import MetricsConfig, StreamConfig
+from trainer.config import CalibrationConfig, DataConfig, TrainConfig
+
+ENV_PREFIX = "VAEWATCH_"
+
+
+class ConfigError(Exception):
+    """A settings file, override or value is wrong. The message is one line naming the key."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    detector: DetectorSettings = Field(default_factory=DetectorSettings)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+
+def _parse_value(key: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: value {text!r} is not valid YAML ({exc.problem})") from None
+
+
+def _apply(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{source}: key {key!r} must look like section.key")
+    section, name = parts
+    if section not in Settings.model_fields:
+        known = ", ".join(Settings.model_fields)
+        raise ConfigError(f"{source}: unknown section {section!r} in {key!r} (known: {known})")
+    current = tree.get(section)
+    if current is None:
+        current = tree[section] = {}
+    if not isinstance(current, dict):
+        raise ConfigError(f"{source}: section {section!r} must be a mapping")
+    current[name] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'section.key=value' -> ('section.key', YAML value)."""
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    return key.strip(), _parse_value(key.strip(), raw)
+
+
+def _env_overrides(env: Mapping[str, str]) -> Iterable[tuple[str, Any]]:
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        yield f"{section}.{key}", _parse_value(name, raw)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return loaded
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {key!r}"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def load_settings(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings. Later sources win: file < environment < overrides."""
+    tree: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    for key, value in _env_overrides(os.environ if env is None else env):
+        _apply(tree, key, value, "environment")
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(tree, key, value, "--set")
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
