@@ -1,9 +1,9 @@
 """The model bundle: one directory that holds everything a scorer needs, verified on load.
 
-    bundle.json               model config, calibration summary, version, file digests, metadata
-    model.safetensors         weights (no pickle)
-    calibration.safetensors   sorted calibration scores
-    report/                   pictures and history written by the trainer (not needed to score)
+bundle.json               model config, calibration summary, version, file digests, metadata
+model.safetensors         weights (no pickle)
+calibration.safetensors   sorted calibration scores
+report/                   pictures and history written by the trainer (not needed to score)
 """
 
 from __future__ import annotations

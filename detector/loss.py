@@ -31,8 +31,8 @@ def reconstruction_nll(
     """-log p(x|z) per row, in nats, for inputs x in [0, 1] (N x 784) and decoder logits.
 
     bernoulli: binary cross-entropy summed over pixels.
-    gaussian_*: sum_i (x_i - m_i)^2 / (2 sigma^2) + log sigma + 1/2 log 2 pi, with m = sigmoid(logits)
-    and one sigma shared by all pixels (fixed, or learned through log_sigma).
+    gaussian_*: sum_i (x_i - m_i)^2 / (2 sigma^2) + log sigma + 1/2 log 2 pi, with
+    m = sigmoid(logits) and one sigma shared by all pixels (fixed, or learned through log_sigma).
     """
     if likelihood == "bernoulli":
         return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=1)

@@ -85,7 +85,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", exc)
+        raise ConfigError(f"{path}:{where}: not valid YAML ({problem})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
