@@ -1,0 +1,92 @@
+"""The worker's Prometheus metrics, declared once. Tests pass their own registry.
+
+Names follow Prometheus conventions: counters end in _total, durations are in seconds, labels
+have bounded values (outcome, reason, kind, partition of the one input topic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+OUTCOMES = ("normal", "anomaly", "invalid")
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class WorkerMetrics:
+    """Every metric the worker exports. `score_buckets` come from the model's calibration, so the
+    score histogram resolves the region around the threshold whatever the score's scale."""
+
+    def __init__(self, *, registry: CollectorRegistry, score_buckets: Sequence[float]) -> None:
+        self.records = Counter(
+            "vaewatch_records",
+            "Records consumed from the input topic, by outcome (normal, anomaly, invalid).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.alerts_published = Counter(
+            "vaewatch_alerts_published",
+            "Alerts acknowledged by the broker on the alert topic.",
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "vaewatch_dead_letters",
+            "Records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "vaewatch_errors",
+            "Errors by kind (broker, produce, commit, decode, scoring).",
+            ["kind"],
+            registry=registry,
+        )
+        self.score = Histogram(
+            "vaewatch_score",
+            "Anomaly score (negative ELBO, nats) of every valid record.",
+            buckets=tuple(score_buckets),
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "vaewatch_batch_size_records",
+            "Records per scored batch.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.inference_seconds = Histogram(
+            "vaewatch_batch_inference_seconds",
+            "Time to score one batch on the device, copy in and out included.",
+            buckets=INFERENCE_BUCKETS,
+            registry=registry,
+        )
+        self.end_to_end_seconds = Histogram(
+            "vaewatch_end_to_end_latency_seconds",
+            "Record timestamp to the moment its result was acknowledged by the broker.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "vaewatch_consumer_lag_records",
+            "Records behind the end of each assigned input partition.",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.threshold = Gauge(
+            "vaewatch_threshold", "Calibrated score threshold of the loaded model.", registry=registry
+        )
+        self.target_fpr = Gauge(
+            "vaewatch_target_fpr",
+            "False-positive rate the threshold was calibrated for.",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "vaewatch_ready",
+            "1 when the model is loaded, the broker reachable and partitions are assigned.",
+            registry=registry,
+        )
+        self.model = Info("vaewatch_model", "The loaded model bundle.", registry=registry)
+        for outcome in OUTCOMES:
+            self.records.labels(outcome=outcome)

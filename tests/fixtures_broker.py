@@ -1,0 +1,1 @@
+"""Fixtures that start the embedded Kafka-compatible broker (owned by the streams work)."""
