@@ -75,7 +75,9 @@ class WorkerMetrics:
             registry=registry,
         )
         self.threshold = Gauge(
-            "vaewatch_threshold", "Calibrated score threshold of the loaded model.", registry=registry
+            "vaewatch_threshold",
+            "Calibrated score threshold of the loaded model.",
+            registry=registry,
         )
         self.target_fpr = Gauge(
             "vaewatch_target_fpr",
