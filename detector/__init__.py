@@ -4,7 +4,14 @@ from detector.bundle import Bundle, BundleError, load_bundle, save_bundle
 from detector.calibration import Calibration
 from detector.config import ModelConfig
 from detector.model import VAE
-from detector.scorer import Detector, PendingScores, Scores
+from detector.scorer import (
+    Detector,
+    DeviceError,
+    PendingScores,
+    Scores,
+    as_image_batch,
+    resolve_device,
+)
 
 __all__ = [
     "VAE",
@@ -12,9 +19,12 @@ __all__ = [
     "BundleError",
     "Calibration",
     "Detector",
+    "DeviceError",
     "ModelConfig",
     "PendingScores",
     "Scores",
+    "as_image_batch",
     "load_bundle",
+    "resolve_device",
     "save_bundle",
 ]

@@ -50,6 +50,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _content_version(
+    config: dict[str, Any], calibration: dict[str, Any], digests: dict[str, str]
+) -> str:
+    """Hash of everything that decides a score and a decision: config, calibration, file digests."""
+    identity = json.dumps(
+        {"config": config, "calibration": calibration, "files": digests}, sort_keys=True
+    )
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
 def save_bundle(
     path: str | Path,
     *,
@@ -75,10 +85,7 @@ def save_bundle(
         "method": calibration.method,
         "n": calibration.n,
     }
-    identity = json.dumps(
-        {"config": config, "calibration": calibration_summary, "files": digests}, sort_keys=True
-    )
-    version = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    version = _content_version(config, calibration_summary, digests)
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_version": version,
@@ -110,6 +117,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     for key in ("model_version", "model_config", "calibration", "files"):
         if key not in manifest:
             raise BundleError(f"{manifest_path}: missing key {key!r}")
+    for key in ("model_config", "calibration", "files"):
+        if not isinstance(manifest[key], dict):
+            raise BundleError(f"{manifest_path}: {key!r} must be a mapping")
     return manifest
 
 
@@ -127,6 +137,16 @@ def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -
     path = Path(path)
     manifest = _read_manifest(path)
     _verify_files(path, manifest["files"])
+    # The version is a hash of the config and calibration summary too, so an edited manifest
+    # (say a changed beta or threshold, which the weights alone would not reveal) is caught here.
+    expected = _content_version(
+        manifest["model_config"], manifest["calibration"], manifest["files"]
+    )
+    if manifest["model_version"] != expected:
+        raise BundleError(
+            f"{path / MANIFEST}: model_config or calibration were changed after the bundle was "
+            f"written (version {manifest['model_version']!r} does not match its contents)"
+        )
     try:
         config = ModelConfig.model_validate(manifest["model_config"])
     except ValidationError as exc:
@@ -144,11 +164,14 @@ def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -
     summary = manifest["calibration"]
     if len(scores) != summary.get("n"):
         raise BundleError(f"{path / CALIBRATION}: {len(scores)} scores, manifest says {summary}")
-    calibration = Calibration(
-        threshold=float(summary["threshold"]),
-        target_fpr=float(summary["target_fpr"]),
-        method=str(summary["method"]),
-        scores=scores,
-    )
+    try:
+        calibration = Calibration(
+            threshold=float(summary["threshold"]),
+            target_fpr=float(summary["target_fpr"]),
+            method=str(summary["method"]),
+            scores=scores,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{path / MANIFEST}: bad calibration ({exc})") from None
     model.eval()
     return Bundle(model, calibration, manifest["model_version"], manifest.get("metadata", {}), path)

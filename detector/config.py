@@ -18,7 +18,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["mlp", "conv"] = "conv"
-    latent_dim: int = Field(16, ge=1, le=1024)
+    latent_dim: int = Field(8, ge=1, le=1024)
     mlp_hidden: tuple[int, ...] = Field((400, 400), min_length=1)
     conv_channels: tuple[int, ...] = Field((32, 64), min_length=2, max_length=2)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -115,6 +115,7 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x)
         return self.loss(x, self.decode(mu), mu, logvar)
 
+    @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images N x 784 in [0, 1] decoded from z ~ N(0, I): the decoder's mean."""
         device = self.fc_mu.weight.device

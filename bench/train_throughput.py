@@ -1,0 +1,165 @@
+"""Training throughput: the seed's DataLoader loop against vaewatch's in-memory trainer.
+
+Both train the seed's MLP VAE (784-400-400-20, Bernoulli/BCE likelihood) with Adam, batch 128,
+on the 60,000 Fashion-MNIST training images, in the same process, alternating epochs so that a
+busy neighbour on a shared machine slows both alike. The seed's loop is its article's code with
+one fix: inputs stay in [0, 1] (ToTensor only), because BCE rejects the article's [-1, 1].
+
+    .venv/bin/python bench/train_throughput.py [--epochs 3] [--threads 2] [--device cpu]
+        [--batch-sizes 128 512]
+
+Prints images/s per epoch of each and the ratio of medians (target: >= 3x). The first batch size
+is the seed's (128), the like-for-like comparison; others show vaewatch with larger batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn, optim
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from detector.config import ModelConfig
+from trainer.config import DataConfig, TrainConfig
+from trainer.data import DEBIAN_FASHION_MNIST, load_images
+from trainer.fit import fit_vae
+
+
+class SeedVAE(nn.Module):
+    """The article's model, as written."""
+
+    def __init__(self, input_dim: int = 784, hidden_dim: int = 400, latent_dim: int = 20):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Linear(input_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+        )
+        self.fc_mu = nn.Linear(hidden_dim, latent_dim)
+        self.fc_logvar = nn.Linear(hidden_dim, latent_dim)
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, input_dim),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x):
+        enc = self.encoder(x)
+        mu, logvar = self.fc_mu(enc), self.fc_logvar(enc)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.decoder(z), mu, logvar
+
+
+def seed_loss(recon_x, x, mu, logvar):
+    bce = nn.functional.binary_cross_entropy(recon_x, x.view(-1, 784), reduction="sum")
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return bce + kld
+
+
+def torchvision_root(folder: Path) -> Path:
+    """torchvision wants uncompressed IDX files under ROOT/FashionMNIST/raw."""
+    raw = folder / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
+        with gzip.open(gz) as source, (raw / gz.name[:-3]).open("wb") as target:
+            shutil.copyfileobj(source, target)
+    return folder
+
+
+def seed_epoch(model, optimizer, loader, device) -> float:
+    """One epoch of the article's loop; returns images/s."""
+    model.train()
+    started = time.perf_counter()
+    seen = 0
+    for data, _ in loader:
+        data = data.to(device)
+        optimizer.zero_grad()
+        recon_batch, mu, logvar = model(data.view(-1, 784))
+        loss = seed_loss(recon_batch, data, mu, logvar)
+        loss.backward()
+        loss.item()  # the article accumulates train_loss += loss.item() every batch
+        optimizer.step()
+        seen += len(data)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    temp = Path(tempfile.mkdtemp())
+    dataset = datasets.FashionMNIST(
+        str(torchvision_root(temp)), train=True, transform=transforms.ToTensor(), download=False
+    )
+    loader = DataLoader(dataset=dataset, batch_size=128, shuffle=True)
+    seed_model = SeedVAE().to(device)
+    seed_optimizer = optim.Adam(seed_model.parameters(), lr=1e-3)
+
+    data = DataConfig(download=False)
+    train_images = load_images(data, split="train").images
+    val_images = load_images(data, split="test").images[:1000]
+    model_config = ModelConfig(
+        kind="mlp", mlp_hidden=(400, 400), latent_dim=20, likelihood="bernoulli"
+    )
+    trains = {
+        size: TrainConfig(
+            epochs=1, batch_size=size, lr=1e-3, weight_decay=0.0, device=args.device, progress=False
+        )
+        for size in args.batch_sizes
+    }
+
+    seed_rates: list[float] = []
+    our_rates: dict[int, list[float]] = {size: [] for size in trains}
+    for epoch in range(args.epochs):
+        seed_rates.append(seed_epoch(seed_model, seed_optimizer, loader, device))
+        line = f"epoch {epoch + 1}: seed loop (batch 128) {seed_rates[-1]:6.0f} images/s"
+        for size, train in trains.items():
+            # One fresh 1-epoch fit per round keeps the loops interleaved; fit_vae times only its
+            # optimisation pass, as seed_epoch does.
+            fitted = fit_vae(train_images, val_images, model_config=model_config, train=train)
+            our_rates[size].append(fitted.history[0].images_per_s)
+            line += f" | vaewatch batch {size} {our_rates[size][-1]:6.0f} images/s"
+        print(line, flush=True)
+    shutil.rmtree(temp)
+    seed_median = statistics.median(seed_rates)
+    print(
+        f"\ndevice {device}, {torch.get_num_threads()} torch threads, {args.epochs} epochs each, "
+        f"median images/s (s per 60k-image epoch):"
+    )
+    print(f"  seed DataLoader loop, batch 128: {seed_median:7.0f} ({60000 / seed_median:5.1f} s)")
+    for size, rates in our_rates.items():
+        median = statistics.median(rates)
+        print(
+            f"  vaewatch in-memory, batch {size:4d}: {median:7.0f} ({60000 / median:5.1f} s)  "
+            f"ratio {median / seed_median:.2f}x"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

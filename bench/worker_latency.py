@@ -1,0 +1,184 @@
+"""Steady load: record-to-alert latency and the worker's memory over time.
+
+    .venv/bin/python bench/worker_latency.py --rate 5000 --duration 30            # latency
+    .venv/bin/python bench/worker_latency.py --rate 5000 --duration 300 --warmup 30   # RSS
+
+A real `vaewatch worker` subprocess (max_batch_delay_ms 10 unless --set says otherwise) scores
+real Fashion-MNIST test images replayed at a steady rate. A subscriber on the alert topic takes,
+for every alert, (time it arrived) - (the input record's timestamp, set when it was produced):
+the latency a downstream service sees. The worker's RSS is sampled from /proc every 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from worker_throughput import fashion_images, make_bundle
+
+from streams.broker import EmbeddedBroker, free_port
+from streams.config import StreamConfig
+from streams.kafka_io import create_producer, ensure_topics
+from streams.replay import plan_replay, replay
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_ready(url: str, timeout_s: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError("worker not ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=float, default=5000)
+    parser.add_argument("--duration", type=float, default=30)
+    parser.add_argument("--warmup", type=float, default=5, help="seconds not counted")
+    parser.add_argument("--model-kind", default="mlp", choices=["mlp", "conv"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    images = fashion_images()
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+        bundle = make_bundle(args.model_kind, Path(tmp) / "bundle", images)
+        config = StreamConfig(
+            bootstrap_servers=broker.bootstrap_servers,
+            input_topic="lat.images",
+            alert_topic="lat.alerts",
+            dlq_topic="lat.dlq",
+            group_id="lat",
+        )
+        ensure_topics(config=config, topics=["lat.images", "lat.alerts", "lat.dlq"])
+        port = free_port()
+        sets = [
+            f"stream.bootstrap_servers={broker.bootstrap_servers}",
+            "stream.input_topic=lat.images",
+            "stream.alert_topic=lat.alerts",
+            "stream.dlq_topic=lat.dlq",
+            "stream.group_id=lat",
+            "stream.max_batch_delay_ms=10",
+            "metrics.host=127.0.0.1",
+            f"metrics.port={port}",
+            "detector.device=cpu",
+            *args.overrides,
+        ]
+        command = [sys.executable, "-m", "vaewatch.cli"]
+        for item in sets:
+            command += ["--set", item]
+        command += ["--log-level", "WARNING", "worker", "--model", str(bundle)]
+        worker = subprocess.Popen(command)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}")
+            # (arrival, latency s, record -> scored_at s): the split shows whether the time is
+            # spent before scoring (fetch, batching) or after (publish, subscriber's fetch)
+            latencies: list[tuple[float, float, float]] = []
+            stop = threading.Event()
+
+            def read_alerts() -> None:
+                consumer = KafkaConsumer(
+                    bootstrap_servers=broker.bootstrap_servers,
+                    auto_offset_reset="earliest",
+                    enable_auto_commit=False,
+                    fetch_max_wait_ms=5,
+                )
+                consumer.assign([TopicPartition("lat.alerts", 0)])
+                while not stop.is_set():
+                    for records in consumer.poll(timeout_ms=50).values():
+                        now = time.time()
+                        for record in records:
+                            alert = json.loads(record.value)
+                            created = alert["timestamp_ms"] / 1000.0
+                            latencies.append(
+                                (now, now - created, alert["scored_at_ms"] / 1000.0 - created)
+                            )
+                consumer.close()
+
+            reader = threading.Thread(target=read_alerts)
+            reader.start()
+            rss: list[tuple[float, float]] = []
+
+            def sample_rss() -> None:
+                while not stop.is_set():
+                    rss.append((time.time(), rss_mib(worker.pid)))
+                    stop.wait(5)
+
+            sampler = threading.Thread(target=sample_rss)
+            sampler.start()
+            count = int(args.rate * args.duration)
+            plan = plan_replay(labels=None, normal_classes=(0,), count=count, size=len(images))
+            producer = create_producer(config=config.model_copy(update={"linger_ms": 0}))
+            started = time.time()
+            replay(
+                producer=producer,
+                topic="lat.images",
+                images=images,
+                labels=None,
+                plan=plan,
+                codec="raw",
+                rate=args.rate,
+            )
+            produced_s = time.time() - started
+            time.sleep(2)
+            stop.set()
+            reader.join()
+            sampler.join()
+            producer.close()
+        finally:
+            worker.terminate()
+            code = worker.wait(timeout=60)
+    kept = [(lat, to_score) for at, lat, to_score in latencies if at >= started + args.warmup]
+    counted = np.array([lat for lat, _ in kept])
+    to_scored = np.array([to_score for _, to_score in kept])
+    rss_after_warmup = [m for at, m in rss if at >= started + args.warmup]
+    result = {
+        "rate_target_per_s": args.rate,
+        "rate_produced_per_s": round(count / produced_s),
+        "duration_s": args.duration,
+        "alerts": len(latencies),
+        "alerts_counted": int(counted.size),
+        "latency_ms": {
+            f"p{q}": round(float(np.percentile(counted, q)) * 1000, 1) for q in (50, 90, 99, 99.9)
+        }
+        | {"max": round(float(counted.max()) * 1000, 1)},
+        # record timestamp -> the worker's scored_at_ms (fetch, batching, decode, scoring)
+        "to_scored_ms": {
+            f"p{q}": round(float(np.percentile(to_scored, q)) * 1000, 1) for q in (50, 90, 99)
+        },
+        "rss_mib": {
+            "first": round(rss_after_warmup[0], 1),
+            "last": round(rss_after_warmup[-1], 1),
+            "min": round(min(rss_after_warmup), 1),
+            "max": round(max(rss_after_warmup), 1),
+            "samples": len(rss_after_warmup),
+            "last_vs_first": round(rss_after_warmup[-1] / rss_after_warmup[0] - 1, 4),
+        },
+        "worker_exit_code": code,
+        "overrides": args.overrides,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Backlog drain: how fast the worker empties a 50,000-record backlog, end to end (consume,
+decode, score, produce scores and alerts, wait for acks, commit), against a plain kafka-python
+consume of the same topic measured in the same run on the same broker.
+
+    .venv/bin/python bench/worker_throughput.py --model-kind mlp [--records 50000] [--profile]
+
+Without --model, the bench builds an untrained VAE of the given kind with a calibration from real
+Fashion-MNIST images: the scoring cost depends on the architecture, not on the weights.
+Records are the real Fashion-MNIST test images, cycled, raw codec, one input partition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from detector import VAE, Calibration, Detector, ModelConfig, save_bundle
+from streams.broker import EmbeddedBroker
+from streams.codec import encode_images
+from streams.config import StreamConfig
+from streams.kafka_io import create_consumer, create_producer, ensure_topics
+from streams.serve import build_metrics
+from streams.worker import Worker, WorkerState
+
+FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+def fashion_images() -> np.ndarray:
+    import gzip
+
+    with gzip.open(FASHION_TEST) as f:
+        data = f.read()
+    return np.frombuffer(data, np.uint8, offset=16).reshape(-1, 784).copy()
+
+
+def make_bundle(kind: str, folder: Path, images: np.ndarray) -> Path:
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(kind=kind))
+    scratch = Calibration(threshold=0.0, target_fpr=0.01, method="conformal", scores=np.zeros(1))
+    scores = Detector(model, scratch, version="x", device="cpu").score(images[:2000]).scores
+    threshold = float(np.quantile(scores, 0.9))  # ~10% alerts: a realistic alert volume
+    calibration = Calibration(
+        threshold=threshold, target_fpr=0.1, method="conformal", scores=scores
+    )
+    save_bundle(folder, model=model, calibration=calibration)
+    return folder
+
+
+def fill_topic(bootstrap: str, topic: str, images: np.ndarray, n: int) -> None:
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, batch_size=1 << 20
+    )
+    values = encode_images(images, codec="raw")
+    for i in range(n):
+        producer.send(topic, value=values[i % len(values)], partition=0)
+    producer.flush()
+    producer.close()
+
+
+def plain_consume(bootstrap: str, topic: str, n: int, max_records: int) -> float:
+    """Records/s of a bare kafka-python consumer, first to last record."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    consumer.assign([TopicPartition(topic, 0)])
+    total, first, first_size = 0, None, 0
+    while total < n:
+        for records in consumer.poll(timeout_ms=1000, max_records=max_records).values():
+            if first is None:  # the rate runs from the end of the first poll
+                first, first_size = time.perf_counter(), len(records)
+            total += len(records)
+    elapsed = time.perf_counter() - first
+    consumer.close()
+    return (total - first_size) / elapsed
+
+
+STAGES = {
+    "_poll": "poll (fetch + unpack records)",
+    "_start_batch": "decode + score (+ batch bookkeeping)",
+    "_publish_inflight": "publish (build JSON, producer.send)",
+    "_service": "acks, commit, lag",
+}
+
+
+def time_stages(worker: Worker) -> dict[str, float]:
+    """Wrap the worker's stage methods with wall-clock timers (main thread only)."""
+    totals = dict.fromkeys(STAGES, 0.0)
+    for name in STAGES:
+        original = getattr(worker, name)
+
+        def timed(*args, _original=original, _name=name, **kwargs):
+            started = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                totals[_name] += time.perf_counter() - started
+
+        setattr(worker, name, timed)
+    return totals
+
+
+def worker_drain(config: StreamConfig, detector: Detector, n: int, profile: bool) -> dict:
+    registry = CollectorRegistry()
+    metrics = build_metrics(detector=detector, registry=registry)
+    state = WorkerState(model_loaded=True)
+    worker = Worker(
+        config=config,
+        detector=detector,
+        metrics=metrics,
+        consumer=create_consumer(config=config),
+        producer=create_producer(config=config),
+        state=state,
+    )
+    stop = threading.Event()
+    marks: dict[str, float] = {}
+    scored = [0]
+
+    def on_batch(size: int) -> None:
+        if not scored[0]:
+            marks["first"] = time.perf_counter()
+            marks["first_size"] = size
+            for key in stage_s:  # the group join before the first batch is not a stage cost
+                stage_s[key] = 0.0
+        scored[0] += size
+        if scored[0] >= n and "last" not in marks:
+            marks["last"] = time.perf_counter()
+
+    def acked() -> float:
+        return sum(
+            s.value
+            for m in registry.collect()
+            if m.name == "vaewatch_records"
+            for s in m.samples
+            if s.name == "vaewatch_records_total"
+        )
+
+    worker.on_batch_scored = on_batch
+    stage_s = time_stages(worker)
+    profiler = cProfile.Profile() if profile else None
+
+    def run() -> None:
+        if profiler:
+            profiler.enable()
+        worker.run(stop)
+        if profiler:
+            profiler.disable()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while acked() < n:
+        time.sleep(0.01)
+    marks["acked"] = time.perf_counter()
+    stop.set()
+    thread.join()
+    worker._consumer.close()
+    worker._producer.close()
+    inference = next(m for m in registry.collect() if m.name == "vaewatch_batch_inference_seconds")
+    infer_sum = next(s.value for s in inference.samples if s.name.endswith("_sum"))
+    batches = next(s.value for s in inference.samples if s.name.endswith("_count"))
+    scored_n = n - marks["first_size"]
+    result = {
+        "scored_per_s": scored_n / (marks["last"] - marks["first"]),
+        "acked_per_s": scored_n / (marks["acked"] - marks["first"]),
+        "inference_s": infer_sum,
+        "batches": batches,
+        "wall_s": marks["acked"] - marks["first"],
+    }
+    # _publish_inflight runs inside _poll's caller loop, never nested: the sums do not overlap,
+    # except that the scoring time is also counted in "decode + score".
+    result["stages_s"] = {STAGES[k]: round(v, 3) for k, v in stage_s.items()}
+    if profiler:
+        out = io.StringIO()
+        stats = pstats.Stats(profiler, stream=out).sort_stats("tottime")
+        stats.print_stats(25)
+        result["profile"] = out.getvalue()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, default=None, help="a bundle (default: untrained)")
+    parser.add_argument("--model-kind", default="mlp", choices=["mlp", "conv"])
+    parser.add_argument("--records", type=int, default=50000)
+    parser.add_argument("--batch", type=int, default=1024, help="stream.max_batch_size")
+    parser.add_argument("--no-scores-topic", action="store_true")
+    parser.add_argument("--scores-format", default="record", choices=["record", "batch"])
+    parser.add_argument(
+        "--torch-threads", type=int, default=1, help="stream.cpu_threads (0 = torch's default)"
+    )
+    parser.add_argument(
+        "--scoring-thread", action="store_true", help="stream.cpu_scoring_thread=true"
+    )
+    parser.add_argument(
+        "--switch-interval", type=float, default=0.0, help="sys.setswitchinterval (s), 0 = keep"
+    )
+    parser.add_argument("--profile", action="store_true", help="cProfile the worker thread")
+    args = parser.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    if args.torch_threads:  # what serve() does with stream.cpu_threads
+        torch.set_num_threads(args.torch_threads)
+    images = fashion_images()
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+        bundle = args.model or make_bundle(args.model_kind, Path(tmp) / "bundle", images)
+        detector = Detector.from_bundle(bundle, device="auto")
+        config = StreamConfig(
+            bootstrap_servers=broker.bootstrap_servers,
+            input_topic="bench.images",
+            alert_topic="bench.alerts",
+            scores_topic="" if args.no_scores_topic else "bench.scores",
+            dlq_topic="bench.dlq",
+            group_id="bench",
+            max_batch_size=args.batch,
+            cpu_scoring_thread=args.scoring_thread,
+            scores_format=args.scores_format,
+        )
+        ensure_topics(
+            config=config,
+            topics=["bench.images", "bench.alerts", "bench.scores", "bench.dlq"],
+        )
+        fill_topic(broker.bootstrap_servers, "bench.images", images, args.records)
+        batch = np.resize(images, (args.records, 784))
+        started = time.perf_counter()
+        for i in range(0, args.records, args.batch):
+            detector.score(batch[i : i + args.batch])
+        scoring_alone = args.records / (time.perf_counter() - started)
+        baseline = plain_consume(broker.bootstrap_servers, "bench.images", args.records, 1024)
+        result = worker_drain(config, detector, args.records, args.profile)
+        baseline_after = plain_consume(broker.bootstrap_servers, "bench.images", args.records, 1024)
+    plain = (baseline + baseline_after) / 2
+    summary = {
+        "model": str(args.model or f"untrained {args.model_kind}"),
+        "device": str(detector.device),
+        "torch_threads": torch.get_num_threads(),
+        "records": args.records,
+        "max_batch_size": args.batch,
+        "scores_topic": not args.no_scores_topic,
+        "scores_format": args.scores_format,
+        "cpu_scoring_thread": args.scoring_thread,
+        "switch_interval_s": sys.getswitchinterval(),
+        "plain_consume_per_s": round(plain),
+        "scoring_alone_per_s": round(scoring_alone),
+        "worker_scored_per_s": round(result["scored_per_s"]),
+        "worker_acked_per_s": round(result["acked_per_s"]),
+        "ratio_to_plain_consume": round(result["acked_per_s"] / plain, 3),
+        "scoring_thread_busy_share": round(result["inference_s"] / result["wall_s"], 3),
+        "batches": int(result["batches"]),
+        "scoring_s": round(result["inference_s"], 3),
+        "worker_wall_s": round(result["wall_s"], 3),
+        "stages_s": result["stages_s"],
+    }
+    print(json.dumps(summary, indent=2))
+    if "profile" in result:
+        print(result["profile"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Thin wrappers around kafka-python's consumer and producer: settings in, clients out.
+
+Every setting comes from StreamConfig; security settings are passed through unchanged. Errors
+are reported through a typed callback (kind, exception) so the worker can count them by kind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from streams.config import StreamConfig
+
+logger = logging.getLogger(__name__)
+
+ErrorKind = Literal["broker", "produce", "commit", "decode", "scoring"]
+ErrorCallback = Callable[[ErrorKind, BaseException], None]
+Headers = list[tuple[str, bytes]]
+
+
+def security_options(config: StreamConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {"security_protocol": config.security_protocol}
+    if config.security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = config.sasl_mechanism or "PLAIN"
+        options["sasl_plain_username"] = config.sasl_username
+        if config.sasl_password is not None:
+            options["sasl_plain_password"] = config.sasl_password.get_secret_value()
+    if config.security_protocol.endswith("SSL"):
+        options["ssl_check_hostname"] = config.ssl_check_hostname
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(config, key) is not None:
+                options[key] = getattr(config, key)
+    return options
+
+
+def _common_options(config: StreamConfig) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": config.bootstrap_servers.split(","),
+        "client_id": config.client_id,
+        "request_timeout_ms": config.request_timeout_ms,
+        "reconnect_backoff_max_ms": config.reconnect_backoff_max_ms,
+        "bootstrap_timeout_ms": config.bootstrap_timeout_ms,
+        **security_options(config),
+    }
+
+
+def create_consumer(*, config: StreamConfig, group_id: str | None = None) -> KafkaConsumer:
+    """A consumer with manual commits; raises KafkaTimeoutError when no broker answers."""
+    return KafkaConsumer(
+        group_id=group_id if group_id is not None else config.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset=config.auto_offset_reset,
+        session_timeout_ms=config.session_timeout_ms,
+        heartbeat_interval_ms=config.heartbeat_interval_ms,
+        max_poll_interval_ms=config.max_poll_interval_ms,
+        fetch_max_wait_ms=config.fetch_max_wait_ms,
+        max_partition_fetch_bytes=config.max_partition_fetch_bytes,
+        max_poll_records=config.max_batch_size,
+        **_common_options(config),
+    )
+
+
+def create_producer(*, config: StreamConfig) -> KafkaProducer:
+    acks: Any = "all" if config.acks == "all" else int(config.acks)
+    return KafkaProducer(
+        acks=acks,
+        linger_ms=config.linger_ms,
+        batch_size=config.producer_batch_bytes,
+        compression_type=None if config.compression_type == "none" else config.compression_type,
+        delivery_timeout_ms=config.delivery_timeout_ms,
+        max_block_ms=config.request_timeout_ms,
+        **_common_options(config),
+    )
+
+
+def connect_with_backoff(
+    factory: Callable[[], Any],
+    *,
+    what: str,
+    should_stop: Callable[[], bool],
+    on_error: ErrorCallback,
+    max_backoff_s: float = 5.0,
+) -> Any | None:
+    """Call `factory` until a broker answers, backing off exponentially; None when told to
+    stop first. The worker keeps its readiness false while this waits."""
+    backoff = 0.1
+    while not should_stop():
+        try:
+            return factory()
+        except (KafkaError, OSError) as exc:  # KafkaTimeoutError: unable to bootstrap
+            on_error("broker", exc)
+            logger.warning("%s: broker not reachable (%s); retrying in %.1f s", what, exc, backoff)
+            deadline = time.monotonic() + backoff
+            while time.monotonic() < deadline and not should_stop():
+                time.sleep(0.05)
+            backoff = min(backoff * 2, max_backoff_s)
+    return None
+
+
+def ensure_topics(
+    *,
+    config: StreamConfig,
+    topics: Sequence[str],
+    partitions: int = 1,
+    timeout_s: float = 10.0,
+) -> None:
+    """Create topics that do not exist yet (for the embedded broker, the demo and tests;
+    production topics are created by their owners)."""
+    options = {**_common_options(config), "request_timeout_ms": int(timeout_s * 1000)}
+    admin = KafkaAdminClient(**options)
+    try:
+        existing = set(admin.list_topics())
+        wanted = [t for t in dict.fromkeys(topics) if t and t not in existing]
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(
+                    [
+                        NewTopic(name=t, num_partitions=partitions, replication_factor=1)
+                        for t in wanted
+                    ]
+                )
+    finally:
+        admin.close()

@@ -1,0 +1,113 @@
+"""Replays labelled images into a topic at a steady rate (`vaewatch produce`, the demo, benchmarks).
+
+Each record carries headers `label` (the dataset's class), `anomaly` ("1" when the class is not
+one of the normal classes, else "0") and `id` (`<split>-<index>`); the worker passes headers
+through to alerts and scores, so a subscriber can score the detector against the labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from kafka import KafkaProducer
+
+from streams.codec import encode_images
+
+logger = logging.getLogger(__name__)
+
+LABEL_HEADER = "label"
+ANOMALY_HEADER = "anomaly"
+ID_HEADER = "id"
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """Which dataset rows to send, in order, and whether each one is an anomaly."""
+
+    indices: np.ndarray
+    anomalous: np.ndarray
+
+
+def plan_replay(
+    *,
+    labels: np.ndarray | None,
+    normal_classes: Sequence[int],
+    count: int,
+    anomaly_fraction: float | None = None,
+    seed: int = 0,
+    size: int | None = None,
+) -> ReplayPlan:
+    """`count` rows cycling through the data set. With `anomaly_fraction`, rows are drawn so that
+    about that share are anomalies (the rest normal), shuffled; otherwise in dataset order."""
+    if labels is None:  # unlabelled: every image is taken as normal, `size` says how many
+        indices = np.resize(np.arange(size if size is not None else count), count)
+        return ReplayPlan(indices=indices, anomalous=np.zeros(count, dtype=bool))
+    is_anomaly = ~np.isin(labels, np.asarray(normal_classes))
+    if anomaly_fraction is None:
+        indices = np.resize(np.arange(len(labels)), count)
+    else:
+        rng = np.random.default_rng(seed)
+        n_anomaly = round(count * anomaly_fraction)
+        normal_rows, anomaly_rows = np.flatnonzero(~is_anomaly), np.flatnonzero(is_anomaly)
+        if len(normal_rows) == 0 or (n_anomaly and len(anomaly_rows) == 0):
+            raise ValueError("the data set lacks normal or anomalous images for this mix")
+        picks = [
+            np.resize(rng.permutation(normal_rows), count - n_anomaly),
+            np.resize(rng.permutation(anomaly_rows), n_anomaly) if n_anomaly else [],
+        ]
+        indices = rng.permutation(np.concatenate(picks).astype(np.int64))
+    return ReplayPlan(indices=indices, anomalous=is_anomaly[indices])
+
+
+def replay(
+    *,
+    producer: KafkaProducer,
+    topic: str,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    plan: ReplayPlan,
+    codec: str,
+    rate: float = 0.0,
+    split: str = "test",
+    should_stop: Callable[[], bool] = lambda: False,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Send the planned rows; `rate` records/s (0 = as fast as possible). Returns the count sent.
+    Paced against a fixed schedule (record i at start + i/rate), so the rate stays steady."""
+    chunk = 256 if rate <= 0 else max(1, min(256, int(rate / 1000)))
+    start = time.monotonic()
+    sent = 0
+    total = len(plan.indices)
+    last_progress = start
+    while sent < total and not should_stop():
+        rows = plan.indices[sent : sent + chunk]
+        values = encode_images(
+            images[rows], codec=codec, ids=[f"{split}-{i}" for i in rows.tolist()]
+        )
+        flags = plan.anomalous[sent : sent + chunk].tolist()
+        row_labels = labels[rows].tolist() if labels is not None else [None] * len(rows)
+        if rate > 0:
+            wait = start + sent / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        for value, row, label, flag in zip(values, rows.tolist(), row_labels, flags, strict=True):
+            headers = [
+                (ID_HEADER, f"{split}-{row}".encode()),
+                (ANOMALY_HEADER, b"1" if flag else b"0"),
+            ]
+            if label is not None:
+                headers.append((LABEL_HEADER, str(label).encode()))
+            producer.send(topic, value=value, headers=headers)
+        sent += len(rows)
+        now = time.monotonic()
+        if on_progress is not None and now - last_progress >= 0.5:
+            last_progress = now
+            on_progress(sent)
+    producer.flush()
+    if on_progress is not None:
+        on_progress(sent)
+    return sent

@@ -1,0 +1,113 @@
+"""Runs one worker process: metrics server, Kafka clients (with retries), the loop, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from detector import Detector
+from streams.config import MetricsConfig, StreamConfig
+from streams.health import MetricsServer
+from streams.kafka_io import connect_with_backoff, create_consumer, create_producer
+from streams.metrics import WorkerMetrics, score_buckets
+from streams.worker import Worker, WorkerState
+
+logger = logging.getLogger(__name__)
+
+
+def build_metrics(*, detector: Detector, registry: CollectorRegistry) -> WorkerMetrics:
+    metrics = WorkerMetrics(
+        registry=registry,
+        score_buckets=score_buckets(detector.calibration.scores, threshold=detector.threshold),
+    )
+    metrics.threshold.set(detector.threshold)
+    metrics.target_fpr.set(detector.calibration.target_fpr)
+    metrics.model.info(
+        {
+            "version": detector.version,
+            "device": str(detector.device),
+            "calibration_method": str(detector.calibration.method),
+        }
+    )
+    return metrics
+
+
+def serve(
+    *,
+    stream: StreamConfig,
+    metrics_config: MetricsConfig,
+    detector: Detector,
+    stop: threading.Event,
+    registry: CollectorRegistry | None = None,
+) -> int:
+    """Run until `stop` is set; 0 when every consumed record was committed on the way out,
+    1 when some were not (they are re-delivered to the next worker: nothing is lost)."""
+    registry = registry if registry is not None else CollectorRegistry()
+    if stream.cpu_threads and detector.device.type == "cpu":
+        torch.set_num_threads(stream.cpu_threads)
+    metrics = build_metrics(detector=detector, registry=registry)
+    state = WorkerState(model_loaded=True)
+
+    # Evaluated on every scrape, so the gauge follows the worker without a /readyz probe.
+    metrics.ready.set_function(lambda: 1.0 if state.readiness()[0] else 0.0)
+    server = MetricsServer(
+        host=metrics_config.host,
+        port=metrics_config.port,
+        registry=registry,
+        readiness=state.readiness,
+    ).start()
+
+    def on_error(kind: str, exc: BaseException) -> None:
+        metrics.errors.labels(kind=kind).inc()
+
+    backoff_s = stream.reconnect_backoff_max_ms / 1000.0
+    consumer = producer = None
+    try:
+        producer = connect_with_backoff(
+            lambda: create_producer(config=stream),
+            what="producer",
+            should_stop=stop.is_set,
+            on_error=on_error,
+            max_backoff_s=backoff_s,
+        )
+        consumer = connect_with_backoff(
+            lambda: create_consumer(config=stream),
+            what="consumer",
+            should_stop=stop.is_set,
+            on_error=on_error,
+            max_backoff_s=backoff_s,
+        )
+        if consumer is None or producer is None:
+            return 0  # stopped before a broker answered: nothing was consumed
+        state.broker_connected = True
+        worker = Worker(
+            config=stream,
+            detector=detector,
+            metrics=metrics,
+            consumer=consumer,
+            producer=producer,
+            state=state,
+        )
+        logger.info(
+            "worker: %s -> alerts %s, scores %s, dlq %s (group %s, model %s on %s)",
+            stream.input_topic,
+            stream.alert_topic,
+            stream.scores_topic or "(off)",
+            stream.dlq_topic,
+            stream.group_id,
+            detector.version,
+            detector.device,
+        )
+        complete = worker.run(stop)
+        return 0 if complete else 1
+    finally:
+        state.group_joined = False
+        if consumer is not None:
+            consumer.close(autocommit=False)
+        if producer is not None:
+            producer.close(timeout=stream.drain_timeout_s)
+        server.stop()
+        logger.info("worker stopped")

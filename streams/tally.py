@@ -1,0 +1,80 @@
+"""Reads the scores topic back and keeps count against the labels (for the demo's live summary
+and for benchmarks). Duplicates from at-least-once delivery are dropped by the record's key."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer, TopicPartition
+
+from streams.config import StreamConfig
+from streams.kafka_io import security_options
+from streams.replay import ANOMALY_HEADER
+
+
+@dataclass
+class Tally:
+    scored: int = 0
+    flagged: int = 0
+    true_positives: int = 0
+    labelled_anomalies: int = 0
+    duplicates: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
+    seen: set[bytes] = field(default_factory=set)
+
+    @property
+    def precision(self) -> float:
+        return self.true_positives / self.flagged if self.flagged else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.true_positives / self.labelled_anomalies if self.labelled_anomalies else 0.0
+
+    @property
+    def rate(self) -> float:
+        if self.first_at is None or self.last_at is None or self.last_at <= self.first_at:
+            return 0.0
+        return self.scored / (self.last_at - self.first_at)
+
+
+class ScoresReader:
+    """Assigns every partition of the scores topic (no group: no join to wait for)."""
+
+    def __init__(self, *, config: StreamConfig, topic: str) -> None:
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=config.bootstrap_servers.split(","),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=50,
+            **security_options(config),
+        )
+        partitions = self._consumer.partitions_for_topic(topic) or {0}
+        self._consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        self.tally = Tally()
+
+    def poll(self, timeout_ms: int = 100) -> Tally:
+        polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=10000)
+        now = time.monotonic()
+        tally = self.tally
+        for records in polled.values():
+            for record in records:
+                if record.key in tally.seen:
+                    tally.duplicates += 1
+                    continue
+                tally.seen.add(record.key)
+                result = json.loads(record.value)
+                truth = dict(record.headers or ()).get(ANOMALY_HEADER) == b"1"
+                tally.scored += 1
+                tally.flagged += bool(result["anomaly"])
+                tally.labelled_anomalies += truth
+                tally.true_positives += bool(result["anomaly"]) and truth
+                if tally.first_at is None:
+                    tally.first_at = now
+                tally.last_at = now
+        return tally
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -1,0 +1,267 @@
+"""Readers for deploy/'s files, shared by the deploy tests: the YAML and JSON documents, the
+metric names the worker exports, the metric names a PromQL expression uses, the dashboard's
+queries with Grafana's variables substituted."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client import CollectorRegistry
+
+from streams.metrics import WorkerMetrics
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+PROMETHEUS_DIR = DEPLOY / "prometheus"
+PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+RULES = PROMETHEUS_DIR / "rules.yml"
+RULES_TEST = PROMETHEUS_DIR / "rules_test.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "vaewatch.json"
+GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
+COMPOSE = DEPLOY / "compose.yaml"
+COMPOSE_GPU = DEPLOY / "compose.gpu.yaml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+K8S = DEPLOY / "k8s"
+REPO_CONFIG = ROOT / "config.yaml"
+
+# The Prometheus job every rule and panel selects.
+JOB = "vaewatch"
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def load_yaml_all(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def k8s_documents() -> list[tuple[Path, dict[str, Any]]]:
+    """Every manifest under deploy/k8s/ (kustomization.yaml included)."""
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in load_yaml_all(path):
+            docs.append((path, doc))
+    return docs
+
+
+def k8s_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for _, doc in k8s_documents() if doc.get("kind") == kind]
+
+
+# -- what the worker exports --------------------------------------------------------------------
+
+
+def exported_metric_families() -> dict[str, str]:
+    """{family name: type} of every metric WorkerMetrics declares (streams/metrics.py)."""
+    registry = CollectorRegistry()
+    WorkerMetrics(registry=registry, score_buckets=(1.0, 2.0, 3.0))
+    return {family.name: family.type for family in registry.collect()}
+
+
+def exported_series_names() -> set[str]:
+    """Every series name the worker can expose: counters as _total (and _created), histograms
+    as _bucket/_sum/_count (and _created), info as _info, gauges as they are. Labelled metrics
+    with no child yet have no sample, so names come from the declared types, not the samples."""
+    names: set[str] = set()
+    for name, kind in exported_metric_families().items():
+        if kind == "counter":
+            names |= {f"{name}_total", f"{name}_created"}
+        elif kind == "histogram":
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count", f"{name}_created"}
+        elif kind == "info":
+            names.add(f"{name}_info")
+        elif kind == "gauge":
+            names.add(name)
+        else:  # summary, stateset, ... : not used by the worker today
+            raise AssertionError(f"{name}: unexpected metric type {kind}")
+    return names
+
+
+# -- rules --------------------------------------------------------------------------------------
+
+
+def rules() -> list[dict[str, Any]]:
+    return [rule for group in load_yaml(RULES)["groups"] for rule in group["rules"]]
+
+
+def recording_rule_names() -> set[str]:
+    return {rule["record"] for rule in rules() if "record" in rule}
+
+
+def alert_names() -> set[str]:
+    return {rule["alert"] for rule in rules() if "alert" in rule}
+
+
+# -- PromQL -------------------------------------------------------------------------------------
+
+_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects: identifiers that are not functions, keywords,
+    label names (inside {} or by/on/... clauses), durations or numbers."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    text = re.sub(r"'(?:[^'\\]|\\.)*'", "''", text)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    # Grouping clauses go entirely, so `sum by (le) (x)` leaves `sum  (x)`: a call.
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"\b(?:\d+(?:ms|[smhdwy]))+\b", " ", text)  # durations (offset 5m)
+    text = re.sub(r"\b\d+(?:\.\d+)?(?:[eE][+-]?\d+)?\b", " ", text)
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        token = match.group(0)
+        if token.lower() in _KEYWORDS:
+            continue
+        if text[match.end() :].lstrip().startswith("("):
+            continue  # a function call
+        names.add(token)
+    return names
+
+
+# -- the dashboard ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    panel: str
+    panel_type: str
+    ref: str
+    expr: str
+    datasource_uid: str | None
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    return [p for p in _panels(dashboard()["panels"]) if p.get("type") != "row"]
+
+
+def dashboard_queries() -> list[PanelQuery]:
+    queries = []
+    for panel in dashboard_panels():
+        for target in panel.get("targets", []):
+            ds = target.get("datasource") or panel.get("datasource") or {}
+            queries.append(
+                PanelQuery(
+                    panel=panel["title"],
+                    panel_type=panel["type"],
+                    ref=target.get("refId", "?"),
+                    expr=target["expr"],
+                    datasource_uid=ds.get("uid") if isinstance(ds, dict) else ds,
+                )
+            )
+    return queries
+
+
+def template_queries() -> list[tuple[str, str]]:
+    """(variable name, query) of the dashboard's query variables."""
+    out = []
+    for var in dashboard()["templating"]["list"]:
+        if var.get("type") == "query":
+            query = var["query"]
+            out.append((var["name"], query["query"] if isinstance(query, dict) else query))
+    return out
+
+
+def label_values_metric(query: str) -> str:
+    """The metric of a Grafana `label_values(metric{...}, label)` variable query."""
+    match = re.fullmatch(
+        r"\s*label_values\(\s*([A-Za-z_:][A-Za-z0-9_:]*)\s*(\{[^}]*\})?\s*,.*\)\s*", query
+    )
+    assert match, f"not a label_values(metric, label) query: {query!r}"
+    return match.group(1)
+
+
+def substitute_grafana_variables(
+    expr: str, *, rate_interval: str, job: str = JOB, instance: str = ".*"
+) -> str:
+    """The query Grafana would send: its built-in intervals and the dashboard's variables
+    replaced by concrete values (instance = All -> `.*`)."""
+    values = {
+        "__rate_interval": rate_interval,
+        "__interval": rate_interval,
+        "__range": rate_interval,
+        "job": job,
+        "instance": instance,
+    }
+    for name, value in values.items():
+        expr = expr.replace("${" + name + "}", value)
+        expr = re.sub(r"\$" + re.escape(name) + r"\b", value, expr)
+    assert "$" not in expr, f"unsubstituted variable left in {expr!r}"
+    return expr
+
+
+# -- Dockerfile ---------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    lines = []
+    current = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        lines.append(current)
+        current = ""
+    out = []
+    for line in lines:
+        instruction, _, rest = line.partition(" ")
+        out.append((instruction.upper(), rest.strip()))
+    return out
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instruction, rest in dockerfile_instructions():
+        if instruction == "ENV":
+            for item in shlex.split(rest):
+                key, sep, value = item.partition("=")
+                assert sep, f"ENV {rest!r}: use KEY=value"
+                env[key] = value
+    return env
+
+
+def dockerfile_exec_form(instruction: str) -> list[str]:
+    found = [rest for name, rest in dockerfile_instructions() if name == instruction]
+    assert len(found) == 1, f"expected one {instruction} in the Dockerfile, found {len(found)}"
+    value = json.loads(found[0])
+    assert isinstance(value, list), f"{instruction} must use the exec (JSON) form"
+    return value

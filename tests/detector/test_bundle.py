@@ -1,0 +1,142 @@
+"""Bundle round trip, and every kind of damage giving a one-line BundleError."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detector.bundle import (
+    CALIBRATION,
+    MANIFEST,
+    WEIGHTS,
+    BundleError,
+    load_bundle,
+    save_bundle,
+)
+from detector.calibration import Calibration
+from detector.config import ModelConfig
+from detector.model import VAE
+
+
+@pytest.fixture
+def bundle_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(kind="mlp", mlp_hidden=(32,), latent_dim=4))
+    calibration = Calibration(
+        threshold=1.5, target_fpr=0.1, method="conformal", scores=np.linspace(0, 2, 30)
+    )
+    save_bundle(tmp_path / "b", model=model, calibration=calibration, metadata={"note": "x"})
+    return tmp_path / "b"
+
+
+def test_round_trip_gives_the_same_scores(bundle_dir: Path) -> None:
+    x = torch.rand(5, 784)
+    torch.manual_seed(0)  # the fixture's seed: the same initial weights
+    original = VAE(ModelConfig(kind="mlp", mlp_hidden=(32,), latent_dim=4)).eval()
+    loaded = load_bundle(bundle_dir)
+    torch.testing.assert_close(loaded.model.score(x), original.score(x))
+    assert loaded.calibration.threshold == 1.5
+    assert loaded.calibration.n == 30
+    assert loaded.metadata == {"note": "x"}
+    assert len(loaded.version) == 12
+
+
+def test_version_is_a_content_hash(bundle_dir: Path, tmp_path: Path) -> None:
+    bundle = load_bundle(bundle_dir)
+    again = save_bundle(
+        tmp_path / "again", model=bundle.model, calibration=bundle.calibration, metadata={}
+    )
+    assert again.version == bundle.version
+    other = Calibration(threshold=1.0, target_fpr=0.1, method="conformal", scores=np.ones(3))
+    changed = save_bundle(tmp_path / "changed", model=bundle.model, calibration=other)
+    assert changed.version != bundle.version
+
+
+def _error(path: Path) -> str:
+    with pytest.raises(BundleError) as info:
+        load_bundle(path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name", [WEIGHTS, CALIBRATION])
+def test_flipped_byte_is_caught(bundle_dir: Path, name: str) -> None:
+    file = bundle_dir / name
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+    assert "digest" in _error(bundle_dir)
+
+
+@pytest.mark.parametrize("name", [WEIGHTS, CALIBRATION, MANIFEST])
+def test_missing_file_is_caught(bundle_dir: Path, name: str) -> None:
+    (bundle_dir / name).unlink()
+    assert name in _error(bundle_dir)
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    assert "no model bundle" in _error(tmp_path / "nowhere")
+
+
+def _edit_manifest(bundle_dir: Path, edit) -> None:
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    edit(manifest)
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_edited_config_is_caught(bundle_dir: Path) -> None:
+    _edit_manifest(bundle_dir, lambda m: m["model_config"].update(beta=5.0))
+    assert "changed after the bundle was written" in _error(bundle_dir)
+
+
+def test_edited_threshold_is_caught(bundle_dir: Path) -> None:
+    _edit_manifest(bundle_dir, lambda m: m["calibration"].update(threshold=0.0))
+    assert "changed after" in _error(bundle_dir)
+
+
+def test_weights_of_another_architecture_are_caught(bundle_dir: Path, tmp_path: Path) -> None:
+    other = VAE(ModelConfig(kind="mlp", mlp_hidden=(16,), latent_dim=4))
+    calibration = load_bundle(bundle_dir).calibration
+    save_bundle(tmp_path / "other", model=other, calibration=calibration)
+    # Swap in the other weights and their digest: only the shape check can notice.
+    shutil.copy(tmp_path / "other" / WEIGHTS, bundle_dir / WEIGHTS)
+    other_digest = json.loads((tmp_path / "other" / MANIFEST).read_text())["files"][WEIGHTS]
+
+    def swap(manifest: dict) -> None:
+        from detector.bundle import _content_version
+
+        manifest["files"][WEIGHTS] = other_digest
+        manifest["model_version"] = _content_version(
+            manifest["model_config"], manifest["calibration"], manifest["files"]
+        )
+
+    _edit_manifest(bundle_dir, swap)
+    assert "do not match the model config" in _error(bundle_dir)
+
+
+def test_invalid_config_value_is_caught(bundle_dir: Path) -> None:
+    def bad_kind(manifest: dict) -> None:
+        from detector.bundle import _content_version
+
+        manifest["model_config"]["kind"] = "transformer"
+        manifest["model_version"] = _content_version(
+            manifest["model_config"], manifest["calibration"], manifest["files"]
+        )
+
+    _edit_manifest(bundle_dir, bad_kind)
+    assert "model_config.kind" in _error(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{not json", "[]", json.dumps({"format_version": 99}), json.dumps({"format_version": 1})],
+)
+def test_bad_manifest_is_caught(bundle_dir: Path, text: str) -> None:
+    (bundle_dir / MANIFEST).write_text(text)
+    _error(bundle_dir)

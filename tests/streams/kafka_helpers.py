@@ -1,0 +1,110 @@
+"""Small real-Kafka helpers for the stream tests: produce, read a topic back, committed offsets."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from streams.config import StreamConfig
+
+
+def produce_values(
+    config: StreamConfig,
+    values: Sequence[bytes],
+    *,
+    topic: str | None = None,
+    partitions: int = 1,
+    headers: Sequence[list[tuple[str, bytes]]] | None = None,
+    keys: Sequence[bytes | None] | None = None,
+) -> None:
+    """Send values round-robin over `partitions` partitions and wait for every ack."""
+    producer = KafkaProducer(bootstrap_servers=config.bootstrap_servers, acks="all", linger_ms=5)
+    futures = [
+        producer.send(
+            topic or config.input_topic,
+            value=value,
+            key=keys[i] if keys is not None else None,
+            headers=list(headers[i]) if headers is not None else None,
+            partition=i % partitions,
+        )
+        for i, value in enumerate(values)
+    ]
+    producer.flush()
+    for future in futures:
+        future.get(timeout=10)
+    producer.close()
+
+
+def read_topic(
+    config: StreamConfig, topic: str, *, until: int, timeout_s: float = 60.0
+) -> list[Any]:
+    """All records of `topic` from the start, once records with at least `until` distinct keys
+    have been read (or the timeout passed, then whatever came). Worker outputs are keyed
+    topic/partition/offset, so duplicates from re-delivery do not count twice."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=config.bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+    )
+    partitions = consumer.partitions_for_topic(topic) or {0}
+    consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+    records: list[Any] = []
+    keys: set[Any] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(keys) < until and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=200, max_records=5000).values():
+            records.extend(batch)
+            keys.update((r.partition, r.offset) if r.key is None else r.key for r in batch)
+    # A short extra read so that duplicates or extras beyond `until` are seen too.
+    for batch in consumer.poll(timeout_ms=300).values():
+        records.extend(batch)
+    consumer.close()
+    return records
+
+
+def read_json(records: Sequence[Any]) -> list[dict]:
+    return [json.loads(r.value) for r in records]
+
+
+def committed_offsets(config: StreamConfig, *, partitions: int = 1) -> dict[int, int | None]:
+    """The group's committed offset per input partition (read without joining the group)."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=config.bootstrap_servers,
+        group_id=config.group_id,
+        enable_auto_commit=False,
+    )
+    try:
+        return {
+            p: consumer.committed(TopicPartition(config.input_topic, p)) for p in range(partitions)
+        }
+    finally:
+        consumer.close(autocommit=False)
+
+
+def end_offsets(config: StreamConfig, *, partitions: int = 1) -> dict[int, int]:
+    """Last offset + 1 per input partition, found by reading the partition to its end (Tansu
+    0.6.0's ListOffsets answers the base offset of the last batch, not the log end)."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=config.bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+    )
+    try:
+        tps = [TopicPartition(config.input_topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        ends = {p: 0 for p in range(partitions)}
+        idle = 0
+        while idle < 3:
+            polled = consumer.poll(timeout_ms=200, max_records=10000)
+            idle = 0 if polled else idle + 1
+            for tp, records in polled.items():
+                ends[tp.partition] = max(ends[tp.partition], records[-1].offset + 1)
+        return ends
+    finally:
+        consumer.close()

@@ -1,0 +1,132 @@
+"""Stream settings from file/env/--set, security pass-through, metrics helpers, health server."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+
+from streams.config import StreamConfig
+from streams.health import MetricsServer
+from streams.kafka_io import security_options
+from streams.metrics import WorkerMetrics, observe_many, score_buckets
+from vaewatch.config import ConfigError, load_settings
+
+
+def test_stream_keys_come_from_environment_and_set_overrides() -> None:
+    env = {
+        "VAEWATCH_STREAM__BOOTSTRAP_SERVERS": "kafka:9092",
+        "VAEWATCH_STREAM__MAX_BATCH_SIZE": "256",
+        "VAEWATCH_STREAM__SCORES_TOPIC": "scores",
+        "VAEWATCH_STREAM__SASL_PASSWORD": "s3cret",
+        "VAEWATCH_METRICS__PORT": "9200",
+    }
+    settings = load_settings(None, ["stream.max_batch_delay_ms=25"], env=env)
+    assert settings.stream.bootstrap_servers == "kafka:9092"
+    assert settings.stream.max_batch_size == 256
+    assert settings.stream.max_batch_delay_ms == 25
+    assert settings.stream.scores_topic == "scores"
+    assert settings.metrics.port == 9200
+    assert settings.stream.sasl_password is not None
+    assert "s3cret" not in repr(settings.stream)
+
+
+def test_config_yaml_stream_section_is_valid_and_documented_keys_exist() -> None:
+    settings = load_settings("config.yaml", [], env={})
+    assert settings.stream == StreamConfig()  # the file spells out the defaults
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        load_settings(None, ["stream.max_batch_size=0"], env={})
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_settings(None, ["stream.no_such_key=1"], env={})
+
+
+def test_security_settings_are_passed_through() -> None:
+    config = StreamConfig(
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="user",
+        sasl_password="pw",
+        ssl_cafile="/ca.pem",
+    )
+    options = security_options(config)
+    assert options["security_protocol"] == "SASL_SSL"
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert options["sasl_plain_username"] == "user"
+    assert options["sasl_plain_password"] == "pw"
+    assert options["ssl_cafile"] == "/ca.pem"
+    assert security_options(StreamConfig()) == {"security_protocol": "PLAINTEXT"}
+
+
+def test_observe_many_matches_one_by_one_observations() -> None:
+    values = np.random.default_rng(0).exponential(0.05, 1000)
+    values[:3] = [0.005, 0.0, 100.0]  # a bucket edge, zero, beyond the last bucket
+    bulk = Histogram("bulk", "x", registry=(r1 := CollectorRegistry()))
+    single = Histogram("single", "x", registry=(r2 := CollectorRegistry()))
+    observe_many(bulk, values)
+    for v in values:
+        single.observe(float(v))
+
+    def samples(registry: CollectorRegistry) -> list[tuple[str, float]]:
+        return [
+            (s.name.split("_", 1)[1], s.labels.get("le"), round(s.value, 6))
+            for metric in registry.collect()
+            for s in metric.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert samples(r1) == samples(r2)
+
+
+def test_score_buckets_bracket_the_threshold() -> None:
+    buckets = score_buckets(np.linspace(10, 20, 100), threshold=19.0)
+    assert list(buckets) == sorted(buckets)
+    assert 19.0 in buckets and buckets[0] <= 10 and buckets[-1] > 20
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_health_server_serves_metrics_healthz_and_readyz() -> None:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry=registry, score_buckets=(1.0, 2.0))
+    metrics.threshold.set(1.5)
+    ready = {"value": False}
+    server = MetricsServer(
+        host="127.0.0.1",
+        port=0,
+        registry=registry,
+        readiness=lambda: (ready["value"], {"group_joined": ready["value"]}),
+    ).start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert _get(f"{base}/healthz") == (200, b"ok\n")
+        status, body = _get(f"{base}/readyz")
+        assert status == 503 and json.loads(body)["checks"] == {"group_joined": False}
+        ready["value"] = True
+        status, body = _get(f"{base}/readyz")
+        assert status == 200 and json.loads(body)["ready"] is True
+        status, body = _get(f"{base}/metrics")
+        assert status == 200 and b"vaewatch_threshold 1.5" in body
+        assert _get(f"{base}/nope")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_config_yaml_names_and_documents_every_stream_and_metrics_key() -> None:
+    import yaml
+
+    from streams.config import MetricsConfig
+
+    tree = yaml.safe_load(Path("config.yaml").read_text())
+    assert set(tree["stream"]) == set(StreamConfig.model_fields)
+    assert set(tree["metrics"]) == set(MetricsConfig.model_fields)

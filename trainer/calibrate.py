@@ -1,0 +1,111 @@
+"""Thresholds for the anomaly score, set from held-out normal images.
+
+Split-conformal threshold (Vovk et al., "Algorithmic Learning in a Random World", 2005; Lei et
+al., "Distribution-Free Predictive Inference for Regression", 2018, for the split form):
+
+Let s_1..s_n be the scores of n normal validation images the model never trained on, sorted
+s_(1) <= ... <= s_(n), and alpha the target false-positive rate. Take
+
+    k = ceil((n + 1) * (1 - alpha)),   threshold = s_(k),   anomaly  <=>  score > threshold.
+
+If a new normal image's score S is exchangeable with s_1..s_n (same distribution, e.g. drawn
+from the same normal data), its rank among the n + 1 scores is uniform, so
+
+    P(S > s_(k)) <= 1 - k / (n + 1) <= alpha.
+
+The probability is over both the calibration set and the new image: the FPR is at most alpha in
+expectation over calibration draws (and at least alpha - 1 / (n + 1) when scores have no ties).
+For one fixed calibration set the FPR follows Beta(n + 1 - k, k), so with n = 600 and alpha =
+0.01 single runs land between about 0.3% and 2%. It needs k <= n, i.e. n >= 1 / alpha - 1
+validation images (99 for alpha = 0.01); with fewer there is no finite threshold that keeps the
+guarantee, and `calibrate_threshold` raises `CalibrationError` rather than quietly using s_(n).
+
+The same sorted scores give each new image a conformal p-value (detector.calibration):
+p = (1 + #{s_i >= S}) / (n + 1), and score > threshold implies p <= alpha, so the threshold and
+the p-values never disagree about an anomaly at level alpha.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from detector.calibration import Calibration
+
+
+class CalibrationError(Exception):
+    """No valid threshold can be set from these scores. The message is one line."""
+
+
+def _finite_scores(scores: np.ndarray, what: str) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if scores.size == 0:
+        raise CalibrationError(f"no {what} scores to calibrate on")
+    if not np.all(np.isfinite(scores)):
+        raise CalibrationError(f"{what} scores contain NaN or infinity (did training diverge?)")
+    return scores
+
+
+def conformal_rank(n: int, target_fpr: float) -> int:
+    """k = ceil((n + 1)(1 - alpha)), the 1-based rank of the threshold among n sorted scores."""
+    # The small tolerance keeps exact products such as 100 * 0.99 = 99 from rounding up to 100.
+    return math.ceil((n + 1) * (1.0 - target_fpr) - 1e-9)
+
+
+def calibrate_threshold(val_scores: np.ndarray, *, target_fpr: float) -> Calibration:
+    """Split-conformal threshold for `target_fpr` from normal validation scores (see module doc)."""
+    if not 0.0 < target_fpr < 1.0:
+        raise CalibrationError(f"calibration.target_fpr must lie in (0, 1), got {target_fpr}")
+    scores = np.sort(_finite_scores(val_scores, "validation"))
+    n = scores.size
+    k = conformal_rank(n, target_fpr)
+    if k > n:
+        needed = math.ceil(1.0 / target_fpr - 1.0)
+        raise CalibrationError(
+            f"{n} validation scores are too few for calibration.target_fpr={target_fpr}: "
+            f"the conformal threshold needs at least {needed} (raise data.val_fraction, use more "
+            "normal images, or raise calibration.target_fpr)"
+        )
+    return Calibration(
+        threshold=float(scores[k - 1]), target_fpr=target_fpr, method="conformal", scores=scores
+    )
+
+
+def f1_optimal_threshold(normal_scores: np.ndarray, anomaly_scores: np.ndarray) -> float:
+    """The threshold t maximising F1 of the rule `score > t` on labelled scores.
+
+    Candidates are every distinct score (flagging everything strictly above it) and one value
+    below all scores (flagging everything); ties go to the higher threshold, i.e. fewer alarms.
+    """
+    normal = _finite_scores(normal_scores, "normal")
+    anomaly = _finite_scores(anomaly_scores, "anomaly")
+    scores = np.concatenate([normal, anomaly])
+    is_anomaly = np.concatenate([np.zeros(normal.size, bool), np.ones(anomaly.size, bool)])
+    order = np.argsort(-scores, kind="stable")
+    scores, is_anomaly = scores[order], is_anomaly[order]
+    # Flagging the top i scores (i = 1..N) is `score > t` for t just below scores[i-1]; it is
+    # only realisable when scores[i] < scores[i-1], i.e. at the last of a run of equal scores.
+    tp = np.cumsum(is_anomaly)
+    fp = np.cumsum(~is_anomaly)
+    f1 = 2.0 * tp / (tp + fp + anomaly.size)
+    distinct = np.r_[scores[1:] < scores[:-1], True]
+    f1 = np.where(distinct, f1, -1.0)
+    best = int(np.argmax(f1))  # first maximum = fewest images flagged = highest threshold
+    if best == f1.size - 1:
+        return float(np.nextafter(scores[-1], -np.inf))
+    return float(scores[best + 1])
+
+
+def calibrate_f1(
+    val_scores: np.ndarray, anomaly_scores: np.ndarray, *, target_fpr: float
+) -> Calibration:
+    """F1-optimal threshold on normal validation + labelled anomaly scores. The normal scores are
+    still kept for p-values; `target_fpr` is recorded but does not set the threshold."""
+    threshold = f1_optimal_threshold(val_scores, anomaly_scores)
+    return Calibration(
+        threshold=threshold,
+        target_fpr=target_fpr,
+        method="f1",
+        scores=_finite_scores(val_scores, "validation"),
+    )

@@ -1,0 +1,274 @@
+"""Fit a VAE on normal images, calibrate its threshold, and write the model bundle.
+
+The whole training set is moved to the device once, as uint8, and each batch is gathered and
+converted to [0, 1] floats there. There is no DataLoader and no per-image transform: those
+dominate the seed's loop on a CPU (see bench/train_throughput.py for the measured ratio).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from detector.bundle import Bundle, save_bundle
+from detector.calibration import Calibration
+from detector.config import ModelConfig
+from detector.model import VAE
+from detector.scorer import resolve_device
+from trainer.calibrate import CalibrationError, calibrate_f1, calibrate_threshold
+from trainer.config import CalibrationConfig, DataConfig, TrainConfig
+from trainer.data import ImageSet, load_images, normal_mask, split_normal
+
+log = logging.getLogger(__name__)
+
+_SCORE_BATCH = 4096
+
+
+class TrainingError(Exception):
+    """Training could not produce a usable model (e.g. the loss diverged). One line."""
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float  # mean negative ELBO (sampled z) over the epoch's batches, nats/image
+    val_loss: float  # mean score (negative ELBO at z = mu) on validation images, nats/image
+    seconds: float  # the optimisation pass only, without validation
+    images_per_s: float
+
+
+@dataclass
+class FitResult:
+    model: VAE  # the best epoch's weights, in eval mode
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+
+def _to_float(batch: torch.Tensor) -> torch.Tensor:
+    return batch.to(torch.float32).div_(255.0)
+
+
+@torch.inference_mode()
+def score_images(
+    model: VAE, images: torch.Tensor | np.ndarray, *, device: torch.device
+) -> np.ndarray:
+    """Deterministic scores (negative ELBO at z = mu) of uint8 N x 784 images, float64."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    was_training = model.training
+    model.eval()
+    parts = [
+        model.score(_to_float(images[i : i + _SCORE_BATCH].to(device))).float().cpu()
+        for i in range(0, len(images), _SCORE_BATCH)
+    ]
+    model.train(was_training)
+    return torch.cat(parts).numpy().astype(np.float64) if parts else np.empty(0)
+
+
+def _train_epoch(
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    x_train: torch.Tensor,
+    order: torch.Tensor,
+    train: TrainConfig,
+    use_amp: bool,
+    bar: tqdm,
+) -> float:
+    """One pass over the shuffled training images; returns the summed per-image loss."""
+    device_type = x_train.device.type
+    total = torch.zeros((), device=x_train.device)
+    for b in range(bar.total):
+        x = _to_float(x_train[order[b * train.batch_size : (b + 1) * train.batch_size]])
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
+            logits, mu, logvar = model(x)
+        loss = model.loss(x, logits, mu, logvar).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(x)
+        bar.update()
+        if train.progress and (b % 20 == 0 or b == bar.total - 1):
+            # .item() waits for the device; every 20 batches is enough to watch the loss.
+            bar.set_postfix(loss=f"{loss.item():.1f}")
+    return float(total.item())
+
+
+def fit_vae(
+    train_images: np.ndarray,
+    val_images: np.ndarray,
+    *,
+    model_config: ModelConfig,
+    train: TrainConfig,
+) -> FitResult:
+    """Train with Adam on in-memory uint8 images; early stopping on the validation score mean.
+
+    Validation uses the deterministic score (z = mu) rather than a sampled ELBO: it is exactly the
+    quantity the detector thresholds, and it does not jitter from epoch to epoch with the noise of
+    sampling, so patience counts real stalls.
+    """
+    device = resolve_device(train.device)
+    torch.manual_seed(train.seed)
+    shuffle = torch.Generator(device="cpu").manual_seed(train.seed)
+    model = VAE(model_config).to(device)
+    # The fused kernel updates all parameters in one pass instead of a dozen elementwise ops per
+    # tensor: about 30% more images/s for the MLP at batch 128 on the CPU (measured).
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        fused=device.type in ("cpu", "cuda"),
+    )
+    use_amp = train.amp and device.type == "cuda"
+    x_train = torch.from_numpy(np.ascontiguousarray(train_images)).to(device)
+    x_val = torch.from_numpy(np.ascontiguousarray(val_images)).to(device)
+    n = len(x_train)
+    batches = max(1, -(-n // train.batch_size))
+    result = FitResult(model=model)
+    best_val, best_state, stale = float("inf"), None, 0
+    log.info(
+        "training %s VAE (%s) on %d images, validating on %d, device %s%s",
+        model_config.kind,
+        model_config.likelihood,
+        n,
+        len(x_val),
+        device,
+        ", bf16 autocast" if use_amp else "",
+    )
+    for epoch in range(1, train.epochs + 1):
+        model.train()
+        order = torch.randperm(n, generator=shuffle).to(device)
+        started = time.perf_counter()
+        bar = tqdm(
+            total=batches,
+            desc=f"epoch {epoch}/{train.epochs}",
+            disable=not train.progress,
+            leave=False,
+            unit="batch",
+        )
+        with bar:
+            total = _train_epoch(model, optimizer, x_train, order, train, use_amp, bar)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        train_loss = total / n
+        val_loss = float(np.mean(score_images(model, x_val, device=device)))
+        record = EpochRecord(epoch, train_loss, val_loss, seconds, n / seconds)
+        result.history.append(record)
+        log.info(
+            "epoch %d/%d: train loss %.2f, val loss %.2f, %.1f s, %.0f images/s",
+            epoch, train.epochs, train_loss, val_loss, seconds, record.images_per_s,
+        )  # fmt: skip
+        if not np.isfinite(val_loss):
+            raise TrainingError(
+                f"validation loss is {val_loss} at epoch {epoch}: training diverged "
+                "(try a lower train.lr)"
+            )
+        if val_loss < best_val:
+            best_val, stale, result.best_epoch = val_loss, 0, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if train.early_stopping_patience and stale >= train.early_stopping_patience:
+                log.info("early stop: no better validation loss for %d epochs", stale)
+                result.stopped_early = True
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return result
+
+
+def _anomaly_images(images: ImageSet, data: DataConfig, n: int, seed: int) -> np.ndarray:
+    """Up to n labelled training images outside the normal classes, for the F1 threshold."""
+    if images.labels is None:
+        return np.empty((0, images.images.shape[1]), np.uint8)
+    others = images.images[~normal_mask(images.labels, data.normal_classes, len(images))]
+    pick = np.random.default_rng(seed + 1).permutation(len(others))[:n]
+    return others[pick]
+
+
+def calibrate(
+    model: VAE,
+    val_scores: np.ndarray,
+    *,
+    calibration: CalibrationConfig,
+    anomalies: np.ndarray,
+    device: torch.device,
+) -> Calibration:
+    """The calibration that `calibration.method` asks for."""
+    if calibration.method == "conformal":
+        return calibrate_threshold(val_scores, target_fpr=calibration.target_fpr)
+    if len(anomalies) == 0:
+        raise CalibrationError(
+            "calibration.method=f1 needs labelled anomalies: the training data has no labelled "
+            "images outside data.normal_classes (use calibration.method=conformal)"
+        )
+    anomaly_scores = score_images(model, anomalies, device=device)
+    return calibrate_f1(val_scores, anomaly_scores, target_fpr=calibration.target_fpr)
+
+
+def _json_config(config: Any) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def train_bundle(
+    *,
+    data: DataConfig,
+    model: ModelConfig,
+    train: TrainConfig,
+    calibration: CalibrationConfig,
+    out: Path,
+) -> Bundle:
+    """Load data, fit, calibrate on validation scores, and write bundle + report into `out`."""
+    from trainer.report import write_training_report  # matplotlib only when a bundle is written
+
+    out = Path(out)
+    images = load_images(data, split="train")
+    split = split_normal(images, data, seed=train.seed)
+    fitted = fit_vae(split.train, split.val, model_config=model, train=train)
+    device = resolve_device(train.device)
+    fitted.model.to(device)
+    val_scores = score_images(fitted.model, split.val, device=device)
+    anomalies = (
+        _anomaly_images(images, data, len(split.val), train.seed)
+        if calibration.method == "f1"
+        else np.empty((0, 784), np.uint8)
+    )
+    calib = calibrate(
+        fitted.model, val_scores, calibration=calibration, anomalies=anomalies, device=device
+    )
+    history = [record.__dict__ for record in fitted.history]
+    metadata = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": _json_config(data),
+        "train": _json_config(train),
+        "calibration": _json_config(calibration),
+        "n_train": len(split.train),
+        "n_val": len(split.val),
+        "best_epoch": fitted.best_epoch,
+        "stopped_early": fitted.stopped_early,
+        "history": history,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    fitted.model.cpu()
+    bundle = save_bundle(out, model=fitted.model, calibration=calib, metadata=metadata)
+    log.info(
+        "bundle %s written to %s: threshold %.2f (%s, target FPR %.3g, n=%d)",
+        bundle.version, out, calib.threshold, calib.method, calib.target_fpr, calib.n,
+    )  # fmt: skip
+    write_training_report(
+        out, model=fitted.model, calibration=calib, val_images=split.val, history=history
+    )
+    return bundle

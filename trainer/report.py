@@ -1,0 +1,123 @@
+"""Pictures and history written into a bundle's report/ folder (matplotlib, Agg backend: no
+display needed, so it works on servers and in CI)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot is imported: no display needed
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from detector.calibration import Calibration
+from detector.config import IMAGE_SIDE
+from detector.model import VAE
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+
+
+def image_grid(images: np.ndarray, *, columns: int) -> np.ndarray:
+    """Tile N x 784 images (uint8 or floats in [0, 1]) into one 2-D picture, 2-pixel gutters."""
+    images = np.asarray(images).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+    rows = -(-len(images) // columns)
+    cell = IMAGE_SIDE + 2
+    grid = np.zeros((rows * cell, columns * cell), dtype=images.dtype)
+    for i, picture in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * cell + 1 : r * cell + 1 + IMAGE_SIDE, c * cell + 1 : c * cell + 1 + IMAGE_SIDE] = (
+            picture
+        )
+    return grid
+
+
+def save_grid(path: Path, images: np.ndarray, *, columns: int, title: str | None = None) -> None:
+    grid = image_grid(images, columns=columns)
+    height, width = grid.shape
+    figure = plt.figure(figsize=(width / 40, height / 40 + (0.4 if title else 0)), dpi=100)
+    axes = figure.add_axes((0, 0, 1, 1 if not title else height / (height + 16)))
+    axes.imshow(grid, cmap="gray", vmin=0, vmax=255 if grid.dtype == np.uint8 else 1.0)
+    axes.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=8)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+@torch.inference_mode()
+def reconstructions(model: VAE, images: np.ndarray) -> np.ndarray:
+    """Decoder means at z = mu for uint8 images, as floats in [0, 1]."""
+    device = model.fc_mu.weight.device
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255.0)
+    mu, _ = model.encode(x)
+    return torch.sigmoid(model.decode(mu)).float().cpu().numpy()
+
+
+@torch.inference_mode()
+def prior_samples(model: VAE, n: int, *, seed: int = 0) -> np.ndarray:
+    """n images decoded from z ~ N(0, I) (the decoder's mean), floats in [0, 1]."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return model.sample(n, generator=generator).float().cpu().numpy()
+
+
+def save_score_histogram(path: Path, calibration: Calibration) -> None:
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
+    axes.hist(calibration.scores, bins=60, color="#4477aa")
+    axes.axvline(calibration.threshold, color="#cc3311", linestyle="--", label="threshold")
+    axes.set_xlabel("score (negative ELBO, nats)")
+    axes.set_ylabel("validation images")
+    axes.set_title(
+        f"{calibration.method} threshold {calibration.threshold:.1f}, "
+        f"target FPR {calibration.target_fpr:g}, n = {calibration.n}",
+        fontsize=9,
+    )
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def save_roc_curve(path: Path, fpr: np.ndarray, tpr: np.ndarray, *, auroc: float) -> None:
+    figure, axes = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    axes.plot(fpr, tpr, color="#4477aa", label=f"AUROC {auroc:.3f}")
+    axes.plot([0, 1], [0, 1], color="#bbbbbb", linestyle=":")
+    axes.set_xlabel("false-positive rate")
+    axes.set_ylabel("true-positive rate")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def write_training_report(
+    bundle_dir: Path,
+    *,
+    model: VAE,
+    calibration: Calibration,
+    val_images: np.ndarray,
+    history: list[dict[str, Any]],
+) -> Path:
+    """Reconstructions, an 8 x 8 grid of prior samples, the score histogram and the history."""
+    report = Path(bundle_dir) / REPORT_DIR
+    report.mkdir(parents=True, exist_ok=True)
+    originals = val_images[:16]
+    rebuilt = (reconstructions(model, originals) * 255).round().astype(np.uint8)
+    save_grid(
+        report / "reconstructions.png",
+        np.concatenate([originals, rebuilt]),
+        columns=len(originals),
+        title="validation images (top) and reconstructions (bottom)",
+    )
+    save_grid(report / "samples.png", prior_samples(model, 64), columns=8)
+    save_score_histogram(report / "scores.png", calibration)
+    (report / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    log.info("report written to %s", report)
+    return report
