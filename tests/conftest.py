@@ -1,4 +1,16 @@
 """Shared fixtures: real services and real data, started per session on free ports."""
 
+from collections.abc import Iterator
+
+import pytest
+
 from tests.fixtures_broker import *  # noqa: F403
 from tests.fixtures_model import *  # noqa: F403
+from tests.fixtures_model import one_torch_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Every in-process test trains or scores small models: one torch thread each."""
+    with one_torch_thread():
+        yield
