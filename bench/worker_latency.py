@@ -101,7 +101,8 @@ def main() -> None:
                     bootstrap_servers=broker.bootstrap_servers,
                     auto_offset_reset="earliest",
                     enable_auto_commit=False,
-                    fetch_max_wait_ms=5,
+                    # the worker's default: Tansu holds an empty fetch for up to half of it
+                    fetch_max_wait_ms=StreamConfig().fetch_max_wait_ms,
                 )
                 consumer.assign([TopicPartition("lat.alerts", 0)])
                 while not stop.is_set():
@@ -128,7 +129,11 @@ def main() -> None:
             sampler.start()
             count = int(args.rate * args.duration)
             plan = plan_replay(labels=None, normal_classes=(0,), count=count, size=len(images))
-            producer = create_producer(config=config.model_copy(update={"linger_ms": 0}))
+            # linger 5 ms: with 0, every record is its own produce request, and at 1,000/s the
+            # load generator alone kept most of a core busy (kafka-python's per-request cost),
+            # starving the worker on 2 cores. The record timestamp is taken at send(), so the
+            # linger is counted in the latency (conservative).
+            producer = create_producer(config=config.model_copy(update={"linger_ms": 5}))
             started = time.time()
             replay(
                 producer=producer,

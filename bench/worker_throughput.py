@@ -15,6 +15,7 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import sys
 import tempfile
@@ -115,7 +116,15 @@ def time_stages(worker: Worker) -> dict[str, float]:
     return totals
 
 
-def worker_drain(config: StreamConfig, detector: Detector, n: int, profile: bool) -> dict:
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_drain(
+    config: StreamConfig, detector: Detector, n: int, profile: bool, broker_pid: int
+) -> dict:
     registry = CollectorRegistry()
     metrics = build_metrics(detector=detector, registry=registry)
     state = WorkerState(model_loaded=True)
@@ -134,6 +143,8 @@ def worker_drain(config: StreamConfig, detector: Detector, n: int, profile: bool
     def on_batch(size: int) -> None:
         if not scored[0]:
             marks["first"] = time.perf_counter()
+            marks["cpu_first"] = time.process_time()
+            marks["broker_cpu_first"] = process_cpu_s(broker_pid)
             marks["first_size"] = size
             for key in stage_s:  # the group join before the first batch is not a stage cost
                 stage_s[key] = 0.0
@@ -166,6 +177,8 @@ def worker_drain(config: StreamConfig, detector: Detector, n: int, profile: bool
     while acked() < n:
         time.sleep(0.01)
     marks["acked"] = time.perf_counter()
+    marks["cpu_acked"] = time.process_time()
+    marks["broker_cpu_acked"] = process_cpu_s(broker_pid)
     stop.set()
     thread.join()
     worker._consumer.close()
@@ -180,6 +193,12 @@ def worker_drain(config: StreamConfig, detector: Detector, n: int, profile: bool
         "inference_s": infer_sum,
         "batches": batches,
         "wall_s": marks["acked"] - marks["first"],
+        # CPU seconds over the same span: this process (worker threads, kafka-python's I/O
+        # threads, torch) and the broker; 2 cores give at most 2 CPU seconds per second.
+        "cpu_s": {
+            "worker_process": round(marks["cpu_acked"] - marks["cpu_first"], 3),
+            "broker": round(marks["broker_cpu_acked"] - marks["broker_cpu_first"], 3),
+        },
     }
     # _publish_inflight runs inside _poll's caller loop, never nested: the sums do not overlap,
     # except that the scoring time is also counted in "decode + score".
@@ -201,13 +220,19 @@ def main() -> None:
     parser.add_argument("--no-scores-topic", action="store_true")
     parser.add_argument("--scores-format", default="record", choices=["record", "batch"])
     parser.add_argument(
-        "--torch-threads", type=int, default=1, help="stream.cpu_threads (0 = torch's default)"
+        "--torch-threads",
+        type=int,
+        default=StreamConfig().cpu_threads,
+        help="stream.cpu_threads (0 = torch's default)",
     )
     parser.add_argument(
         "--scoring-thread", action="store_true", help="stream.cpu_scoring_thread=true"
     )
     parser.add_argument(
-        "--switch-interval", type=float, default=0.0, help="sys.setswitchinterval (s), 0 = keep"
+        "--switch-interval",
+        type=float,
+        default=StreamConfig().gil_switch_interval_ms / 1000.0,
+        help="sys.setswitchinterval (s), 0 = keep; default: stream.gil_switch_interval_ms",
     )
     parser.add_argument("--profile", action="store_true", help="cProfile the worker thread")
     args = parser.parse_args()
@@ -241,7 +266,7 @@ def main() -> None:
             detector.score(batch[i : i + args.batch])
         scoring_alone = args.records / (time.perf_counter() - started)
         baseline = plain_consume(broker.bootstrap_servers, "bench.images", args.records, 1024)
-        result = worker_drain(config, detector, args.records, args.profile)
+        result = worker_drain(config, detector, args.records, args.profile, broker.pid or 0)
         baseline_after = plain_consume(broker.bootstrap_servers, "bench.images", args.records, 1024)
     plain = (baseline + baseline_after) / 2
     summary = {
@@ -264,6 +289,7 @@ def main() -> None:
         "scoring_s": round(result["inference_s"], 3),
         "worker_wall_s": round(result["wall_s"], 3),
         "stages_s": result["stages_s"],
+        "cpu_s": result["cpu_s"],
     }
     print(json.dumps(summary, indent=2))
     if "profile" in result:

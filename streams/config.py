@@ -26,9 +26,14 @@ class StreamConfig(BaseModel):
     # On the CPU, score in a second thread while the next batch is polled. Off by default:
     # kafka-python's I/O threads and the scoring thread then fight over the GIL.
     cpu_scoring_thread: bool = False
-    # Threads torch may use to score on the CPU (0 = torch's default, one per core). One leaves
-    # the other cores to kafka-python's I/O threads; scale out with partitions and workers.
+    # Threads torch may use to score on the CPU (0 = torch's default, one per core). One: on an
+    # idle 2-core machine two drained a backlog only 0-20% faster, and their OpenMP threads
+    # spin between batches (~0.4 core at 1,000 records/s); scale out with partitions/workers.
     cpu_threads: int = Field(1, ge=0)
+    # The worker process's GIL switch interval (sys.setswitchinterval), ms; 0 keeps Python's 5.
+    # Every torch op releases the GIL and must take it back from kafka-python's I/O threads;
+    # with 5 ms that wait slows scoring by up to half (BENCHMARKS.md).
+    gil_switch_interval_ms: float = Field(1.0, ge=0)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     # Group timeouts. The defaults make a group join take ~4 s instead of ~20 s; a worker polls
     # every few milliseconds, so max_poll_interval_ms only has to cover the slowest batch.
@@ -36,7 +41,15 @@ class StreamConfig(BaseModel):
     heartbeat_interval_ms: int = Field(1000, ge=100)
     max_poll_interval_ms: int = Field(10000, ge=1000)
     request_timeout_ms: int = Field(30000, ge=1000)
-    fetch_max_wait_ms: int = Field(100, ge=0)
+    # How long the broker may hold a fetch that finds no data. Tansu (the embedded broker)
+    # checks for new data only at half of the wait, then 3/4, ... so a record landing in an empty
+    # fetch waits up to half of this; real Kafka answers as soon as data arrives. Lower values
+    # cost more fetch round trips when idle (kafka-python: ~2.5 ms of CPU each).
+    fetch_max_wait_ms: int = Field(10, ge=0)
+    # Acknowledged offsets are committed at most this often (ms; 0 = after every batch). Each
+    # commit is a broker round trip costing kafka-python ~2 ms of CPU; a crash re-delivers at
+    # most this much more. Drain and rebalance commit at once regardless.
+    commit_interval_ms: int = Field(100, ge=0)
     max_partition_fetch_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # Producer (alerts, scores, dead letters): acks=all so an acknowledged send is durable.
     acks: Literal["all", "1", "0"] = "all"

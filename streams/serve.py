@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 
 import torch
@@ -48,6 +49,8 @@ def serve(
     registry = registry if registry is not None else CollectorRegistry()
     if stream.cpu_threads and detector.device.type == "cpu":
         torch.set_num_threads(stream.cpu_threads)
+    if stream.gil_switch_interval_ms:
+        sys.setswitchinterval(stream.gil_switch_interval_ms / 1000.0)
     metrics = build_metrics(detector=detector, registry=registry)
     state = WorkerState(model_loaded=True)
 

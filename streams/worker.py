@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,10 @@ _SERVICE_POLL_MS = 2  # poll timeout while a batch is being scored or sends are 
 _ACK_POLL_MS = 10  # poll timeout while sends await their acks
 _IDLE_POLL_MS = 100
 _LAG_INTERVAL_S = 0.5
+# poll() takes up to this many batches of records at once. kafka-python sends the next fetch
+# only once its buffered fetch data has been handed over entirely, so taking all of it keeps a
+# fetch in flight (network and broker time) while the worker decodes and scores what it holds.
+_POLL_BATCHES = 8
 
 
 @dataclass
@@ -53,14 +58,20 @@ class _Sent:
     checked: int = 0
 
 
+_TP_KEY = attrgetter("topic", "partition")
+
+
 def _offset_ranges(records: list[Any]) -> tuple[dict, dict]:
-    starts: dict[TopicPartition, int] = {}
-    ends: dict[TopicPartition, int] = {}
-    for record in records:
-        tp = TopicPartition(record.topic, record.partition)
-        if tp not in starts:
-            starts[tp] = record.offset
-        ends[tp] = record.offset + 1
+    """(first offset, last offset + 1) per partition of a batch. Offsets rise within a
+    partition; the dict comprehensions keep the last write, so the reversed pass yields the
+    first offset. No TopicPartition per record (a Python object each)."""
+    keys = list(map(_TP_KEY, records))
+    last = {key: record.offset + 1 for key, record in zip(keys, records, strict=True)}
+    first = {
+        key: record.offset for key, record in zip(reversed(keys), reversed(records), strict=True)
+    }
+    ends = {TopicPartition(*key): offset for key, offset in last.items()}
+    starts = {TopicPartition(*key): offset for key, offset in first.items()}
     return starts, ends
 
 
@@ -135,6 +146,8 @@ class Worker:
         self._consumed: dict[TopicPartition, int] = {}  # next offset, from records in hand
         self._to_commit: dict[TopicPartition, int] = {}
         self._lag_at = 0.0
+        self._commit_at = 0.0
+        self._commit_interval_s = config.commit_interval_ms / 1000.0
         self.on_batch_scored: Callable[[int], None] | None = None  # for benchmarks
 
     # -- the loop --------------------------------------------------------------------------
@@ -169,6 +182,9 @@ class Worker:
         """Poll until the buffer holds max_batch_size records or its first record has waited
         max_batch_delay_ms; meanwhile publish the batch in flight and commit acknowledged ones."""
         size = self._config.max_batch_size
+        if len(self._buffer) >= size:  # a batch is ready from an earlier poll
+            self._service()
+            return
         delay_s = self._config.max_batch_delay_ms / 1000.0
         first_at = time.monotonic() if self._buffer else None
         while not stop.is_set() and len(self._buffer) < size:
@@ -186,7 +202,7 @@ class Worker:
                 if left_ms <= 0:
                     break
                 timeout_ms = max(0, min(timeout_ms, int(left_ms)))
-            polled = self._poll(timeout_ms, size - len(self._buffer))
+            polled = self._poll(timeout_ms, size * _POLL_BATCHES)
             for records in polled.values():
                 self._buffer.extend(records)
             if self._buffer and first_at is None:
@@ -200,7 +216,11 @@ class Worker:
                 break
 
     def _start_batch(self) -> None:
-        records, self._buffer = self._buffer, []
+        size = self._config.max_batch_size
+        if len(self._buffer) <= size:
+            records, self._buffer = self._buffer, []
+        else:
+            records, self._buffer = self._buffer[:size], self._buffer[size:]
         values = [r.value for r in records]
         try:
             decoded = decode_batch(values, codec=self._config.codec)
@@ -247,8 +267,10 @@ class Worker:
 
     def _service(self) -> None:
         self._reap_acknowledged()
-        self._commit(sync=False)
         now = time.monotonic()
+        if self._to_commit and now - self._commit_at >= self._commit_interval_s:
+            self._commit_at = now
+            self._commit(sync=False)
         if now - self._lag_at >= _LAG_INTERVAL_S:
             self._lag_at = now
             self._update_lag()
@@ -403,10 +425,11 @@ class Worker:
         logger.info("partitions assigned: %s", sorted(str(tp) for tp in assigned))
 
     def _drain(self) -> bool:
-        """Finish the batch in hand, flush, commit, leave the group."""
+        """Score and publish the records in hand (the batch in flight and what poll() has
+        returned, at most _POLL_BATCHES batches), flush, commit, leave the group."""
         if self._inflight is not None:
             self._publish_inflight()
-        if self._buffer:
+        while self._buffer:
             self._start_batch()
             self._publish_inflight()
         complete = self._flush_and_commit(timeout_s=self._config.drain_timeout_s)
