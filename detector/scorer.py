@@ -74,6 +74,10 @@ class PendingScores:
         self._host = host
         self._done = done
 
+    def done(self) -> bool:
+        """True once the scores are on the host, so `result()` will not wait."""
+        return self._done is None or self._done.query()
+
     def result(self) -> Scores:
         if self._done is not None:
             self._done.synchronize()

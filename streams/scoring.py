@@ -22,7 +22,8 @@ class _CudaScoring:
         self._scores: Scores | None = None
 
     def done(self) -> bool:
-        return True
+        # The loop keeps polling until the GPU has finished instead of blocking on it.
+        return self._pending.done()
 
     def result(self) -> Scores:
         if self._scores is None:

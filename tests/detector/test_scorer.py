@@ -73,3 +73,28 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_cpu_submit_is_done_at_once(detector: Detector, fashion_mnist) -> None:
+    pending = detector.submit(fashion_mnist.test.images[:10])
+    assert pending.done()
+    assert len(pending.result()) == 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scores_match_cpu_through_pinned_buffers(
+    detector: Detector, trained_bundle: Path, fashion_mnist
+) -> None:
+    """The pinned, non-blocking path: several batches in flight, split across both pinned slots,
+    give the CPU's scores; `done()` turns true without `result()` being called."""
+    images = fashion_mnist.test.images[:500]
+    bundle = load_bundle(trained_bundle)  # its own model: Detector moves it to the device
+    on_gpu = Detector(
+        bundle.model, bundle.calibration, version="v", device="cuda", max_batch_size=128
+    )
+    pending = [on_gpu.submit(images[i : i + 200]) for i in range(0, 500, 200)]
+    torch.cuda.synchronize()
+    assert all(p.done() for p in pending)
+    gpu = np.concatenate([p.result().scores for p in pending])
+    cpu = detector.score(images).scores
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-2)
