@@ -18,7 +18,7 @@ import torch
 from detector.bundle import load_bundle
 from detector.calibration import Calibration
 from detector.config import IMAGE_PIXELS
-from detector.model import VAE
+from detector.model import VAE, to_model_input
 
 _PINNED_SLOTS = 2  # one batch in flight on the GPU while the next one is being filled
 
@@ -52,6 +52,19 @@ def as_image_batch(images: np.ndarray) -> np.ndarray:
     if images.ndim != 2 or images.shape[1] != IMAGE_PIXELS:
         raise ValueError(f"images must be N x 784 or N x 28 x 28, got shape {images.shape}")
     return np.ascontiguousarray(images)
+
+
+@torch.inference_mode()
+def score_batches(
+    model: VAE, images: torch.Tensor, *, device: torch.device, batch_size: int
+) -> torch.Tensor:
+    """Deterministic scores of uint8 N x 784 images, `batch_size` at a time on `device`, as a
+    float32 CPU tensor. The model must be in eval mode (dropout off)."""
+    parts = [
+        model.score(to_model_input(images[i : i + batch_size].to(device))).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(parts) if parts else torch.empty(0)
 
 
 @dataclass(frozen=True)
@@ -135,8 +148,7 @@ class Detector:
 
     @torch.inference_mode()
     def _score_on_device(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(torch.float32).div_(255.0)
-        return self.model.score(x).float()
+        return self.model.score(to_model_input(images)).float()
 
     def submit(self, images: np.ndarray) -> PendingScores:
         """Start scoring a batch; on CUDA this returns before the GPU has finished."""
@@ -150,11 +162,12 @@ class Detector:
         return self.submit(images).result()
 
     def _score_cpu(self, images: np.ndarray) -> torch.Tensor:
-        parts = [
-            self._score_on_device(torch.from_numpy(images[i : i + self.max_batch_size]))
-            for i in range(0, len(images), self.max_batch_size)
-        ]
-        return torch.cat(parts) if parts else torch.empty(0)
+        return score_batches(
+            self.model,
+            torch.from_numpy(images),
+            device=self.device,
+            batch_size=self.max_batch_size,
+        )
 
     def _submit_cuda(self, images: np.ndarray) -> PendingScores:
         host_out = torch.empty(len(images), dtype=torch.float32).pin_memory()

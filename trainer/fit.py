@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from detector.bundle import Bundle, save_bundle
 from detector.calibration import Calibration
 from detector.config import ModelConfig
-from detector.model import VAE
-from detector.scorer import resolve_device
+from detector.model import VAE, to_model_input
+from detector.scorer import resolve_device, score_batches
 from trainer.calibrate import CalibrationError, calibrate_f1, calibrate_threshold
 from trainer.config import CalibrationConfig, DataConfig, TrainConfig
 from trainer.data import ImageSet, load_images, normal_mask, split_normal
@@ -55,11 +55,6 @@ class FitResult:
     stopped_early: bool = False
 
 
-def _to_float(batch: torch.Tensor) -> torch.Tensor:
-    return batch.to(torch.float32).div_(255.0)
-
-
-@torch.inference_mode()
 def score_images(
     model: VAE, images: torch.Tensor | np.ndarray, *, device: torch.device
 ) -> np.ndarray:
@@ -68,12 +63,9 @@ def score_images(
         images = torch.from_numpy(np.ascontiguousarray(images))
     was_training = model.training
     model.eval()
-    parts = [
-        model.score(_to_float(images[i : i + _SCORE_BATCH].to(device))).float().cpu()
-        for i in range(0, len(images), _SCORE_BATCH)
-    ]
+    scores = score_batches(model, images, device=device, batch_size=_SCORE_BATCH)
     model.train(was_training)
-    return torch.cat(parts).numpy().astype(np.float64) if parts else np.empty(0)
+    return scores.numpy().astype(np.float64)
 
 
 def _train_epoch(
@@ -89,7 +81,7 @@ def _train_epoch(
     device_type = x_train.device.type
     total = torch.zeros((), device=x_train.device)
     for b in range(bar.total):
-        x = _to_float(x_train[order[b * train.batch_size : (b + 1) * train.batch_size]])
+        x = to_model_input(x_train[order[b * train.batch_size : (b + 1) * train.batch_size]])
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
             logits, mu, logvar = model(x)
         loss = model.loss(x, logits, mu, logvar).mean()

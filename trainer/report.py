@@ -18,7 +18,7 @@ import torch
 
 from detector.calibration import Calibration
 from detector.config import IMAGE_SIDE
-from detector.model import VAE
+from detector.model import VAE, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def save_grid(path: Path, images: np.ndarray, *, columns: int, title: str | None
 def reconstructions(model: VAE, images: np.ndarray) -> np.ndarray:
     """Decoder means at z = mu for uint8 images, as floats in [0, 1]."""
     device = model.fc_mu.weight.device
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255.0)
+    x = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(device))
     mu, _ = model.encode(x)
     return torch.sigmoid(model.decode(mu)).float().cpu().numpy()
 
