@@ -34,6 +34,7 @@ __all__ = [
     "fresh_topics",
     "kafka_broker",
     "start_worker",
+    "wait_alive",
     "wait_ready",
 ]
 
@@ -128,6 +129,23 @@ def wait_ready(url: str, *, timeout_s: float = 30.0, process: subprocess.Popen |
             last = str(exc)
         time.sleep(0.1)
     raise TimeoutError(f"worker not ready after {timeout_s} s: {last}")
+
+
+def wait_alive(url: str, *, timeout_s: float = 60.0, process: subprocess.Popen | None = None):
+    """Poll `url`/healthz until the worker's HTTP server answers 200 (it starts after the model
+    is loaded, which takes seconds in a cold process)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"worker exited with code {process.returncode} before serving")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1):
+                return
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise TimeoutError(f"worker not serving /healthz after {timeout_s} s: {last}")
 
 
 @dataclass

@@ -238,7 +238,7 @@ def test_worker_waits_for_an_unreachable_broker_and_then_consumes(
     from streams.broker import EmbeddedBroker, free_port
     from streams.config import StreamConfig
     from streams.kafka_io import ensure_topics
-    from tests.fixtures_broker import StreamTopics, wait_ready
+    from tests.fixtures_broker import StreamTopics, wait_alive, wait_ready
 
     port = free_port()
     config = StreamConfig(
@@ -258,6 +258,9 @@ def test_worker_waits_for_an_unreachable_broker_and_then_consumes(
         wait=False,
     )
     try:
+        # A cold process takes seconds to import torch and load the model before it serves
+        # HTTP at all; only then is "not ready because of the broker" what /readyz should say.
+        wait_alive(worker.url, process=worker.process)
         with pytest.raises(TimeoutError, match="broker_connected"):
             wait_ready(worker.url, timeout_s=4, process=worker.process)
         with urllib.request.urlopen(f"{worker.url}/healthz") as response:
