@@ -4,15 +4,18 @@
     .venv/bin/python bench/worker_latency.py --rate 5000 --duration 300 --warmup 30   # RSS
 
 A real `vaewatch worker` subprocess (max_batch_delay_ms 10 unless --set says otherwise) scores
-real Fashion-MNIST test images replayed at a steady rate. A subscriber on the alert topic takes,
-for every alert, (time it arrived) - (the input record's timestamp, set when it was produced):
-the latency a downstream service sees. The worker's RSS is sampled from /proc every 5 s.
+real Fashion-MNIST test images replayed at a steady rate. A subscriber on the alert topic, in a
+process of its own as a downstream service would be, takes for every alert (time it arrived) -
+(the input record's timestamp, set when it was produced): the latency that service sees. The
+RSS of the worker and of its scoring process is sampled from /proc every 5 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,53 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def tree_rss_mib(pid: int) -> float:
+    """RSS of a process and its children (the worker and its scoring process)."""
+    return rss_mib(pid) + sum(rss_mib(child) for child in children(pid))
+
+
+def read_alerts(bootstrap: str, ready: mp.Event, stop: mp.Event, out: mp.Queue) -> None:
+    """The subscriber: (arrival, latency s, record -> scored_at s) per alert. The split shows
+    whether the time is spent before scoring (fetch, batching) or after (publish, the
+    subscriber's own fetch)."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        # the worker's default: Tansu holds an empty fetch for up to half of it
+        fetch_max_wait_ms=StreamConfig().fetch_max_wait_ms,
+    )
+    consumer.assign([TopicPartition("lat.alerts", 0)])
+    latencies: list[tuple[float, float, float]] = []
+    ready.set()
+    while not stop.is_set():
+        for records in consumer.poll(timeout_ms=50).values():
+            now = time.time()
+            for record in records:
+                alert = json.loads(record.value)
+                created = alert["timestamp_ms"] / 1000.0
+                latencies.append((now, now - created, alert["scored_at_ms"] / 1000.0 - created))
+    consumer.close()
+    out.put(latencies)
 
 
 def wait_ready(url: str, timeout_s: float = 60) -> None:
@@ -91,38 +141,19 @@ def main() -> None:
         worker = subprocess.Popen(command)
         try:
             wait_ready(f"http://127.0.0.1:{port}")
-            # (arrival, latency s, record -> scored_at s): the split shows whether the time is
-            # spent before scoring (fetch, batching) or after (publish, subscriber's fetch)
-            latencies: list[tuple[float, float, float]] = []
-            stop = threading.Event()
-
-            def read_alerts() -> None:
-                consumer = KafkaConsumer(
-                    bootstrap_servers=broker.bootstrap_servers,
-                    auto_offset_reset="earliest",
-                    enable_auto_commit=False,
-                    # the worker's default: Tansu holds an empty fetch for up to half of it
-                    fetch_max_wait_ms=StreamConfig().fetch_max_wait_ms,
-                )
-                consumer.assign([TopicPartition("lat.alerts", 0)])
-                while not stop.is_set():
-                    for records in consumer.poll(timeout_ms=50).values():
-                        now = time.time()
-                        for record in records:
-                            alert = json.loads(record.value)
-                            created = alert["timestamp_ms"] / 1000.0
-                            latencies.append(
-                                (now, now - created, alert["scored_at_ms"] / 1000.0 - created)
-                            )
-                consumer.close()
-
-            reader = threading.Thread(target=read_alerts)
+            ctx = mp.get_context("spawn")
+            subscriber_ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
+            reader = ctx.Process(
+                target=read_alerts,
+                args=(broker.bootstrap_servers, subscriber_ready, stop, results),
+            )
             reader.start()
+            subscriber_ready.wait(60)
             rss: list[tuple[float, float]] = []
 
             def sample_rss() -> None:
                 while not stop.is_set():
-                    rss.append((time.time(), rss_mib(worker.pid)))
+                    rss.append((time.time(), tree_rss_mib(worker.pid)))
                     stop.wait(5)
 
             sampler = threading.Thread(target=sample_rss)
@@ -134,7 +165,16 @@ def main() -> None:
             # starving the worker on 2 cores. The record timestamp is taken at send(), so the
             # linger is counted in the latency (conservative).
             producer = create_producer(config=config.model_copy(update={"linger_ms": 5}))
+            processes = {
+                "generator (this process)": os.getpid(),
+                "broker": broker.pid,
+                "worker": worker.pid,
+                **{f"worker's child {pid}": pid for pid in children(worker.pid)},
+                "subscriber": reader.pid,
+            }
+            cpu_before = {name: cpu_s(pid) for name, pid in processes.items()}
             started = time.time()
+            busy_before = machine_busy()
             replay(
                 producer=producer,
                 topic="lat.images",
@@ -145,8 +185,14 @@ def main() -> None:
                 rate=args.rate,
             )
             produced_s = time.time() - started
+            busy_after = machine_busy()
+            cpu_used = {
+                name: round((cpu_s(pid) - cpu_before[name]) / produced_s, 3)
+                for name, pid in processes.items()
+            }
             time.sleep(2)
             stop.set()
+            latencies: list[tuple[float, float, float]] = results.get(timeout=60)
             reader.join()
             sampler.join()
             producer.close()
@@ -179,6 +225,11 @@ def main() -> None:
             "samples": len(rss_after_warmup),
             "last_vs_first": round(rss_after_warmup[-1] / rss_after_warmup[0] - 1, 4),
         },
+        # every process on the machine (generator, broker, worker, subscriber) while producing
+        "machine_cpu_busy": round(
+            (busy_after[0] - busy_before[0]) / (busy_after[1] - busy_before[1]), 3
+        ),
+        "cores_used_by": cpu_used,
         "worker_exit_code": code,
         "overrides": args.overrides,
     }

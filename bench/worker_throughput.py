@@ -33,6 +33,7 @@ from streams.broker import EmbeddedBroker
 from streams.codec import encode_images
 from streams.config import StreamConfig
 from streams.kafka_io import create_consumer, create_producer, ensure_topics
+from streams.scoring import BatchScorer
 from streams.serve import build_metrics
 from streams.worker import Worker, WorkerState
 
@@ -93,8 +94,8 @@ def plain_consume(bootstrap: str, topic: str, n: int, max_records: int) -> float
 
 STAGES = {
     "_poll": "poll (fetch + unpack records)",
-    "_start_batch": "decode + score (+ batch bookkeeping)",
-    "_publish_inflight": "publish (build JSON, producer.send)",
+    "_start_batch": "decode + score, or hand to the scorer (+ batch bookkeeping)",
+    "_publish_oldest": "publish (wait for scores, build JSON, producer.send)",
     "_service": "acks, commit, lag",
 }
 
@@ -127,10 +128,18 @@ def worker_drain(
 ) -> dict:
     registry = CollectorRegistry()
     metrics = build_metrics(detector=detector, registry=registry)
-    state = WorkerState(model_loaded=True)
+    scorer = BatchScorer(
+        detector=detector,
+        metrics=metrics,
+        cpu_scoring=config.cpu_scoring,
+        capacity=config.max_batch_size,
+        cpu_threads=config.cpu_threads,
+    )
+    state = WorkerState(model_loaded=scorer.ready)
     worker = Worker(
         config=config,
         detector=detector,
+        scorer=scorer,
         metrics=metrics,
         consumer=create_consumer(config=config),
         producer=create_producer(config=config),
@@ -140,10 +149,16 @@ def worker_drain(
     marks: dict[str, float] = {}
     scored = [0]
 
+    child_pid = scorer.process._process.pid if scorer.process is not None else None
+
+    def child_cpu_s() -> float:
+        return process_cpu_s(child_pid) if child_pid else 0.0
+
     def on_batch(size: int) -> None:
         if not scored[0]:
             marks["first"] = time.perf_counter()
             marks["cpu_first"] = time.process_time()
+            marks["child_cpu_first"] = child_cpu_s()
             marks["broker_cpu_first"] = process_cpu_s(broker_pid)
             marks["first_size"] = size
             for key in stage_s:  # the group join before the first batch is not a stage cost
@@ -178,11 +193,13 @@ def worker_drain(
         time.sleep(0.01)
     marks["acked"] = time.perf_counter()
     marks["cpu_acked"] = time.process_time()
+    marks["child_cpu_acked"] = child_cpu_s()
     marks["broker_cpu_acked"] = process_cpu_s(broker_pid)
     stop.set()
     thread.join()
     worker._consumer.close()
     worker._producer.close()
+    scorer.close()
     inference = next(m for m in registry.collect() if m.name == "vaewatch_batch_inference_seconds")
     infer_sum = next(s.value for s in inference.samples if s.name.endswith("_sum"))
     batches = next(s.value for s in inference.samples if s.name.endswith("_count"))
@@ -194,14 +211,17 @@ def worker_drain(
         "batches": batches,
         "wall_s": marks["acked"] - marks["first"],
         # CPU seconds over the same span: this process (worker threads, kafka-python's I/O
-        # threads, torch) and the broker; 2 cores give at most 2 CPU seconds per second.
+        # threads, torch when it scores here), the scoring process, and the broker; 2 cores
+        # give at most 2 CPU seconds per second.
         "cpu_s": {
             "worker_process": round(marks["cpu_acked"] - marks["cpu_first"], 3),
+            "scoring_process": round(marks["child_cpu_acked"] - marks["child_cpu_first"], 3),
             "broker": round(marks["broker_cpu_acked"] - marks["broker_cpu_first"], 3),
         },
     }
-    # _publish_inflight runs inside _poll's caller loop, never nested: the sums do not overlap,
-    # except that the scoring time is also counted in "decode + score".
+    # The stages run one after the other in the worker's thread, never nested: the sums do not
+    # overlap. Inline scoring is counted in "decode + score"; waiting for a scoring process or
+    # thread in "publish".
     result["stages_s"] = {STAGES[k]: round(v, 3) for k, v in stage_s.items()}
     if profiler:
         out = io.StringIO()
@@ -226,7 +246,10 @@ def main() -> None:
         help="stream.cpu_threads (0 = torch's default)",
     )
     parser.add_argument(
-        "--scoring-thread", action="store_true", help="stream.cpu_scoring_thread=true"
+        "--cpu-scoring",
+        default=StreamConfig().cpu_scoring,
+        choices=["process", "thread", "inline"],
+        help="stream.cpu_scoring",
     )
     parser.add_argument(
         "--switch-interval",
@@ -239,7 +262,7 @@ def main() -> None:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.torch_threads:  # what serve() does with stream.cpu_threads
-        torch.set_num_threads(args.torch_threads)
+        torch.set_num_threads(args.torch_threads)  # also for "scoring alone" below
     images = fashion_images()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         bundle = args.model or make_bundle(args.model_kind, Path(tmp) / "bundle", images)
@@ -252,7 +275,8 @@ def main() -> None:
             dlq_topic="bench.dlq",
             group_id="bench",
             max_batch_size=args.batch,
-            cpu_scoring_thread=args.scoring_thread,
+            cpu_scoring=args.cpu_scoring,
+            cpu_threads=args.torch_threads,
             scores_format=args.scores_format,
         )
         ensure_topics(
@@ -277,7 +301,7 @@ def main() -> None:
         "max_batch_size": args.batch,
         "scores_topic": not args.no_scores_topic,
         "scores_format": args.scores_format,
-        "cpu_scoring_thread": args.scoring_thread,
+        "cpu_scoring": args.cpu_scoring,
         "switch_interval_s": sys.getswitchinterval(),
         "plain_consume_per_s": round(plain),
         "scoring_alone_per_s": round(scoring_alone),

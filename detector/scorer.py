@@ -78,6 +78,15 @@ class Scores:
     def __len__(self) -> int:
         return len(self.scores)
 
+    @classmethod
+    def judged(cls, scores: np.ndarray, calibration: Calibration) -> Scores:
+        """Raw scores with their p-values and decisions under `calibration`."""
+        return cls(
+            scores=scores,
+            p_values=calibration.p_values(scores),
+            anomalous=calibration.is_anomaly(scores),
+        )
+
 
 class PendingScores:
     """Scores still on their way back from the device; `result()` waits for them."""
@@ -94,12 +103,7 @@ class PendingScores:
     def result(self) -> Scores:
         if self._done is not None:
             self._done.synchronize()
-        scores = self._host.numpy().copy()
-        return Scores(
-            scores=scores,
-            p_values=self._calibration.p_values(scores),
-            anomalous=self._calibration.is_anomaly(scores),
-        )
+        return Scores.judged(self._host.numpy().copy(), self._calibration)
 
 
 class Detector:

@@ -23,12 +23,13 @@ class StreamConfig(BaseModel):
     codec: Literal["raw", "json"] = "raw"
     max_batch_size: int = Field(1024, ge=1)
     max_batch_delay_ms: int = Field(10, ge=0)
-    # On the CPU, score in a second thread while the next batch is polled. Off by default:
-    # kafka-python's I/O threads and the scoring thread then fight over the GIL.
-    cpu_scoring_thread: bool = False
-    # Threads torch may use to score on the CPU (0 = torch's default, one per core). One: on an
-    # idle 2-core machine two drained a backlog only 0-20% faster, and their OpenMP threads
-    # spin between batches (~0.4 core at 1,000 records/s); scale out with partitions/workers.
+    # How the CPU scores while the next batch is polled: in a child process (own GIL, so torch
+    # and kafka-python's threads run at once on two cores), in a thread of the worker (they
+    # take turns with the GIL), or inline (no overlap). Ignored on CUDA, which is asynchronous.
+    cpu_scoring: Literal["process", "thread", "inline"] = "process"
+    # Threads torch may use to score on the CPU (0 = torch's default, one per core). One: the
+    # worker's own process needs the other core to consume and publish; OpenMP threads also
+    # spin between small batches. Scale out with partitions and workers instead.
     cpu_threads: int = Field(1, ge=0)
     # The worker process's GIL switch interval (sys.setswitchinterval), ms; 0 keeps Python's 5.
     # Every torch op releases the GIL and must take it back from kafka-python's I/O threads;

@@ -14,6 +14,7 @@ from streams.config import MetricsConfig, StreamConfig
 from streams.health import MetricsServer
 from streams.kafka_io import connect_with_backoff, create_consumer, create_producer
 from streams.metrics import WorkerMetrics, score_buckets
+from streams.scoring import BatchScorer
 from streams.worker import Worker, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,15 @@ def serve(
     if stream.gil_switch_interval_ms:
         sys.setswitchinterval(stream.gil_switch_interval_ms / 1000.0)
     metrics = build_metrics(detector=detector, registry=registry)
-    state = WorkerState(model_loaded=True)
+    # Started before the Kafka clients: the scoring process loads the model meanwhile.
+    scorer = BatchScorer(
+        detector=detector,
+        metrics=metrics,
+        cpu_scoring=stream.cpu_scoring,
+        capacity=stream.max_batch_size,
+        cpu_threads=stream.cpu_threads,
+    )
+    state = WorkerState(model_loaded=scorer.ready)
 
     # Evaluated on every scrape, so the gauge follows the worker without a /readyz probe.
     metrics.ready.set_function(lambda: 1.0 if state.readiness()[0] else 0.0)
@@ -89,13 +98,14 @@ def serve(
         worker = Worker(
             config=stream,
             detector=detector,
+            scorer=scorer,
             metrics=metrics,
             consumer=consumer,
             producer=producer,
             state=state,
         )
         logger.info(
-            "worker: %s -> alerts %s, scores %s, dlq %s (group %s, model %s on %s)",
+            "worker: %s -> alerts %s, scores %s, dlq %s (group %s, model %s on %s, %s)",
             stream.input_topic,
             stream.alert_topic,
             stream.scores_topic or "(off)",
@@ -103,6 +113,7 @@ def serve(
             stream.group_id,
             detector.version,
             detector.device,
+            f"scoring {scorer.mode}",
         )
         complete = worker.run(stop)
         return 0 if complete else 1
@@ -112,5 +123,6 @@ def serve(
             consumer.close(autocommit=False)
         if producer is not None:
             producer.close(timeout=stream.drain_timeout_s)
+        scorer.close()
         server.stop()
         logger.info("worker stopped")

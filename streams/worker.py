@@ -1,9 +1,10 @@
 """The worker loop: poll, decode, score, publish, commit, with at-least-once delivery.
 
-One batch is being scored while the next is being collected (a one-thread executor on the CPU,
-the CUDA stream on a GPU). Published batches wait in a queue until the broker has acknowledged
-every one of their sends; only then are their offsets committed, in order. A failed send rewinds
-the consumer to the oldest unacknowledged offset, so the records are scored again, never skipped.
+Up to two batches are being scored (in a child process on the CPU, on the CUDA stream on a
+GPU) while the next is being collected. Published batches wait in a queue until the broker has
+acknowledged every one of their sends; only then are their offsets committed, in order. A failed
+send rewinds the consumer to the oldest unacknowledged offset, so the records are scored again,
+never skipped.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ _SERVICE_POLL_MS = 2  # poll timeout while a batch is being scored or sends are 
 _ACK_POLL_MS = 10  # poll timeout while sends await their acks
 _IDLE_POLL_MS = 100
 _LAG_INTERVAL_S = 0.5
-# poll() takes up to this many batches of records at once. kafka-python sends the next fetch
-# only once its buffered fetch data has been handed over entirely, so taking all of it keeps a
-# fetch in flight (network and broker time) while the worker decodes and scores what it holds.
+# With inline scoring, poll() takes up to this many batches of records at once. kafka-python
+# sends the next fetch only once its buffered fetch data has been handed over entirely, so taking
+# all of it keeps a fetch in flight (network and broker time) while the worker decodes and scores
+# what it holds. When scoring overlaps (a child process, a GPU), poll takes one batch at a time
+# instead, so that the worker hands the scorer its next batch before the scorer runs dry.
 _POLL_BATCHES = 8
+# Batches handed to an overlapping scorer and not yet published: one being scored, one queued.
+_SCORING_DEPTH = 2
 
 
 @dataclass
@@ -97,14 +102,14 @@ class _Rebalance(AsyncConsumerRebalanceListener):
 class WorkerState:
     """What /readyz reports; written by the worker thread, read by the HTTP thread."""
 
-    model_loaded: bool = False
+    model_loaded: Callable[[], bool] = lambda: False
     broker_connected: bool = False
     group_joined: bool = False
     assigned: set[TopicPartition] = field(default_factory=set)
 
     def readiness(self) -> tuple[bool, dict[str, bool]]:
         checks = {
-            "model_loaded": self.model_loaded,
+            "model_loaded": self.model_loaded(),
             "broker_connected": self.broker_connected,
             "group_joined": self.group_joined,
         }
@@ -117,6 +122,7 @@ class Worker:
         *,
         config: StreamConfig,
         detector: Detector,
+        scorer: BatchScorer,
         metrics: WorkerMetrics,
         consumer: KafkaConsumer,
         producer: KafkaProducer,
@@ -127,9 +133,9 @@ class Worker:
         self._producer = producer
         self._metrics = metrics
         self._state = state
-        self._scorer = BatchScorer(
-            detector=detector, metrics=metrics, threaded=config.cpu_scoring_thread
-        )
+        self._scorer = scorer
+        self._depth = _SCORING_DEPTH if scorer.overlaps else 1
+        self._poll_records = config.max_batch_size * (1 if scorer.overlaps else _POLL_BATCHES)
         self._publisher = ResultPublisher(
             producer=producer,
             alert_topic=config.alert_topic,
@@ -140,7 +146,7 @@ class Worker:
             scores_format=config.scores_format,
         )
         self._buffer: list[Any] = []
-        self._inflight: _InFlight | None = None
+        self._inflight: deque[_InFlight] = deque()
         self._sent: deque[_Sent] = deque()
         self._committed: dict[TopicPartition, int] = {}
         self._consumed: dict[TopicPartition, int] = {}  # next offset, from records in hand
@@ -157,12 +163,17 @@ class Worker:
         self._consumer.subscribe([self._config.input_topic], listener=_Rebalance(self))
         while not stop.is_set():
             self._fill_buffer(stop)
-            if self._inflight is not None:
-                self._publish_inflight()
+            self._publish_scored()
             if self._buffer:
-                self._start_batch()
-                if not self._scorer.overlaps:  # scored already: publish without waiting
-                    self._publish_inflight()
+                if len(self._inflight) >= self._depth:  # the scorer has enough: wait for it
+                    self._publish_oldest()
+                full = self._start_batch() == self._config.max_batch_size
+                if not full or not self._scorer.overlaps:
+                    # A batch cut by its deadline means the worker has caught up: overlapping
+                    # the next poll gains nothing, and publishing as soon as the scores are in
+                    # (a few ms) saves the alerts a poll's wait. Full batches (a backlog) and
+                    # inline scoring keep to the order above.
+                    self._publish_all()
         return self._drain()
 
     def _poll(self, timeout_ms: int, max_records: int) -> dict:
@@ -191,7 +202,7 @@ class Worker:
             # Short polls only while a batch is being scored (to publish it as soon as it is
             # done) or while sends await acks with nothing else to do; every poll costs a
             # round trip to kafka-python's I/O thread.
-            if self._inflight is not None:
+            if self._inflight:
                 timeout_ms = _SERVICE_POLL_MS
             elif self._sent and not self._buffer:
                 timeout_ms = _ACK_POLL_MS
@@ -202,20 +213,18 @@ class Worker:
                 if left_ms <= 0:
                     break
                 timeout_ms = max(0, min(timeout_ms, int(left_ms)))
-            polled = self._poll(timeout_ms, size * _POLL_BATCHES)
+            polled = self._poll(timeout_ms, self._poll_records)
             for records in polled.values():
                 self._buffer.extend(records)
             if self._buffer and first_at is None:
                 first_at = time.monotonic()
-            if self._inflight is not None and (
-                self._inflight.scoring is None or self._inflight.scoring.done()
-            ):
-                self._publish_inflight()
+            self._publish_scored()
             self._service()
             if first_at is not None and delay_s == 0:
                 break
 
-    def _start_batch(self) -> None:
+    def _start_batch(self) -> int:
+        """Decode the next batch from the buffer and hand it to the scorer; returns its size."""
         size = self._config.max_batch_size
         if len(self._buffer) <= size:
             records, self._buffer = self._buffer, []
@@ -233,11 +242,22 @@ class Worker:
             )
         self._metrics.batch_size.observe(len(records))
         scoring = self._scorer.submit(decoded.images) if decoded.n_valid else None
-        self._inflight = _InFlight(records=records, decoded=decoded, scoring=scoring)
+        self._inflight.append(_InFlight(records=records, decoded=decoded, scoring=scoring))
+        return len(records)
 
-    def _publish_inflight(self) -> None:
-        batch, self._inflight = self._inflight, None
-        assert batch is not None
+    def _publish_scored(self) -> None:
+        """Publish the batches whose scores are in, oldest first (offsets commit in order)."""
+        while self._inflight and (
+            self._inflight[0].scoring is None or self._inflight[0].scoring.done()
+        ):
+            self._publish_oldest()
+
+    def _publish_all(self) -> None:
+        while self._inflight:
+            self._publish_oldest()
+
+    def _publish_oldest(self) -> None:
+        batch = self._inflight.popleft()
         scores: Scores | None = None
         decoded = batch.decoded
         if batch.scoring is not None:
@@ -346,12 +366,12 @@ class Worker:
         for sent in self._sent:
             for tp, offset in sent.starts.items():
                 starts.setdefault(tp, offset)
-        held = (self._inflight.records if self._inflight else []) + self._buffer
+        held = [r for batch in self._inflight for r in batch.records] + self._buffer
         for tp, offset in _offset_ranges(held)[0].items():
             starts.setdefault(tp, offset)
         logger.error("a send failed (%s); re-consuming from %s", exc, starts)
         self._sent.clear()
-        self._inflight = None
+        self._inflight.clear()
         self._buffer = []
         for tp, offset in starts.items():
             if tp in self._state.assigned:
@@ -383,8 +403,7 @@ class Worker:
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Before partitions move to another worker: publish the batch in flight, wait for the
         acks, commit; records still in the buffer are left to the next owner (not committed)."""
-        if self._inflight is not None:
-            self._publish_inflight()
+        self._publish_all()
         try:
             self._producer.flush(timeout=self._config.drain_timeout_s)
         except KafkaError as exc:
@@ -426,16 +445,14 @@ class Worker:
 
     def _drain(self) -> bool:
         """Score and publish the records in hand (the batch in flight and what poll() has
-        returned, at most _POLL_BATCHES batches), flush, commit, leave the group."""
-        if self._inflight is not None:
-            self._publish_inflight()
+        returned), flush, commit, leave the group."""
+        self._publish_all()
         while self._buffer:
             self._start_batch()
-            self._publish_inflight()
+            self._publish_all()
         complete = self._flush_and_commit(timeout_s=self._config.drain_timeout_s)
         if not complete:
             logger.error("shutdown: some sends were not acknowledged; they will be re-delivered")
-        self._scorer.close()
         return complete
 
     def _error(self, kind: str, exc: BaseException) -> None:

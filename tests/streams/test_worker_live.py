@@ -4,7 +4,10 @@ malformed records in the DLQ, metrics and health endpoints, SIGTERM drain, two w
 from __future__ import annotations
 
 import json
+import os
+import signal
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,3 +309,34 @@ def test_batch_framed_scores_carry_every_record_as_json_lines(
         offsets = [json.loads(line)["offset"] for line in message.value.split(b"\n")]
         assert (offsets[0], offsets[-1]) == (int(first), int(last))
         assert dict(message.headers)["vaewatch.format"] == b"jsonl"
+
+
+def _scoring_process_pid(worker_pid: int) -> int:
+    """The worker's spawned scoring child (not multiprocessing's resource tracker)."""
+    for child in Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split():
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"spawn_main" in cmdline:
+            return int(child)
+    raise AssertionError(f"worker {worker_pid} has no scoring process")
+
+
+def test_a_killed_scoring_process_is_replaced_and_loses_nothing(
+    kafka_broker, trained_bundle, tmp_path
+) -> None:
+    topics = make_topics(kafka_broker, max_batch_size=128)
+    n = 6000
+    images = np.random.default_rng(2).integers(0, 256, (n, 784), dtype=np.uint8)
+    produce_values(topics.config, encode_images(images, codec="raw"))
+    worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path)
+    try:
+        read_topic(topics.config, topics.config.scores_topic, until=300)
+        os.kill(_scoring_process_pid(worker.process.pid), signal.SIGKILL)
+        results = read_json(read_topic(topics.config, topics.config.scores_topic, until=n))
+        text = worker.metrics_text()
+    finally:
+        assert worker.stop() == 0, worker.log()
+    assert {r["offset"] for r in results} == set(range(n))
+    assert read_topic(topics.config, topics.config.dlq_topic, until=1, timeout_s=2) == []
+    assert 'vaewatch_errors_total{kind="scoring"} 1.0' in text
+    assert "restarting the scoring process" in worker.log()
+    assert committed_offsets(topics.config) == {0: n}
