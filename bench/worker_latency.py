@@ -2,12 +2,18 @@
 
     .venv/bin/python bench/worker_latency.py --rate 5000 --duration 30            # latency
     .venv/bin/python bench/worker_latency.py --rate 5000 --duration 300 --warmup 30   # RSS
+    .venv/bin/python bench/worker_latency.py --rate 5000 --duration 30 --relay    # baseline
 
 A real `vaewatch worker` subprocess (max_batch_delay_ms 10 unless --set says otherwise) scores
 real Fashion-MNIST test images replayed at a steady rate. A subscriber on the alert topic, in a
 process of its own as a downstream service would be, takes for every alert (time it arrived) -
 (the input record's timestamp, set when it was produced): the latency that service sees. The
 RSS of the worker and of its scoring process is sampled from /proc every 5 s.
+
+--relay replaces the worker by the baseline: a bare kafka-python consumer that re-produces every
+10th record at once as an alert (no batching wait, no decoding, no scoring, no commits), with
+the worker's producer settings. Its latency is the floor of two Kafka hops through the embedded
+broker with everything on this machine; what the worker adds is the difference.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
@@ -64,18 +71,23 @@ def tree_rss_mib(pid: int) -> float:
     return rss_mib(pid) + sum(rss_mib(child) for child in children(pid))
 
 
-def read_alerts(bootstrap: str, ready: mp.Event, stop: mp.Event, out: mp.Queue) -> None:
-    """The subscriber: (arrival, latency s, record -> scored_at s) per alert. The split shows
-    whether the time is spent before scoring (fetch, batching) or after (publish, the
-    subscriber's own fetch)."""
+def partition_reader(bootstrap: str, topic: str, *, start: str) -> KafkaConsumer:
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
+        auto_offset_reset=start,
         enable_auto_commit=False,
         # the worker's default: Tansu holds an empty fetch for up to half of it
         fetch_max_wait_ms=StreamConfig().fetch_max_wait_ms,
     )
-    consumer.assign([TopicPartition("lat.alerts", 0)])
+    consumer.assign([TopicPartition(topic, 0)])
+    return consumer
+
+
+def read_alerts(bootstrap: str, ready: mp.Event, stop: mp.Event, out: mp.Queue) -> None:
+    """The subscriber: (arrival, latency s, record -> scored_at s) per alert. The split shows
+    whether the time is spent before scoring (fetch, batching) or after (publish, the
+    subscriber's own fetch)."""
+    consumer = partition_reader(bootstrap, "lat.alerts", start="earliest")
     latencies: list[tuple[float, float, float]] = []
     ready.set()
     while not stop.is_set():
@@ -87,6 +99,22 @@ def read_alerts(bootstrap: str, ready: mp.Event, stop: mp.Event, out: mp.Queue) 
                 latencies.append((now, now - created, alert["scored_at_ms"] / 1000.0 - created))
     consumer.close()
     out.put(latencies)
+
+
+def relay_records(bootstrap: str, ready: mp.Event, stop: mp.Event) -> None:
+    """The --relay baseline (see the module docstring)."""
+    consumer = partition_reader(bootstrap, "lat.images", start="latest")
+    consumer.poll(timeout_ms=100)  # resolves the position before the load starts
+    producer = create_producer(config=StreamConfig(bootstrap_servers=bootstrap))
+    ready.set()
+    while not stop.is_set():
+        for records in consumer.poll(timeout_ms=50).values():
+            now_ms = int(time.time() * 1000)
+            for record in records[::10]:
+                alert = {"timestamp_ms": record.timestamp, "scored_at_ms": now_ms}
+                producer.send("lat.alerts", value=json.dumps(alert).encode(), partition=0)
+    producer.close()
+    consumer.close()
 
 
 def wait_ready(url: str, timeout_s: float = 60) -> None:
@@ -109,6 +137,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5, help="seconds not counted")
     parser.add_argument("--model-kind", default="mlp", choices=["mlp", "conv"])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--relay", action="store_true", help="the baseline instead of a worker")
     args = parser.parse_args()
     images = fashion_images()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
@@ -138,10 +167,20 @@ def main() -> None:
         for item in sets:
             command += ["--set", item]
         command += ["--log-level", "WARNING", "worker", "--model", str(bundle)]
-        worker = subprocess.Popen(command)
+        ctx = mp.get_context("spawn")
+        relay_ready, relay_stop = ctx.Event(), ctx.Event()
+        if args.relay:
+            worker: Any = ctx.Process(
+                target=relay_records, args=(broker.bootstrap_servers, relay_ready, relay_stop)
+            )
+            worker.start()
+        else:
+            worker = subprocess.Popen(command)
         try:
-            wait_ready(f"http://127.0.0.1:{port}")
-            ctx = mp.get_context("spawn")
+            if args.relay:
+                relay_ready.wait(60)
+            else:
+                wait_ready(f"http://127.0.0.1:{port}")
             subscriber_ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
             reader = ctx.Process(
                 target=read_alerts,
@@ -197,8 +236,13 @@ def main() -> None:
             sampler.join()
             producer.close()
         finally:
-            worker.terminate()
-            code = worker.wait(timeout=60)
+            if args.relay:
+                relay_stop.set()
+                worker.join(60)
+                code = worker.exitcode
+            else:
+                worker.terminate()
+                code = worker.wait(timeout=60)
     kept = [(lat, to_score) for at, lat, to_score in latencies if at >= started + args.warmup]
     counted = np.array([lat for lat, _ in kept])
     to_scored = np.array([to_score for _, to_score in kept])
@@ -232,6 +276,7 @@ def main() -> None:
         "cores_used_by": cpu_used,
         "worker_exit_code": code,
         "overrides": args.overrides,
+        "measured": "relay baseline" if args.relay else "vaewatch worker",
     }
     print(json.dumps(result, indent=2))
 

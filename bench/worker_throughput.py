@@ -33,8 +33,7 @@ from streams.broker import EmbeddedBroker
 from streams.codec import encode_images
 from streams.config import StreamConfig
 from streams.kafka_io import create_consumer, create_producer, ensure_topics
-from streams.scoring import BatchScorer
-from streams.serve import build_metrics
+from streams.serve import build_metrics, build_scorer, tune_interpreter
 from streams.worker import Worker, WorkerState
 
 FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -128,13 +127,7 @@ def worker_drain(
 ) -> dict:
     registry = CollectorRegistry()
     metrics = build_metrics(detector=detector, registry=registry)
-    scorer = BatchScorer(
-        detector=detector,
-        metrics=metrics,
-        cpu_scoring=config.cpu_scoring,
-        capacity=config.max_batch_size,
-        cpu_threads=config.cpu_threads,
-    )
+    scorer = build_scorer(config, detector=detector, metrics=metrics)
     state = WorkerState(model_loaded=scorer.ready)
     worker = Worker(
         config=config,
@@ -254,15 +247,11 @@ def main() -> None:
     parser.add_argument(
         "--switch-interval",
         type=float,
-        default=StreamConfig().gil_switch_interval_ms / 1000.0,
-        help="sys.setswitchinterval (s), 0 = keep; default: stream.gil_switch_interval_ms",
+        default=None,
+        help="sys.setswitchinterval (s); default: what the worker sets (streams.serve)",
     )
     parser.add_argument("--profile", action="store_true", help="cProfile the worker thread")
     args = parser.parse_args()
-    if args.switch_interval:
-        sys.setswitchinterval(args.switch_interval)
-    if args.torch_threads:  # what serve() does with stream.cpu_threads
-        torch.set_num_threads(args.torch_threads)  # also for "scoring alone" below
     images = fashion_images()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         bundle = args.model or make_bundle(args.model_kind, Path(tmp) / "bundle", images)
@@ -279,6 +268,9 @@ def main() -> None:
             cpu_threads=args.torch_threads,
             scores_format=args.scores_format,
         )
+        tune_interpreter(config, detector=detector)  # as the worker does (threads, GIL)
+        if args.switch_interval:
+            sys.setswitchinterval(args.switch_interval)
         ensure_topics(
             config=config,
             topics=["bench.images", "bench.alerts", "bench.scores", "bench.dlq"],

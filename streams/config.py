@@ -24,16 +24,18 @@ class StreamConfig(BaseModel):
     max_batch_size: int = Field(1024, ge=1)
     max_batch_delay_ms: int = Field(10, ge=0)
     # How the CPU scores while the next batch is polled: in a child process (own GIL, so torch
-    # and kafka-python's threads run at once on two cores), in a thread of the worker (they
-    # take turns with the GIL), or inline (no overlap). Ignored on CUDA, which is asynchronous.
+    # and kafka-python's threads run at once on two cores; batches cut by their deadline are
+    # scored in the worker itself, at once), in a thread of the worker (they take turns with
+    # the GIL), or inline (no overlap). Ignored on CUDA, which is asynchronous.
     cpu_scoring: Literal["process", "thread", "inline"] = "process"
     # Threads torch may use to score on the CPU (0 = torch's default, one per core). One: the
     # worker's own process needs the other core to consume and publish; OpenMP threads also
     # spin between small batches. Scale out with partitions and workers instead.
     cpu_threads: int = Field(1, ge=0)
-    # The worker process's GIL switch interval (sys.setswitchinterval), ms; 0 keeps Python's 5.
-    # Every torch op releases the GIL and must take it back from kafka-python's I/O threads;
-    # with 5 ms that wait slows scoring by up to half (BENCHMARKS.md).
+    # The worker process's GIL switch interval (sys.setswitchinterval), ms, where torch runs in
+    # that process (cpu_scoring thread or inline, CUDA); 0 keeps Python's 5. Every torch op
+    # releases the GIL and must take it back from kafka-python's I/O thread; with 5 ms that
+    # wait slows scoring by up to half (BENCHMARKS.md). Not applied with a scoring process.
     gil_switch_interval_ms: float = Field(1.0, ge=0)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     # Group timeouts. The defaults make a group join take ~4 s instead of ~20 s; a worker polls

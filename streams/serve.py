@@ -37,6 +37,33 @@ def build_metrics(*, detector: Detector, registry: CollectorRegistry) -> WorkerM
     return metrics
 
 
+def tune_interpreter(stream: StreamConfig, *, detector: Detector) -> None:
+    """torch's CPU threads and the GIL switch interval of the worker's process. The shorter
+    switch interval only pays where torch runs in this process (inline or thread scoring,
+    CUDA launches): each torch op releases the GIL and must win it back from kafka-python's I/O
+    thread. With a scoring process it only adds switches between the main and I/O threads, so
+    Python's 5 ms stays (measured faster on the backlog drain, BENCHMARKS.md)."""
+    if stream.cpu_threads and detector.device.type == "cpu":
+        torch.set_num_threads(stream.cpu_threads)
+    scores_here = detector.device.type == "cuda" or stream.cpu_scoring != "process"
+    if scores_here and stream.gil_switch_interval_ms:
+        sys.setswitchinterval(stream.gil_switch_interval_ms / 1000.0)
+
+
+def build_scorer(
+    stream: StreamConfig, *, detector: Detector, metrics: WorkerMetrics
+) -> BatchScorer:
+    """The worker's scorer; with `cpu_scoring: process` this starts the scoring process, which
+    loads the model while the caller goes on."""
+    return BatchScorer(
+        detector=detector,
+        metrics=metrics,
+        cpu_scoring=stream.cpu_scoring,
+        capacity=stream.max_batch_size,
+        cpu_threads=stream.cpu_threads,
+    )
+
+
 def serve(
     *,
     stream: StreamConfig,
@@ -48,19 +75,10 @@ def serve(
     """Run until `stop` is set; 0 when every consumed record was committed on the way out,
     1 when some were not (they are re-delivered to the next worker: nothing is lost)."""
     registry = registry if registry is not None else CollectorRegistry()
-    if stream.cpu_threads and detector.device.type == "cpu":
-        torch.set_num_threads(stream.cpu_threads)
-    if stream.gil_switch_interval_ms:
-        sys.setswitchinterval(stream.gil_switch_interval_ms / 1000.0)
+    tune_interpreter(stream, detector=detector)
     metrics = build_metrics(detector=detector, registry=registry)
     # Started before the Kafka clients: the scoring process loads the model meanwhile.
-    scorer = BatchScorer(
-        detector=detector,
-        metrics=metrics,
-        cpu_scoring=stream.cpu_scoring,
-        capacity=stream.max_batch_size,
-        cpu_threads=stream.cpu_threads,
-    )
+    scorer = build_scorer(stream, detector=detector, metrics=metrics)
     state = WorkerState(model_loaded=scorer.ready)
 
     # Evaluated on every scrape, so the gauge follows the worker without a /readyz probe.

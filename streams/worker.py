@@ -1,6 +1,6 @@
 """The worker loop: poll, decode, score, publish, commit, with at-least-once delivery.
 
-Up to two batches are being scored (in a child process on the CPU, on the CUDA stream on a
+Up to two full batches are being scored (in a child process on the CPU, on the CUDA stream on a
 GPU) while the next is being collected. Published batches wait in a queue until the broker has
 acknowledged every one of their sends; only then are their offsets committed, in order. A failed
 send rewinds the consumer to the oldest unacknowledged offset, so the records are scored again,
@@ -169,10 +169,10 @@ class Worker:
                     self._publish_oldest()
                 full = self._start_batch() == self._config.max_batch_size
                 if not full or not self._scorer.overlaps:
-                    # A batch cut by its deadline means the worker has caught up: overlapping
-                    # the next poll gains nothing, and publishing as soon as the scores are in
-                    # (a few ms) saves the alerts a poll's wait. Full batches (a backlog) and
-                    # inline scoring keep to the order above.
+                    # Inline scoring is done already. A batch cut by its deadline means the
+                    # worker has caught up: overlapping the next poll gains nothing, and
+                    # publishing as soon as the scores are in (a few ms) spares the alerts a
+                    # poll's wait. Only full batches (a backlog) overlap the next poll.
                     self._publish_all()
         return self._drain()
 
@@ -241,7 +241,11 @@ class Worker:
                 errors={i: (DECODE_ERROR, str(exc)[:200]) for i in range(len(records))},
             )
         self._metrics.batch_size.observe(len(records))
-        scoring = self._scorer.submit(decoded.images) if decoded.n_valid else None
+        scoring = (
+            self._scorer.submit(decoded.images, caught_up=len(records) < size)
+            if decoded.n_valid
+            else None
+        )
         self._inflight.append(_InFlight(records=records, decoded=decoded, scoring=scoring))
         return len(records)
 

@@ -130,3 +130,29 @@ def test_config_yaml_names_and_documents_every_stream_and_metrics_key() -> None:
     tree = yaml.safe_load(Path("config.yaml").read_text())
     assert set(tree["stream"]) == set(StreamConfig.model_fields)
     assert set(tree["metrics"]) == set(MetricsConfig.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("cpu_scoring", "expected_s"), [("process", 0.005), ("inline", 0.001), ("thread", 0.001)]
+)
+def test_the_short_gil_switch_interval_applies_only_where_torch_scores_in_the_worker(
+    cpu_scoring: str, expected_s: float
+) -> None:
+    import sys
+
+    import torch
+
+    from detector import VAE, Calibration, Detector, ModelConfig
+    from streams.serve import tune_interpreter
+
+    calibration = Calibration(threshold=1.0, target_fpr=0.01, method="conformal", scores=np.ones(3))
+    detector = Detector(VAE(ModelConfig(kind="mlp")), calibration, version="x", device="cpu")
+    before_s, before_threads = sys.getswitchinterval(), torch.get_num_threads()
+    try:
+        sys.setswitchinterval(0.005)
+        tune_interpreter(StreamConfig(cpu_scoring=cpu_scoring), detector=detector)
+        assert sys.getswitchinterval() == pytest.approx(expected_s)
+        assert torch.get_num_threads() == 1
+    finally:
+        sys.setswitchinterval(before_s)
+        torch.set_num_threads(before_threads)

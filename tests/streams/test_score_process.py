@@ -92,3 +92,15 @@ def test_a_batch_larger_than_a_slot_is_refused(detector) -> None:
     finally:
         process.close()
     assert not process.alive()
+
+
+def test_a_caught_up_batch_is_scored_in_the_worker_without_the_process(
+    scorer, detector, fashion_mnist
+) -> None:
+    batch_scorer, _ = scorer
+    images = fashion_mnist.test.images[:50]
+    slot_before = batch_scorer.process._next_slot
+    scoring = batch_scorer.submit(images, caught_up=True)
+    assert scoring.done()  # scored already, here
+    assert batch_scorer.process._next_slot == slot_before  # nothing handed to the child
+    np.testing.assert_allclose(scoring.result().scores, detector.score(images).scores, rtol=1e-6)
