@@ -300,7 +300,7 @@ def main() -> None:
         "worker_scored_per_s": round(result["scored_per_s"]),
         "worker_acked_per_s": round(result["acked_per_s"]),
         "ratio_to_plain_consume": round(result["acked_per_s"] / plain, 3),
-        "scoring_thread_busy_share": round(result["inference_s"] / result["wall_s"], 3),
+        "scorer_busy_share": round(result["inference_s"] / result["wall_s"], 3),
         "batches": int(result["batches"]),
         "scoring_s": round(result["inference_s"], 3),
         "worker_wall_s": round(result["wall_s"], 3),

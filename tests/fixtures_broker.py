@@ -113,39 +113,41 @@ def fresh_topics(kafka_broker: EmbeddedBroker) -> StreamTopics:
     return make_topics(kafka_broker)
 
 
-def wait_ready(url: str, *, timeout_s: float = 30.0, process: subprocess.Popen | None = None):
-    """Poll `url`/readyz until it answers 200; returns its JSON body."""
+def _wait_for(
+    url: str, *, timeout_s: float, process: subprocess.Popen | None, before: str
+) -> tuple[bytes | None, str]:
+    """Poll `url` until it answers 200: (body, "") then, or (None, the last error) at the
+    deadline. Raises if `process` exits first."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"worker exited with code {process.returncode} before ready")
+            raise RuntimeError(f"worker exited with code {process.returncode} before {before}")
         try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as response:
-                return json.loads(response.read())
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return response.read(), ""
         except urllib.error.HTTPError as exc:
             last = exc.read().decode()
         except OSError as exc:
             last = str(exc)
         time.sleep(0.1)
-    raise TimeoutError(f"worker not ready after {timeout_s} s: {last}")
+    return None, last
+
+
+def wait_ready(url: str, *, timeout_s: float = 30.0, process: subprocess.Popen | None = None):
+    """Poll `url`/readyz until it answers 200; returns its JSON body."""
+    body, last = _wait_for(f"{url}/readyz", timeout_s=timeout_s, process=process, before="ready")
+    if body is None:
+        raise TimeoutError(f"worker not ready after {timeout_s} s: {last}")
+    return json.loads(body)
 
 
 def wait_alive(url: str, *, timeout_s: float = 60.0, process: subprocess.Popen | None = None):
     """Poll `url`/healthz until the worker's HTTP server answers 200 (it starts after the model
     is loaded, which takes seconds in a cold process)."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"worker exited with code {process.returncode} before serving")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1):
-                return
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.1)
-    raise TimeoutError(f"worker not serving /healthz after {timeout_s} s: {last}")
+    body, last = _wait_for(f"{url}/healthz", timeout_s=timeout_s, process=process, before="serving")
+    if body is None:
+        raise TimeoutError(f"worker not serving /healthz after {timeout_s} s: {last}")
 
 
 @dataclass
