@@ -37,7 +37,11 @@ class TrainConfig(BaseModel):
     device: str = "auto"
     seed: int = 0
     amp: bool = True
-    progress: bool = True
+    progress: bool | Literal["auto"] = Field(
+        "auto",
+        description="Progress bar with the loss during each epoch: auto (only when stderr is a "
+        "terminal; logs get one line per epoch), true (always) or false (never).",
+    )
 
 
 class CalibrationConfig(BaseModel):

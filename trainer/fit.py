@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -90,7 +91,7 @@ def _train_epoch(
         optimizer.step()
         total += loss.detach() * len(x)
         bar.update()
-        if train.progress and (b % 20 == 0 or b == bar.total - 1):
+        if not bar.disable and (b % 20 == 0 or b == bar.total - 1):
             # .item() waits for the device; every 20 batches is enough to watch the loss.
             bar.set_postfix(loss=f"{loss.item():.1f}")
     return float(total.item())
@@ -114,7 +115,7 @@ def fit_vae(
     shuffle = torch.Generator(device="cpu").manual_seed(train.seed)
     model = VAE(model_config).to(device)
     # The fused kernel updates all parameters in one pass instead of a dozen elementwise ops per
-    # tensor: about 30% more images/s for the MLP at batch 128 on the CPU (measured).
+    # tensor: markedly faster on the CPU (BENCHMARKS.md, "Training throughput").
     optimizer = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad],
         lr=train.lr,
@@ -127,6 +128,9 @@ def fit_vae(
     n = len(x_train)
     batches = max(1, -(-n // train.batch_size))
     result = FitResult(model=model)
+    # A bar only on a terminal: in a log file or CI output its carriage returns become one long
+    # line; the per-epoch log line below says the same once per epoch.
+    show_progress = train.progress is True or (train.progress == "auto" and sys.stderr.isatty())
     best_val, best_state, stale = float("inf"), None, 0
     log.info(
         "training %s VAE (%s) on %d images, validating on %d, device %s%s",
@@ -144,7 +148,7 @@ def fit_vae(
         bar = tqdm(
             total=batches,
             desc=f"epoch {epoch}/{train.epochs}",
-            disable=not train.progress,
+            disable=not show_progress,
             leave=False,
             unit="batch",
         )

@@ -1,4 +1,4 @@
-"""`vaewatch` console command: global options, then one subcommand per job.
+"""`vaewatch` console command: one subcommand per job; settings options before or after it.
 
 Each command module registers its subcommands with `register(subparsers)`; a subcommand's
 handler takes (args, settings) and returns an exit code. Errors a user can fix (config, data,
@@ -12,12 +12,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from detector.bundle import BundleError
 from vaewatch import stream_commands, train_commands
 from vaewatch.config import ConfigError, load_settings
 
 DEFAULT_CONFIG = Path("config.yaml")
+_OVERRIDES_AFTER = "overrides_after_command"
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     BundleError,
@@ -26,36 +28,82 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vaewatch", description="VAE anomaly detection for streams of 28x28 images."
-    )
-    parser.add_argument(
+class _SubcommandsAction(argparse._SubParsersAction):
+    """Gives every subcommand the global options, so they work after it too.
+
+    `vaewatch train --set k=v` and `vaewatch --set k=v train` mean the same. A subcommand's own
+    copies default to SUPPRESS, so a subcommand that does not repeat an option leaves the global
+    value alone; its --set values go to a separate list that `parse_args` appends after the
+    global ones (later --set wins, as within one list).
+    """
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs["parents"] = [*kwargs.get("parents", ()), _global_options(after_command=True)]
+        parser = super().add_parser(name, **kwargs)
+        parser.register("action", "parsers", _SubcommandsAction)  # nested subcommands too
+        return parser
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        # argparse parses a subcommand into a fresh namespace and copies it over this one: keep
+        # the --set values of the enclosing subcommand in front of the nested one's.
+        enclosing = getattr(namespace, _OVERRIDES_AFTER, [])
+        super().__call__(parser, namespace, values, option_string)
+        setattr(
+            namespace, _OVERRIDES_AFTER, [*enclosing, *getattr(namespace, _OVERRIDES_AFTER, [])]
+        )
+
+
+def _global_options(*, after_command: bool) -> argparse.ArgumentParser:
+    """--config, --set, --log-level: defined once, for the top-level parser and each subcommand."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("settings options (before or after the command)")
+    unset = argparse.SUPPRESS if after_command else None
+    group.add_argument(
         "--config",
         type=Path,
-        default=None,
+        default=unset,
         help="settings file (default: ./config.yaml if present, else built-in defaults)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--set",
-        dest="overrides",
+        dest=_OVERRIDES_AFTER if after_command else "overrides",
         action="append",
-        default=[],
+        default=unset if after_command else [],
         metavar="SECTION.KEY=VALUE",
-        help="override one setting; VALUE is YAML (repeatable)",
+        help="override one setting; VALUE is YAML (repeatable; the last one wins)",
     )
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    group.add_argument(
+        "--log-level",
+        default=unset if after_command else "INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO)",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaewatch",
+        description="VAE anomaly detection for streams of 28x28 images.",
+        parents=[_global_options(after_command=False)],
+    )
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", action=_SubcommandsAction
+    )
     train_commands.register(subparsers)
     stream_commands.register(subparsers)
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; `overrides` holds every --set in command-line order."""
+    args = build_parser().parse_args(argv)
+    args.overrides = [*args.overrides, *vars(args).pop(_OVERRIDES_AFTER, [])]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
