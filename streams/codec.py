@@ -3,10 +3,16 @@ record that cannot be used.
 
 raw:  the value is exactly 784 bytes, uint8, row-major 28x28.
 json: an object with `pixels` (784 numbers, integers 0..255) or `b64` (base64 of the 784 bytes),
-      and optionally `id` (a string or number that is copied into alerts).
+      and optionally `id` (a string or finite number that is copied into alerts, at most
+      MAX_ID_BYTES as JSON text). Duplicate keys, booleans as pixels and nesting deeper than
+      Python's recursion limit are rejected, each record on its own.
+
+With `keys`, a record whose Kafka key is longer than MAX_KEY_BYTES is rejected too: ids and keys
+are copied into every alert, and must not push it past the producer's request size.
 
 The raw path is whole-array work: lengths via map(len), one join, one frombuffer. JSON has to be
 parsed record by record; the pixel checks after parsing are done on the whole batch at once.
+Every record ends valid or with a (reason, detail): nothing in a record can make the batch raise.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import compress
@@ -32,6 +40,8 @@ BAD_BASE64 = "bad_base64"
 NOT_FINITE = "not_finite"
 OUT_OF_RANGE = "out_of_range"
 NOT_INTEGER = "not_integer"
+BAD_ID = "bad_id"
+BAD_KEY = "bad_key"
 DECODE_ERROR = "decode_error"  # the decoder itself failed on the batch (a bug)
 SCORING_ERROR = "scoring_error"  # the detector raised on the batch
 REASONS = (
@@ -43,8 +53,17 @@ REASONS = (
     NOT_FINITE,
     OUT_OF_RANGE,
     NOT_INTEGER,
+    BAD_ID,
+    BAD_KEY,
 )
 DEAD_LETTER_REASONS = (*REASONS, DECODE_ERROR, SCORING_ERROR)
+
+# Bounds on what a record copies into its alert: a UUID-like id is ~40 bytes, a Kafka key rarely
+# more than a few hundred. Far below the producer's 1 MiB request size, whatever the headers.
+MAX_ID_BYTES = 1024
+MAX_KEY_BYTES = 4096
+_DETAIL_CHARS = 200
+_NUMBER_TYPES = frozenset((int, float))
 
 
 @dataclass
@@ -88,28 +107,76 @@ def decode_raw(values: Sequence[bytes | None]) -> DecodedBatch:
     return DecodedBatch(images=images, valid=valid, errors=errors)
 
 
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """object_pairs_hook: `{"pixels": A, "pixels": B}` is ambiguous; json would keep B."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        counts = Counter(key for key, _ in pairs)
+        raise _DuplicateKeyError(next(key for key, n in counts.items() if n > 1))
+    return obj
+
+
+def _check_id(record_id: Any) -> str | None:
+    """None when the id can be copied into an alert as JSON, else why not."""
+    if record_id is None:
+        return None
+    if isinstance(record_id, bool) or not isinstance(record_id, str | int | float):
+        return f"id must be a string or a number, got {type(record_id).__name__}"
+    if isinstance(record_id, float) and not math.isfinite(record_id):
+        return f"id must be finite, got {record_id!r}"
+    # A long int's bit length is known without converting it to text.
+    if isinstance(record_id, int) and record_id.bit_length() > 4 * MAX_ID_BYTES:
+        return f"id is over {MAX_ID_BYTES} bytes as JSON"
+    if len(json.dumps(record_id)) > MAX_ID_BYTES:
+        return f"id is over {MAX_ID_BYTES} bytes as JSON"
+    if isinstance(record_id, str):
+        try:
+            record_id.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (\ud800): not text other parsers accept
+            return "id is not valid Unicode (lone surrogate)"
+    return None
+
+
 def _parse_json(value: bytes | None) -> tuple[Any, Any, str | None, str]:
     """-> (pixels list or 784 bytes, id, reason, detail) for one JSON record."""
     if value is None:
         return None, None, NULL_VALUE, "record has no value"
     try:
-        obj = json.loads(value)
+        obj = json.loads(value, object_pairs_hook=_unique_keys)
+    except _DuplicateKeyError as exc:
+        return None, None, BAD_SCHEMA, f"duplicate key {str(exc)[:_DETAIL_CHARS]!r}"
+    except RecursionError:
+        return None, None, BAD_JSON, "nested too deeply"
     except (ValueError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
-        return None, None, BAD_JSON, str(exc)[:200]
+        return None, None, BAD_JSON, str(exc)[:_DETAIL_CHARS]
     if not isinstance(obj, dict):
         return None, None, BAD_SCHEMA, f"expected a JSON object, got {type(obj).__name__}"
     record_id = obj.get("id")
+    id_problem = _check_id(record_id)
+    if id_problem is not None:
+        return None, None, BAD_ID, id_problem
     pixels = obj.get("pixels")
     if isinstance(pixels, list):
         if len(pixels) != IMAGE_PIXELS:
             return None, None, WRONG_LENGTH, f"{len(pixels)} pixels, expected {IMAGE_PIXELS}"
+        # numpy would take true/false as 1/0, and make one string of a million characters
+        # into a batch array of that width: only ints and floats go on.
+        kinds = set(map(type, pixels))
+        if not kinds <= _NUMBER_TYPES:
+            if bool in kinds:
+                return None, None, BAD_SCHEMA, "pixels must be numbers, not true/false"
+            return None, None, BAD_SCHEMA, "pixels must be numbers"
         return pixels, record_id, None, ""
     encoded = obj.get("b64")
     if isinstance(encoded, str):
         try:
             raw = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError) as exc:
-            return None, None, BAD_BASE64, str(exc)[:200]
+            return None, None, BAD_BASE64, str(exc)[:_DETAIL_CHARS]
         if len(raw) != IMAGE_PIXELS:
             return None, None, WRONG_LENGTH, f"{len(raw)} bytes in b64, expected {IMAGE_PIXELS}"
         return raw, record_id, None, ""
@@ -159,6 +226,9 @@ def _pixel_lists_to_rows(lists: list[list[Any]]) -> list[tuple[np.ndarray | None
         if row.ndim != 1:
             out.append((None, (BAD_SCHEMA, "pixels must be a flat list of numbers")))
             continue
+        if row.dtype == object and all(type(v) is int for v in pixels):
+            out.append((None, (OUT_OF_RANGE, "pixels must lie in 0..255")))  # beyond int64
+            continue
         check = _check_pixel_rows(row.reshape(1, -1))[0]
         out.append((row if check is None else None, check))
     return out
@@ -173,7 +243,11 @@ def decode_json(values: Sequence[bytes | None]) -> DecodedBatch:
     byte_rows: dict[int, bytes] = {}
     ids: dict[int, Any] = {}
     for i, value in enumerate(values):
-        pixels, record_id, reason, detail = _parse_json(value)
+        try:
+            pixels, record_id, reason, detail = _parse_json(value)
+        except Exception as exc:  # a decoder bug: dead-letter this record, not the batch
+            pixels, record_id = None, None
+            reason, detail = DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:_DETAIL_CHARS]
         if reason is not None:
             errors[i] = (reason, detail)
             continue
@@ -203,15 +277,47 @@ def decode_json(values: Sequence[bytes | None]) -> DecodedBatch:
     )
 
 
-def decode_batch(values: Sequence[bytes | None], *, codec: str) -> DecodedBatch:
-    """Decode a batch of record values; invalid records are reported, never raised."""
+def _reject_long_keys(decoded: DecodedBatch, keys: Sequence[bytes | None]) -> DecodedBatch:
+    """Move records whose key is over MAX_KEY_BYTES from the valid ones to the errors."""
+    too_long = np.fromiter(
+        (key is not None and len(key) > MAX_KEY_BYTES for key in keys), dtype=bool, count=len(keys)
+    )
+    if not too_long.any():
+        return decoded
+    rejected = too_long & decoded.valid
+    kept = ~rejected[decoded.valid]  # over the valid records, in order
+    errors = dict(decoded.errors)
+    for i in np.flatnonzero(rejected).tolist():
+        errors[i] = (BAD_KEY, f"record key is {len(keys[i])} bytes, at most {MAX_KEY_BYTES}")
+    return DecodedBatch(
+        images=decoded.images[kept],
+        valid=decoded.valid & ~rejected,
+        errors=errors,
+        ids=None if decoded.ids is None else list(compress(decoded.ids, kept)),
+    )
+
+
+def decode_batch(
+    values: Sequence[bytes | None],
+    *,
+    codec: str,
+    keys: Sequence[bytes | None] | None = None,
+) -> DecodedBatch:
+    """Decode a batch of record values (and check their keys, when given); invalid records are
+    reported, never raised."""
     if not values:
         return DecodedBatch(images=_empty_images(), valid=np.zeros(0, dtype=bool))
     if codec == "raw":
-        return decode_raw(values)
-    if codec == "json":
-        return decode_json(values)
-    raise ValueError(f"unknown codec {codec!r}")
+        decoded = decode_raw(values)
+    elif codec == "json":
+        decoded = decode_json(values)
+    else:
+        raise ValueError(f"unknown codec {codec!r}")
+    if keys is not None:
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} keys for {len(values)} values")
+        decoded = _reject_long_keys(decoded, keys)
+    return decoded
 
 
 def encode_images(images: np.ndarray, *, codec: str, ids: Sequence[Any] | None = None) -> list:

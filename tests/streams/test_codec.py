@@ -7,8 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from streams.codec import decode_batch, encode_images
+from streams.codec import MAX_ID_BYTES, REASONS, decode_batch, encode_images
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -87,3 +89,226 @@ def test_json_float_pixels_that_are_whole_numbers_are_accepted() -> None:
 def test_empty_batch() -> None:
     decoded = decode_batch([], codec="raw")
     assert decoded.images.shape == (0, 784) and decoded.valid.shape == (0,)
+
+
+# --- poison records (issue 9, finding 5): each one dead-lettered on its own, with a reason -------
+
+
+def _json(obj: object) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def _good(i: int = 0) -> bytes:
+    return json.dumps({"b64": base64.b64encode(_images(1, seed=i)[0].tobytes()).decode()}).encode()
+
+
+def _reasons(values: list, **kwargs) -> dict[int, str]:
+    decoded = decode_batch(values, codec="json", **kwargs)
+    assert decoded.n_valid == int(decoded.valid.sum())
+    assert set(decoded.errors) == set(np.flatnonzero(~decoded.valid).tolist())
+    return {i: reason for i, (reason, _) in decoded.errors.items()}
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"id": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_000 + b', "b64": ""}',
+    ],
+)
+def test_deep_nesting_is_one_bad_record_not_a_failed_batch(poison: bytes) -> None:
+    decoded = decode_batch([_good(1), poison, _good(2)], codec="json")
+    assert decoded.valid.tolist() == [True, False, True]
+    assert decoded.errors[1] == ("bad_json", "nested too deeply")
+
+
+def test_booleans_are_not_pixels() -> None:
+    pixels = [0] * 784
+    values = [
+        _json({"pixels": [True] * 784}),
+        _json({"pixels": [True, *pixels[1:]]}),
+        _json({"pixels": [*pixels[:-1], False]}),
+        _json({"pixels": pixels, "id": "true false"}),
+    ]
+    decoded = decode_batch(values, codec="json")
+    assert {i: r for i, (r, _) in decoded.errors.items()} == {
+        0: "bad_schema",
+        1: "bad_schema",
+        2: "bad_schema",
+    }
+    assert "true/false" in decoded.errors[1][1]
+    assert decoded.ids == ["true false"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"b64": "", "id": NaN}',
+        b'{"b64": "", "id": Infinity}',
+        b'{"b64": "", "id": -Infinity}',
+        b'{"b64": "", "id": 1e400}',
+        b'{"b64": "", "id": true}',
+        b'{"b64": "", "id": [1]}',
+        b'{"b64": "", "id": {"a": 1}}',
+        b'{"b64": "", "id": "\\ud800"}',
+        ('{"b64": "", "id": "' + "x" * 2000 + '"}').encode(),
+        ('{"b64": "", "id": "' + "\u00e9" * 300 + '"}').encode(),  # 6 bytes each as JSON
+        ('{"b64": "", "id": ' + "9" * 1100 + "}").encode(),
+        ('{"b64": "", "id": ' + "9" * 4000 + "}").encode(),
+    ],
+)
+def test_an_id_that_cannot_go_into_an_alert_is_a_dead_letter(value: bytes) -> None:
+    value = value.replace(
+        b'"b64": ""', f'"b64": "{base64.b64encode(bytes(784)).decode()}"'.encode()
+    )
+    decoded = decode_batch([value, _good()], codec="json")
+    assert decoded.valid.tolist() == [False, True]
+    assert decoded.errors[0][0] == "bad_id" and decoded.errors[0][1]
+
+
+def test_ids_that_fit_are_kept_and_are_valid_json() -> None:
+    b64 = base64.b64encode(bytes(784)).decode()
+    ids = ["x" * (MAX_ID_BYTES - 2), -(10**300), 1.5e300, "日本", "", 0]
+    decoded = decode_batch([_json({"b64": b64, "id": i}) for i in ids], codec="json")
+    assert decoded.valid.all()
+    assert decoded.ids == ids
+    for record_id in decoded.ids:
+        json.dumps(record_id, allow_nan=False)
+
+
+def test_duplicate_keys_are_ambiguous() -> None:
+    zeros, ones = [0] * 784, [1] * 784
+    value = b'{"pixels": %s, "pixels": %s}' % (_json(zeros), _json(ones))
+    decoded = decode_batch([value, _good()], codec="json")
+    assert decoded.errors[0] == ("bad_schema", "duplicate key 'pixels'")
+    assert decoded.valid.tolist() == [False, True]
+
+
+def test_numbers_beyond_every_type_are_out_of_range() -> None:
+    zeros = [0] * 783
+    values = [
+        _json({"pixels": [10**30, *zeros]}),
+        _json({"pixels": [2**63, *zeros]}),
+        _json({"pixels": [-(2**70), *zeros]}),
+        ('{"pixels": [1e400, ' + ",".join(["0"] * 783) + "]}").encode(),
+        _json({"pixels": [-0.0, *zeros]}),
+        _json({"pixels": [255.0, *zeros]}),
+    ]
+    assert _reasons(values) == {
+        0: "out_of_range",
+        1: "out_of_range",
+        2: "out_of_range",
+        3: "not_finite",
+    }
+
+
+def test_a_huge_string_among_the_pixels_is_rejected_without_a_huge_array() -> None:
+    value = _json({"pixels": ["x" * 1_000_000, *[0] * 783]})
+    # numpy would widen all 100 x 784 cells to a million characters (300+ GB) in one batch array.
+    assert _reasons([value] + [_json({"pixels": [0] * 784})] * 99) == {0: "bad_schema"}
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"", "bad_json"),
+        (b"\xef\xbb\xbf{}", "bad_schema"),  # json reads past a UTF-8 byte order mark
+        (b"\xff\xfe", "bad_json"),
+        (b"null", "bad_schema"),
+        (b"1", "bad_schema"),
+        (b'{"pixels": null}', "bad_schema"),
+        (b'{"pixels": [[0]]}', "wrong_length"),
+        (b'{"b64": 5}', "bad_schema"),
+        ('{"b64": "\u00e9"}'.encode(), "bad_base64"),
+        (_json({"pixels": [[0]] * 784}), "bad_schema"),
+        (_json({"pixels": [None] * 784}), "bad_schema"),
+        (_json({"pixels": [{}] * 784}), "bad_schema"),
+    ],
+)
+def test_odd_values_each_get_their_reason(value: bytes, reason: str) -> None:
+    assert _reasons([_good(), value]) == {1: reason}
+
+
+def test_keys_over_the_limit_are_dead_letters_and_ids_stay_aligned() -> None:
+    from streams.codec import MAX_KEY_BYTES
+
+    b64 = base64.b64encode(bytes(784)).decode()
+    values = [_json({"b64": b64, "id": i}) for i in range(4)]
+    keys = [b"k", b"x" * (MAX_KEY_BYTES + 1), None, b"x" * MAX_KEY_BYTES]
+    decoded = decode_batch(values, codec="json", keys=keys)
+    assert decoded.valid.tolist() == [True, False, True, True]
+    assert decoded.errors[1][0] == "bad_key" and str(MAX_KEY_BYTES + 1) in decoded.errors[1][1]
+    assert decoded.ids == [0, 2, 3] and decoded.images.shape == (3, 784)
+    raw = decode_batch([bytes(784), bytes(784)], codec="raw", keys=[b"x" * 10**6, b"k"])
+    assert raw.valid.tolist() == [False, True] and raw.images.shape == (1, 784)
+
+
+# --- property: whatever the bytes, decode_batch accounts for every record and never raises ------
+
+_json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=20),
+)
+_json_value = st.recursive(
+    _json_leaf,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+_pixel = st.one_of(
+    st.integers(0, 255),
+    st.integers(),
+    st.floats(),
+    st.booleans(),
+    st.sampled_from([None, "1", [1]]),
+)
+
+
+@st.composite
+def _record_value(draw: st.DrawFn) -> bytes | None:
+    kind = draw(st.sampled_from(["pixels", "near", "b64", "json", "bytes", "none", "deep"]))
+    obj: dict = {}
+    if draw(st.booleans()):
+        obj["id"] = draw(_json_value)
+    if kind == "pixels":
+        seed = draw(st.integers(0, 2**32 - 1))  # drawing 784 integers one by one is slow
+        obj["pixels"] = np.random.default_rng(seed).integers(0, 256, 784).tolist()
+    elif kind == "near":  # 784 pixels, one of them odd
+        pixels = [0] * 784
+        pixels[draw(st.integers(0, 783))] = draw(_pixel)
+        obj["pixels"] = pixels
+    elif kind == "b64":
+        obj["b64"] = base64.b64encode(draw(st.binary(min_size=780, max_size=790))).decode()
+    elif kind == "json":
+        return json.dumps(draw(_json_value)).encode()
+    elif kind == "bytes":
+        return draw(st.binary(max_size=50))
+    elif kind == "none":
+        return None
+    else:
+        depth = draw(st.sampled_from([10, 990, 5_000, 100_000]))
+        return b'{"x": ' + b"[" * depth + b"]" * depth + b"}"
+    return json.dumps(obj).encode()  # NaN and Infinity included, as Python writes them
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.lists(_record_value(), max_size=12), codec=st.sampled_from(["json", "raw"]))
+def test_decode_batch_never_raises_and_accounts_for_every_record(
+    values: list[bytes | None], codec: str
+) -> None:
+    decoded = decode_batch(values, codec=codec)
+    n = len(values)
+    assert decoded.valid.shape == (n,)
+    assert set(decoded.errors) == set(np.flatnonzero(~decoded.valid).tolist())
+    assert all(reason in REASONS and detail for reason, detail in decoded.errors.values())
+    assert decoded.images.shape == (int(decoded.valid.sum()), 784)
+    assert decoded.images.dtype == np.uint8
+    if codec == "json" and n:
+        assert len(decoded.ids) == decoded.n_valid
+        for record_id in decoded.ids:
+            assert len(json.dumps(record_id, allow_nan=False)) <= MAX_ID_BYTES
