@@ -17,14 +17,51 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["mlp", "conv"] = "conv"
-    latent_dim: int = Field(8, ge=1, le=1024)
-    mlp_hidden: tuple[int, ...] = Field((400, 400), min_length=1)
-    conv_channels: tuple[int, ...] = Field((32, 64), min_length=2, max_length=2)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    beta: float = Field(1.0, ge=0.0)
-    likelihood: Likelihood = "gaussian_learned"
-    sigma: float = Field(0.1, gt=0.0)
+    kind: Literal["mlp", "conv"] = Field(
+        "conv",
+        description="conv: 2 strided conv layers and 2 transposed-conv layers; mlp: fully "
+        "connected layers of widths mlp_hidden (the article's model is mlp with "
+        "400-400 and latent_dim 20).",
+    )
+    latent_dim: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Size of z. 8 and 16 score alike on one-class Fashion-MNIST, 32 lower "
+        "(BENCHMARKS.md, detection quality).",
+    )
+    mlp_hidden: tuple[int, ...] = Field(
+        (400, 400),
+        min_length=1,
+        description="Hidden widths of the mlp encoder (mirrored in the decoder).",
+    )
+    conv_channels: tuple[int, ...] = Field(
+        (32, 64),
+        min_length=2,
+        max_length=2,
+        description="Channels of the two conv layers (mirrored in the decoder).",
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout rate after each hidden layer while training (0 = none).",
+    )
+    beta: float = Field(
+        1.0, ge=0.0, description="Weight of the KL term in the loss and in the score (beta-VAE)."
+    )
+    likelihood: Likelihood = Field(
+        "gaussian_learned",
+        description="p(x|z): gaussian_learned (one learned noise sigma for all pixels), "
+        "gaussian_fixed (sigma below) or bernoulli (binary cross-entropy). Bernoulli "
+        "ranks dark, simple images as normal whatever their class (BENCHMARKS.md, "
+        "likelihood).",
+    )
+    sigma: float = Field(
+        0.1,
+        gt=0.0,
+        description="Noise sigma of gaussian_fixed; the starting value of gaussian_learned.",
+    )
 
 
 class DetectorSettings(BaseModel):
@@ -32,5 +69,11 @@ class DetectorSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    device: str = "auto"
-    max_batch_size: int = Field(8192, ge=1)
+    device: str = Field(
+        "auto",
+        description="Device for scoring (vaewatch score, evaluate, the worker): auto = CUDA when "
+        "present, else the CPU; or cpu, cuda, cuda:1, ...",
+    )
+    max_batch_size: int = Field(
+        8192, ge=1, description="Largest batch sent to the device at once; larger inputs are split."
+    )

@@ -10,75 +10,216 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 class StreamConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    input_topic: str = "images"
-    alert_topic: str = "alerts"
-    scores_topic: str = ""
-    # record: one scores message per input record (the contract); batch: one message per input
-    # partition and batch, holding the same objects as JSON Lines (far fewer producer sends).
-    scores_format: Literal["record", "batch"] = "record"
-    dlq_topic: str = "images.dlq"
-    group_id: str = "vaewatch"
-    client_id: str = "vaewatch-worker"
-    codec: Literal["raw", "json"] = "raw"
-    max_batch_size: int = Field(1024, ge=1)
-    max_batch_delay_ms: int = Field(10, ge=0)
-    # How the CPU scores while the next batch is polled: in a child process (own GIL, so torch
-    # and kafka-python's threads run at once on two cores; batches cut by their deadline are
-    # scored in the worker itself, at once), in a thread of the worker (they take turns with
-    # the GIL), or inline (no overlap). Ignored on CUDA, which is asynchronous.
-    cpu_scoring: Literal["process", "thread", "inline"] = "process"
-    # Threads torch may use to score on the CPU (0 = torch's default, one per core). One: the
-    # worker's own process needs the other core to consume and publish; OpenMP threads also
-    # spin between small batches. Scale out with partitions and workers instead.
-    cpu_threads: int = Field(1, ge=0)
-    # The worker process's GIL switch interval (sys.setswitchinterval), ms, where torch runs in
-    # that process (cpu_scoring thread or inline, CUDA); 0 keeps Python's 5. Every torch op
-    # releases the GIL and must take it back from kafka-python's I/O thread; with 5 ms that
-    # wait slows scoring by up to half (BENCHMARKS.md). Not applied with a scoring process.
-    gil_switch_interval_ms: float = Field(1.0, ge=0)
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    # Group timeouts. The defaults make a group join take ~4 s instead of ~20 s; a worker polls
-    # every few milliseconds, so max_poll_interval_ms only has to cover the slowest batch.
-    session_timeout_ms: int = Field(6000, ge=1000)
-    heartbeat_interval_ms: int = Field(1000, ge=100)
-    max_poll_interval_ms: int = Field(10000, ge=1000)
-    request_timeout_ms: int = Field(30000, ge=1000)
-    # How long the broker may hold a fetch that finds no data. Tansu (the embedded broker)
-    # checks for new data only at half of the wait, then 3/4, ... so a record landing in an empty
-    # fetch waits up to half of this; real Kafka answers as soon as data arrives. Lower values
-    # cost more fetch round trips when idle (kafka-python: ~2.5 ms of CPU each).
-    fetch_max_wait_ms: int = Field(10, ge=0)
-    # Acknowledged offsets are committed at most this often (ms; 0 = after every batch). Each
-    # commit is a broker round trip costing kafka-python ~2 ms of CPU; a crash re-delivers at
-    # most this much more. Drain and rebalance commit at once regardless.
-    commit_interval_ms: int = Field(100, ge=0)
-    max_partition_fetch_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    # Producer (alerts, scores, dead letters): acks=all so an acknowledged send is durable.
-    acks: Literal["all", "1", "0"] = "all"
-    linger_ms: int = Field(2, ge=0)
-    producer_batch_bytes: int = Field(1024 * 1024, ge=1024)
-    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
-    delivery_timeout_ms: int = Field(120000, ge=1000)
-    # Reconnects to an unreachable broker back off exponentially up to this bound.
-    reconnect_backoff_max_ms: int = Field(5000, ge=50)
-    # How long one attempt to reach a bootstrap server may take before the worker backs off.
-    bootstrap_timeout_ms: int = Field(5000, ge=100)
-    # On SIGTERM/SIGINT: how long to wait for outstanding sends before giving up (uncommitted
-    # records are then re-delivered to the next worker: nothing is lost).
-    drain_timeout_s: float = Field(30.0, gt=0)
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    ssl_check_hostname: bool = True
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="Kafka brokers, comma-separated host:port."
+    )
+    input_topic: str = Field(
+        "images", description="Images to score (see stream.codec for the value format)."
+    )
+    alert_topic: str = Field(
+        "alerts",
+        description="One JSON object per anomaly, keyed topic/partition/offset "
+        "(docs/wire-contract.md).",
+    )
+    scores_topic: str = Field(
+        "",
+        description="Every scored record goes here too when set, with an anomaly flag "
+        "(empty = off).",
+    )
+    scores_format: Literal["record", "batch"] = Field(
+        "record",
+        description="record: one scores message per input record, keyed topic/partition/offset, "
+        "input headers passed through (the contract). batch: one message per input "
+        "partition and batch, holding the same objects as JSON Lines, keyed "
+        "topic/partition/first-last, without per-record headers; far fewer producer "
+        "sends.",
+    )
+    dlq_topic: str = Field(
+        "images.dlq",
+        description="Records that cannot be decoded or validated go here unchanged, with the "
+        "reason in headers.",
+    )
+    group_id: str = Field(
+        "vaewatch",
+        description="Consumer group: workers with the same group share the input topic's "
+        "partitions.",
+    )
+    client_id: str = Field(
+        "vaewatch-worker",
+        description="Kafka client id of the worker's consumer and producer (shows up in broker "
+        "logs and quotas).",
+    )
+    codec: Literal["raw", "json"] = Field(
+        "raw",
+        description="raw: the value is 784 bytes (uint8, row-major 28x28); json: an object "
+        'with "pixels" (784 ints) or "b64" (base64 of the 784 bytes), optional "id".',
+    )
+    max_batch_size: int = Field(
+        1024,
+        ge=1,
+        description="A batch is scored when it holds this many records or its first record has "
+        "waited max_batch_delay_ms, whichever comes first.",
+    )
+    max_batch_delay_ms: int = Field(
+        10,
+        ge=0,
+        description="Longest wait of a batch's first record before the batch is scored, ms (0 = "
+        "score whatever one poll returned).",
+    )
+    cpu_scoring: Literal["process", "thread", "inline"] = Field(
+        "process",
+        description="How the CPU scores while the worker polls the next batch: process (a child "
+        "process with its own GIL, so torch and kafka-python's threads run at once on "
+        "two cores; batches cut by their deadline are scored in the worker itself, at "
+        "once), thread (a thread of the worker; they take turns with the GIL) or "
+        "inline (no overlap). Ignored on CUDA, which is asynchronous.",
+    )
+    cpu_threads: int = Field(
+        1,
+        ge=0,
+        description="Threads torch may use to score on the CPU (0 = torch's default, one per "
+        "core). One leaves the other core to the worker's own process to consume and "
+        "publish, and OpenMP threads spin between small batches; scale out with "
+        "partitions and workers instead (BENCHMARKS.md).",
+    )
+    gil_switch_interval_ms: float = Field(
+        1.0,
+        ge=0,
+        description="The worker process's GIL switch interval (sys.setswitchinterval), ms, where "
+        "torch runs in that process (cpu_scoring thread or inline, CUDA); 0 keeps "
+        "Python's 5. Every torch op releases the GIL and must take it back from "
+        "kafka-python's I/O thread; a short interval bounds that wait (BENCHMARKS.md). "
+        "Not applied with a scoring process.",
+    )
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest",
+        description="Where a group without committed offsets starts: earliest (replay the topic) "
+        "or latest.",
+    )
+    session_timeout_ms: int = Field(
+        6000,
+        ge=1000,
+        description="Consumer group session timeout, ms. With the group defaults a group join "
+        "takes seconds instead of about 20 s.",
+    )
+    heartbeat_interval_ms: int = Field(
+        1000, ge=100, description="Consumer group heartbeat interval, ms."
+    )
+    max_poll_interval_ms: int = Field(
+        10000,
+        ge=1000,
+        description="Longest time between two polls before the worker leaves its group, ms; the "
+        "worker polls every few milliseconds, so this only has to cover the slowest "
+        "batch.",
+    )
+    request_timeout_ms: int = Field(
+        30000, ge=1000, description="How long a broker request may take before it is retried, ms."
+    )
+    fetch_max_wait_ms: int = Field(
+        10,
+        ge=0,
+        description="How long the broker may hold a fetch that finds no data, ms. The embedded "
+        "broker (Tansu) notices new data only at half of this wait, so a record can "
+        "wait up to half of it; real Kafka answers when data arrives, so raise it "
+        "there (e.g. 500) to save idle fetch round trips, each of which costs "
+        "kafka-python CPU (BENCHMARKS.md).",
+    )
+    commit_interval_ms: int = Field(
+        100,
+        ge=0,
+        description="Acknowledged offsets are committed at most this often, ms (0 = after every "
+        "batch). Each commit is a broker round trip that costs kafka-python CPU; a "
+        "crash re-delivers at most this much more. The SIGTERM drain and rebalances "
+        "commit at once.",
+    )
+    max_partition_fetch_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Bytes fetched per partition per request (4 MiB holds about 5,000 raw images).",
+    )
+    acks: Literal["all", "1", "0"] = Field(
+        "all",
+        description="Acknowledgement the producer of alerts, scores and dead letters waits for: "
+        "all (an acknowledged send is durable), 1 (the leader only) or 0 (none).",
+    )
+    linger_ms: int = Field(
+        2,
+        ge=0,
+        description="How long the producer waits to fill a request, ms; small keeps alert latency "
+        "low.",
+    )
+    producer_batch_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest producer request batch per partition, bytes."
+    )
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none",
+        description="Compression of produced messages: none, gzip, snappy, lz4 or zstd (the last "
+        "three need their Python packages).",
+    )
+    delivery_timeout_ms: int = Field(
+        120000,
+        ge=1000,
+        description="A send not acknowledged within this time fails, ms; the worker then "
+        "re-consumes its records.",
+    )
+    reconnect_backoff_max_ms: int = Field(
+        5000,
+        ge=50,
+        description="Reconnects to an unreachable broker back off exponentially up to this bound, "
+        "ms.",
+    )
+    bootstrap_timeout_ms: int = Field(
+        5000,
+        ge=100,
+        description="How long one attempt to reach a bootstrap server may take, ms; the worker "
+        "then backs off and retries, reporting not ready.",
+    )
+    drain_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM or SIGINT: seconds to wait for outstanding sends before exiting "
+        "(what is not acknowledged is not committed, so it is re-delivered to the next "
+        "worker: nothing is lost).",
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="Kafka security, passed through to kafka-python: PLAINTEXT, SSL, "
+        "SASL_PLAINTEXT or SASL_SSL.",
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL only)."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(
+        None,
+        description="SASL password; better set from the environment "
+        "(VAEWATCH_STREAM__SASL_PASSWORD); never shown in logs.",
+    )
+    ssl_cafile: str | None = Field(
+        None,
+        description="CA bundle (PEM file) that the broker's certificate is checked against (SSL).",
+    )
+    ssl_certfile: str | None = Field(
+        None, description="Client certificate (PEM file) for SSL client authentication."
+    )
+    ssl_keyfile: str | None = Field(None, description="Private key (PEM file) of ssl_certfile.")
+    ssl_check_hostname: bool = Field(
+        True, description="Check that the broker's certificate matches its host name."
+    )
 
 
 class MetricsConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    host: str = "0.0.0.0"
-    port: int = Field(9108, ge=0, le=65535)
+    host: str = Field(
+        "0.0.0.0",
+        description="Interface where the worker serves Prometheus metrics (/metrics), /healthz and "
+        "/readyz (0.0.0.0 = all interfaces, for containers; 127.0.0.1 keeps them "
+        "local).",
+    )
+    port: int = Field(
+        9108,
+        ge=0,
+        le=65535,
+        description="Port of the metrics endpoint (0 = a free one, logged at start).",
+    )

@@ -12,11 +12,32 @@ DATASET_FORMS = "fashion-mnist, mnist, idx:DIR or npz:FILE"
 class DataConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dataset: str = "fashion-mnist"
-    root: str = "data"
-    normal_classes: tuple[int, ...] = Field((0,), min_length=1)
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    download: bool = True
+    dataset: str = Field(
+        "fashion-mnist",
+        description="fashion-mnist (the torchvision root, else Debian's "
+        "/usr/share/datasets/fashion-mnist, else a download), mnist (the torchvision "
+        "root or a download), idx:DIR (MNIST-format IDX files) or npz:FILE (array x: "
+        "uint8 N x 28 x 28 or N x 784, optional y: labels).",
+    )
+    root: str = Field(
+        "data", description="torchvision dataset root: looked in first, and where downloads go."
+    )
+    normal_classes: tuple[int, ...] = Field(
+        (0,),
+        min_length=1,
+        description="Classes that are normal: training and calibration use only these; the others "
+        "are anomalies when evaluating.",
+    )
+    val_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Share of the normal training images held out for early stopping and threshold "
+        "calibration.",
+    )
+    download: bool = Field(
+        True, description="Allow torchvision to download a dataset that is not found locally."
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -29,14 +50,35 @@ class DataConfig(BaseModel):
 class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(1e-5, ge=0.0)
-    early_stopping_patience: int = Field(3, ge=0)
-    device: str = "auto"
-    seed: int = 0
-    amp: bool = True
+    epochs: int = Field(
+        15, ge=1, description="Most epochs to train (early stopping may end sooner)."
+    )
+    batch_size: int = Field(
+        128,
+        ge=1,
+        description="Images per optimisation step; larger batches train faster on a CPU "
+        "(BENCHMARKS.md, training throughput).",
+    )
+    lr: float = Field(1e-3, gt=0.0, description="Adam's learning rate.")
+    weight_decay: float = Field(1e-5, ge=0.0, description="Adam's L2 weight decay.")
+    early_stopping_patience: int = Field(
+        3,
+        ge=0,
+        description="Stop after this many epochs without a better validation loss (0 = never stop "
+        "early).",
+    )
+    device: str = Field(
+        "auto", description="auto = CUDA when present, else the CPU; or cpu, cuda, cuda:1, ..."
+    )
+    seed: int = Field(
+        0,
+        description="Seed of the initial weights, the shuffling and the validation split: the same "
+        "seed and data give the same model.",
+    )
+    amp: bool = Field(
+        True,
+        description="Mixed precision (bf16 autocast) when training on CUDA; ignored on the CPU.",
+    )
     progress: bool | Literal["auto"] = Field(
         "auto",
         description="Progress bar with the loss during each epoch: auto (only when stderr is a "
@@ -47,5 +89,15 @@ class TrainConfig(BaseModel):
 class CalibrationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    target_fpr: float = Field(0.01, gt=0.0, lt=1.0)
-    method: Literal["conformal", "f1"] = "conformal"
+    target_fpr: float = Field(
+        0.01,
+        gt=0.0,
+        lt=1.0,
+        description="The false-positive rate the threshold is set for on new normal images.",
+    )
+    method: Literal["conformal", "f1"] = Field(
+        "conformal",
+        description="conformal: split-conformal quantile of the held-out normal scores (FPR <= "
+        "target in expectation). f1: the F1-optimal threshold, which needs labelled "
+        "anomalies in the data.",
+    )

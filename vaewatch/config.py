@@ -29,13 +29,37 @@ class ConfigError(Exception):
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    detector: DetectorSettings = Field(default_factory=DetectorSettings)
-    stream: StreamConfig = Field(default_factory=StreamConfig)
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="Where the images come from and which classes are normal (vaewatch train, "
+        "evaluate, produce).",
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="Architecture and likelihood of the VAE that vaewatch train builds; saved in "
+        "the model bundle, which is what scoring uses.",
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="Optimisation of vaewatch train."
+    )
+    calibration: CalibrationConfig = Field(
+        default_factory=CalibrationConfig,
+        description="How vaewatch train sets the alert threshold on held-out normal images.",
+    )
+    detector: DetectorSettings = Field(
+        default_factory=DetectorSettings,
+        description="Where and in what batches a loaded model scores (vaewatch score, evaluate, "
+        "the worker).",
+    )
+    stream: StreamConfig = Field(
+        default_factory=StreamConfig,
+        description="The streaming worker (vaewatch worker, demo): Kafka topics and clients, "
+        "micro-batching, CPU scoring.",
+    )
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig,
+        description="The worker's HTTP endpoint for Prometheus metrics, /healthz and /readyz.",
+    )
 
 
 def _parse_value(key: str, text: str) -> Any:
