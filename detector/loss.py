@@ -37,7 +37,7 @@ def reconstruction_nll(
     if likelihood == "bernoulli":
         return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=1)
     # mse_loss: one fused pass for (x - m)^2, bit-identical to sub + pow, and the whole score
-    # of a batch runs 10-15% faster with it on the CPU.
+    # of a batch runs faster with it on the CPU (BENCHMARKS.md, "Choices made by measurement").
     squared = F.mse_loss(torch.sigmoid(logits), x, reduction="none").sum(dim=1)
     pixels = x.shape[1]
     return squared * torch.exp(-2.0 * log_sigma) / 2.0 + pixels * (log_sigma + _HALF_LOG_2PI)

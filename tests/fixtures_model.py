@@ -35,7 +35,7 @@ SMALL_BUNDLE_NORMAL_CLASS = 0
 def one_torch_thread() -> Iterator[None]:
     """Run torch on one thread for a while. Small models gain nothing from a second thread, and
     on a 2-core machine shared with a broker, a worker or another test run, two spinning OpenMP
-    threads made the small bundle's training 15x slower (11 s -> 174 s, measured)."""
+    threads made the small bundle's training many times slower."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

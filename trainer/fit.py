@@ -115,7 +115,7 @@ def fit_vae(
     shuffle = torch.Generator(device="cpu").manual_seed(train.seed)
     model = VAE(model_config).to(device)
     # The fused kernel updates all parameters in one pass instead of a dozen elementwise ops per
-    # tensor: markedly faster on the CPU (BENCHMARKS.md, "Training throughput").
+    # tensor: markedly faster on the CPU (BENCHMARKS.md, "Choices made by measurement").
     optimizer = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad],
         lr=train.lr,
