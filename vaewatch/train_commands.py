@@ -88,6 +88,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sample.set_defaults(run=run_sample)
 
+    recalibrate = subparsers.add_parser(
+        "recalibrate",
+        help="same weights, new threshold and calibration scores from fresh normal data",
+        description="Score fresh normal images with the bundle's model, set the conformal "
+        "threshold on them and write a new bundle (new version) to --out (docs/lifecycle.md).",
+    )
+    recalibrate.add_argument("--model", type=Path, required=True, help="bundle directory")
+    recalibrate.add_argument(
+        "--data",
+        required=True,
+        help="normal images: a file `score` reads (.npy/.npz/IDX/PNG folder), a data set "
+        "(fashion-mnist, mnist, idx:DIR, npz:FILE) or a topic range "
+        "kafka:TOPIC[:PARTITION[:START-END]] read with the stream settings",
+    )
+    recalibrate.add_argument("--out", type=Path, required=True, help="new bundle directory")
+    recalibrate.add_argument(
+        "--split",
+        choices=["train", "test"],
+        default="train",
+        help="split of a data set given to --data (default train)",
+    )
+    recalibrate.add_argument(
+        "--target-fpr",
+        type=float,
+        default=None,
+        help="false-positive rate to calibrate for (default: the bundle's own)",
+    )
+    recalibrate.set_defaults(run=run_recalibrate)
+
 
 def _detector(args: argparse.Namespace, settings: Settings) -> Detector:
     return Detector.from_bundle(
@@ -233,4 +262,54 @@ def run_sample(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as exc:
         raise CommandError(f"{args.out}: cannot write ({exc.strerror})") from None
     print(f"{args.n} samples written to {args.out}")
+    return 0
+
+
+def _recalibration_images(
+    args: argparse.Namespace, settings: Settings, normal_classes: tuple[int, ...]
+) -> tuple[np.ndarray, dict]:
+    """The images of --data and what to record about where they came from."""
+    if args.data.startswith("kafka:"):
+        from streams.topic_range import TopicRangeError, parse_topic_range, read_topic_range
+
+        try:
+            found = read_topic_range(parse_topic_range(args.data), config=settings.stream)
+        except TopicRangeError as exc:
+            raise CommandError(f"--data {exc}") from None
+        offsets = {str(p): list(b) for p, b in found.offsets.items()}
+        details = {"offsets": offsets, "n_invalid": found.n_invalid}
+        return found.images, details
+    from trainer.recalibrate import is_dataset_spec, read_calibration_images
+
+    images = read_calibration_images(
+        args.data, normal_classes=normal_classes, split=args.split, data=settings.data
+    )
+    return images, {"split": args.split} if is_dataset_spec(args.data) else {}
+
+
+def run_recalibrate(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer.recalibrate import recalibrate_bundle
+
+    if args.target_fpr is not None and not 0.0 < args.target_fpr < 1.0:
+        raise CommandError(f"--target-fpr must lie in (0, 1), got {args.target_fpr}")
+    old = load_bundle(args.model)
+    recorded = old.metadata.get("data") or {}
+    normal_classes = tuple(recorded.get("normal_classes") or settings.data.normal_classes)
+    images, details = _recalibration_images(args, settings, normal_classes)
+    bundle = recalibrate_bundle(
+        args.model,
+        images,
+        out=args.out,
+        source=args.data,
+        target_fpr=args.target_fpr,
+        device=settings.detector.device,
+        max_batch_size=settings.detector.max_batch_size,
+        source_details=details,
+    )
+    calibration = bundle.calibration
+    print(
+        f"model {bundle.version} written to {args.out}: weights of {old.version}, threshold "
+        f"{old.calibration.threshold:.4g} -> {calibration.threshold:.4g} "
+        f"(target FPR {calibration.target_fpr:g}, n={calibration.n} from {args.data})"
+    )
     return 0
