@@ -3,8 +3,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Real Fashion-MNIST (IDX files) and a real Prometheus + promtool for the deploy checks.
-APT_PACKAGES := dataset-fashion-mnist prometheus
+# Real Fashion-MNIST (IDX files) and a real Prometheus + promtool for the deploy checks;
+# chromium for the web console's browser test (Playwright drives it, headless).
+APT_PACKAGES := dataset-fashion-mnist prometheus chromium
 
 .PHONY: setup system-packages demo test lint bench
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.bundle import BundleError
-from vaewatch import stream_commands, train_commands
+from vaewatch import serve_commands, stream_commands, train_commands
 from vaewatch.config import ConfigError, load_settings
 
 DEFAULT_CONFIG = Path("config.yaml")
@@ -25,6 +25,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     BundleError,
     *train_commands.USER_ERRORS,
     *stream_commands.USER_ERRORS,
+    *serve_commands.USER_ERRORS,
 )
 
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_commands.register(subparsers)
     stream_commands.register(subparsers)
+    serve_commands.register(subparsers)
     return parser
 
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from detector.config import DetectorSettings, ModelConfig
+from serve.config import ServeConfig
 from streams.config import MetricsConfig, StreamConfig
 from trainer.config import CalibrationConfig, DataConfig, TrainConfig
 
@@ -59,6 +60,11 @@ class Settings(BaseModel):
     metrics: MetricsConfig = Field(
         default_factory=MetricsConfig,
         description="The worker's HTTP endpoint for Prometheus metrics, /healthz and /readyz.",
+    )
+    serve: ServeConfig = Field(
+        default_factory=ServeConfig,
+        description="The HTTP service vaewatch serve: where it listens, its limits, its "
+        "micro-batching.",
     )
 
 

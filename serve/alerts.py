@@ -1,0 +1,195 @@
+"""The console's live alert view: follow the alert topic, read each alert's image back from
+its source topic/partition/offset, explain it with the served model and hand the card to the
+hub, which fans it out to every open event stream (server-sent events).
+
+The only part of serve/ that knows Kafka; it reuses streams/ for settings, security options
+and record decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from streams.codec import decode_batch
+from streams.config import StreamConfig
+from streams.kafka_io import security_options
+
+logger = logging.getLogger(__name__)
+
+_SOURCE_READ_TIMEOUT_S = 5.0
+_SUBSCRIBER_BACKLOG = 100  # cards a slow viewer may fall behind before its oldest are skipped
+
+
+class AlertHub:
+    """Recent alert cards and the queues of the viewers following them (one event loop)."""
+
+    def __init__(self, *, recent: int) -> None:
+        self.recent: deque[dict[str, Any]] = deque(maxlen=max(recent, 1))
+        self._subscribers: set[asyncio.Queue] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def subscribe(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=_SUBSCRIBER_BACKLOG)
+        for card in self.recent:
+            queue.put_nowait(card)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._subscribers.discard(queue)
+
+    def _publish(self, card: dict[str, Any]) -> None:
+        self.recent.append(card)
+        for queue in self._subscribers:
+            if queue.full():
+                # A viewer that stopped reading: it loses its oldest card, the others nothing.
+                queue.get_nowait()
+                logger.warning("a live-alert viewer is %d cards behind", _SUBSCRIBER_BACKLOG)
+            queue.put_nowait(card)
+
+    def publish_threadsafe(self, card: dict[str, Any]) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._publish, card)
+
+
+def _consumer(stream: StreamConfig) -> KafkaConsumer:
+    """A consumer outside any group: the viewer reads, it never commits or takes partitions
+    from the workers."""
+    return KafkaConsumer(
+        bootstrap_servers=stream.bootstrap_servers.split(","),
+        client_id="vaewatch-serve",
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=100,
+        request_timeout_ms=stream.request_timeout_ms,
+        bootstrap_timeout_ms=stream.bootstrap_timeout_ms,
+        **security_options(stream),
+    )
+
+
+class AlertFollower:
+    """A daemon thread: alerts in, cards out. `explain(image 784 uint8) -> dict` adds the
+    served model's reconstruction and heatmap to a card."""
+
+    def __init__(
+        self,
+        *,
+        stream: StreamConfig,
+        hub: AlertHub,
+        explain: Callable[[np.ndarray], dict[str, Any]],
+        replay_recent: int,
+    ) -> None:
+        self.stream = stream
+        self.hub = hub
+        self.explain = explain
+        self.replay_recent = replay_recent
+        self.connected = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="alert-follower", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                self._follow()
+            except (KafkaError, OSError) as exc:
+                self.connected = False
+                logger.warning("live alerts: broker not reachable (%s); retrying", exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _assign_alert_topic(self, consumer: KafkaConsumer) -> None:
+        topic = self.stream.alert_topic
+        partitions = None
+        while partitions is None and not self._stop.is_set():
+            partitions = consumer.partitions_for_topic(topic)
+            if partitions is None:
+                self._stop.wait(0.5)
+        parts = [TopicPartition(topic, p) for p in sorted(partitions or ())]
+        consumer.assign(parts)
+        ends = consumer.end_offsets(parts)
+        starts = consumer.beginning_offsets(parts)
+        for tp in parts:
+            # Replay the last few alerts (shared out over the partitions) to a fresh console.
+            back = self.replay_recent // max(len(parts), 1)
+            consumer.seek(tp, max(starts[tp], ends[tp] - back))
+
+    def _follow(self) -> None:
+        alerts = _consumer(self.stream)
+        sources = _consumer(self.stream)
+        try:
+            self._assign_alert_topic(alerts)
+            self.connected = True
+            logger.info("live alerts: following %s", self.stream.alert_topic)
+            while not self._stop.is_set():
+                for batch in alerts.poll(timeout_ms=200).values():
+                    for record in batch:
+                        self._handle(record.value, sources)
+        finally:
+            alerts.close()
+            sources.close()
+
+    def _handle(self, value: bytes, sources: KafkaConsumer) -> None:
+        try:
+            alert = json.loads(value)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            logger.warning("live alerts: an alert that is not JSON was skipped")
+            return
+        if not isinstance(alert, dict):
+            return
+        card: dict[str, Any] = {
+            key: alert.get(key)
+            for key in (
+                "topic", "partition", "offset", "key", "id", "score", "p_value", "threshold",
+                "model_version", "timestamp_ms", "scored_at_ms",
+            )
+        }  # fmt: skip
+        image, problem = self._read_source(alert, sources)
+        if image is None:
+            card["image_error"] = problem
+        else:
+            card.update(self.explain(image))
+        self.hub.publish_threadsafe(card)
+
+    def _read_source(
+        self, alert: dict[str, Any], sources: KafkaConsumer
+    ) -> tuple[np.ndarray | None, str]:
+        try:
+            tp = TopicPartition(str(alert["topic"]), int(alert["partition"]))
+            offset = int(alert["offset"])
+        except (KeyError, TypeError, ValueError):
+            return None, "the alert names no topic, partition and offset"
+        sources.assign([tp])
+        sources.seek(tp, offset)
+        deadline = time.monotonic() + _SOURCE_READ_TIMEOUT_S
+        while time.monotonic() < deadline and not self._stop.is_set():
+            for record in sources.poll(timeout_ms=200, max_records=1).get(tp, []):
+                if record.offset != offset:
+                    return None, f"{tp.topic}/{tp.partition}/{offset} is gone (retention)"
+                decoded = decode_batch([record.value], codec=self.stream.codec)
+                if decoded.n_valid != 1:
+                    reason = next(iter(decoded.errors.values()), ("undecodable", ""))[0]
+                    return None, f"the source record does not decode ({reason})"
+                return decoded.images[0], ""
+        return None, f"{tp.topic}/{tp.partition}/{offset} could not be read back in time"
