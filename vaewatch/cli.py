@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from detector.bundle import BundleError
-from vaewatch import serve_commands, stream_commands, train_commands
+from vaewatch import config_command, serve_commands, stream_commands, train_commands
 from vaewatch.config import ConfigError, load_settings
+from vaewatch.secret_settings import mask_secrets_in_logs
 
 DEFAULT_CONFIG = Path("config.yaml")
 _OVERRIDES_AFTER = "overrides_after_command"
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_commands.register(subparsers)
     stream_commands.register(subparsers)
+    config_command.register(subparsers)
     serve_commands.register(subparsers)
     return parser
 
@@ -114,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_path = DEFAULT_CONFIG
     try:
         settings = load_settings(config_path, args.overrides)
+        mask_secrets_in_logs(settings)
         return int(args.run(args, settings) or 0)
     except USER_ERRORS as exc:
         print(f"vaewatch: error: {exc}", file=sys.stderr)

@@ -3,17 +3,21 @@
 Environment variables map onto keys as VAEWATCH_<SECTION>__<KEY> (for containers), e.g.
 VAEWATCH_STREAM__BOOTSTRAP_SERVERS=kafka:9092. Values of overrides and environment variables are
 YAML, so `--set "data.normal_classes=[3]"` gives a list and `--set train.amp=false` a bool.
+Secret settings (SecretStr fields, e.g. stream.sasl_password) are the exception: taken verbatim
+(`hunter2 #2024`, `null`, `123456` stay those characters) and never echoed in an error.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr, ValidationError
 
 from detector.config import DetectorSettings, ModelConfig
 from serve.config import ServeConfig
@@ -68,11 +72,24 @@ class Settings(BaseModel):
     )
 
 
+@functools.cache
+def secret_keys() -> frozenset[str]:
+    """'section.key' of every secret setting (SecretStr/SecretBytes, optional or not)."""
+    keys = set()
+    for section, section_field in Settings.model_fields.items():
+        for name, field in section_field.annotation.model_fields.items():  # type: ignore[union-attr]
+            kinds = typing.get_args(field.annotation) or (field.annotation,)
+            if any(kind in (SecretStr, SecretBytes) for kind in kinds):
+                keys.add(f"{section}.{name}")
+    return frozenset(keys)
+
+
 def _parse_value(key: str, text: str) -> Any:
+    """A YAML value; the text is not echoed in the error (it may be a mistyped secret's)."""
     try:
         return yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: value {text!r} is not valid YAML ({exc.problem})") from None
+        raise ConfigError(f"{key}: value is not valid YAML ({exc.problem})") from None
 
 
 def _apply(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
@@ -96,7 +113,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
-    return key.strip(), _parse_value(key.strip(), raw)
+    key = key.strip()
+    return key, raw if key in secret_keys() else _parse_value(key, raw)
 
 
 def _env_overrides(env: Mapping[str, str]) -> Iterable[tuple[str, Any]]:
@@ -104,7 +122,8 @@ def _env_overrides(env: Mapping[str, str]) -> Iterable[tuple[str, Any]]:
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
-        yield f"{section}.{key}", _parse_value(name, raw)
+        dotted = f"{section}.{key}"
+        yield dotted, raw if dotted in secret_keys() else _parse_value(name, raw)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -128,6 +147,8 @@ def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"unknown key {key!r}"
+    if key in secret_keys():
+        return f"{key}: {error['msg']} (value not shown: it is a secret; quote it in YAML files)"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 

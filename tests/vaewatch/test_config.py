@@ -84,3 +84,148 @@ def test_cli_bad_override_exits_2(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "train.batch_size" in err
+
+
+# --- secrets (issue 9, finding 6): verbatim from the environment, never echoed, always masked ----
+
+SECRET = "stream.sasl_password"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "hunter2 #2024",
+        "null",
+        "~",
+        "123456",
+        "@Secret!",
+        "",
+        " padded ",
+        "'quoted'",
+        "[1, 2",
+        "a: b",
+    ],
+)
+def test_secrets_from_the_environment_are_taken_verbatim(raw: str) -> None:
+    settings = load_settings(None, env={"VAEWATCH_STREAM__SASL_PASSWORD": raw})
+    assert settings.stream.sasl_password is not None
+    assert settings.stream.sasl_password.get_secret_value() == raw
+
+
+def test_secrets_from_set_are_taken_verbatim() -> None:
+    settings = load_settings(None, [f"{SECRET}=hunter2 #2024"], env={})
+    assert settings.stream.sasl_password.get_secret_value() == "hunter2 #2024"
+
+
+def test_every_secret_setting_is_known() -> None:
+    from vaewatch.config import secret_keys
+
+    assert SECRET in secret_keys()
+    assert "stream.sasl_username" not in secret_keys()
+
+
+@pytest.mark.parametrize(
+    ("content", "overrides", "env"),
+    [
+        ("stream:\n  sasl_password: 123456\n", [], {}),
+        ("stream:\n  sasl_password: [123456]\n", [], {}),
+        ("", ["stream.sasl_passwrd=123456"], {}),  # misspelt: not known to be a secret
+        ("", ["stream.sasl_passwrd=[123456"], {}),
+        ("", [], {"VAEWATCH_STREAM__SASL_PASSWRD": "[123456"}),
+        ("", [], {"VAEWATCH_STREAMS__SASL_PASSWORD": "123456"}),
+        ("", ["stream.max_batch_size=0"], {"VAEWATCH_STREAM__SASL_PASSWORD": "123456"}),
+    ],
+)
+def test_errors_never_echo_a_secret(
+    tmp_path: Path, content: str, overrides: list[str], env: dict[str, str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, overrides, env=env)
+    assert "123456" not in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_secret_of_the_wrong_type_in_a_file_says_to_quote_it(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("stream:\n  sasl_password: 123456\n")
+    with pytest.raises(ConfigError, match=r"stream\.sasl_password: .*quote it") as info:
+        load_settings(config, env={})
+    assert "123456" not in str(info.value)
+
+
+def test_secrets_are_masked_in_repr_and_dumps() -> None:
+    settings = load_settings(None, env={"VAEWATCH_STREAM__SASL_PASSWORD": "hunter2 #2024"})
+    for text in (repr(settings), str(settings), settings.model_dump_json(), repr(settings.stream)):
+        assert "hunter2" not in text
+
+
+def test_secrets_are_masked_in_log_lines() -> None:
+    """kafka-python's admin client logs its whole configuration, password included, at DEBUG."""
+    import io
+    import logging
+
+    from vaewatch.secret_settings import mask_secrets_in_logs
+
+    settings = load_settings(None, env={"VAEWATCH_STREAM__SASL_PASSWORD": "hunter2 #2024"})
+    logger = logging.getLogger("test_secret_masking")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        mask_secrets_in_logs(settings, logger)
+        configs = {"sasl_plain_password": "hunter2 #2024", "bootstrap_servers": "kafka:9092"}
+        logger.warning("Starting KafkaAdminClient with configuration: %s", configs)
+        try:
+            raise RuntimeError("login failed for password hunter2 #2024")
+        except RuntimeError:
+            logger.exception("connect")
+    finally:
+        logger.removeHandler(handler)
+    output = stream.getvalue()
+    assert "hunter2" not in output
+    assert "'sasl_plain_password': '**********'" in output and "kafka:9092" in output
+    assert "login failed for password **********" in output
+
+
+def test_vaewatch_config_prints_the_effective_settings_with_secrets_masked(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  epochs: 3\n  lr: 0.01\nstream:\n  input_topic: from-file\n")
+    monkeypatch.setenv("VAEWATCH_STREAM__SASL_PASSWORD", "hunter2 #2024")
+    monkeypatch.setenv("VAEWATCH_TRAIN__EPOCHS", "5")
+    code = main(["--config", str(config), "--set", "data.normal_classes=[3, 4]", "config"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "hunter2" not in out
+    shown = yaml.safe_load(out)
+    assert shown["stream"]["sasl_password"] == "**********"
+    assert shown["train"]["epochs"] == 5 and shown["train"]["lr"] == 0.01
+    assert shown["stream"]["input_topic"] == "from-file"
+    assert shown["data"]["normal_classes"] == [3, 4]
+    assert set(shown) == set(Settings.model_fields)
+    # What it prints is a settings file: read back, it gives the same settings (but the secret).
+    again = tmp_path / "again.yaml"
+    again.write_text(out)
+    monkeypatch.delenv("VAEWATCH_STREAM__SASL_PASSWORD")
+    monkeypatch.delenv("VAEWATCH_TRAIN__EPOCHS")
+    reread = load_settings(again, env={})
+    expected = load_settings(
+        config,
+        ["data.normal_classes=[3, 4]", "train.epochs=5", "stream.sasl_password=**********"],
+        env={},
+    )
+    assert reread.model_dump(mode="json") == expected.model_dump(mode="json")
+
+
+def test_vaewatch_config_shows_an_unset_secret_as_null(capsys, monkeypatch) -> None:
+    import yaml
+
+    monkeypatch.delenv("VAEWATCH_STREAM__SASL_PASSWORD", raising=False)
+    assert main(["--config", "/dev/null", "config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["stream"]["sasl_password"] is None
