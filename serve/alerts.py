@@ -143,9 +143,14 @@ class AlertFollower:
             self.connected = True
             logger.info("live alerts: following %s", self.stream.alert_topic)
             while not self._stop.is_set():
-                for batch in alerts.poll(timeout_ms=200).values():
-                    for record in batch:
-                        self._handle(record.value, sources)
+                records = [r for batch in alerts.poll(timeout_ms=200).values() for r in batch]
+                # A viewer wants the newest alerts: when a burst brings more than the view
+                # holds, the older ones are not read back (they stay on the alert topic).
+                skipped = max(len(records) - self.replay_recent, 0)
+                if skipped:
+                    logger.info("live alerts: %d older alerts of a burst not shown", skipped)
+                for record in records[skipped:]:
+                    self._handle(record.value, sources)
         finally:
             alerts.close()
             sources.close()

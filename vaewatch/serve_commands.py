@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vaewatch.config import Settings
+
+if TYPE_CHECKING:
+    from serve.server import BackgroundServer
+    from streams.config import StreamConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,26 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         )
     print(f"vaewatch serve: console {service.url}/  API docs {service.url}/docs", flush=True)
     return serve_forever(service)
+
+
+def start_console(
+    model: Path, settings: Settings, *, stream: StreamConfig, port: int = 0
+) -> BackgroundServer:
+    """The service and console in a background thread on 127.0.0.1, following the alert topic
+    of `stream` (for `vaewatch demo`); `.url` is where it listens, `.stop()` ends it."""
+    from serve.server import BackgroundServer, build_service
+
+    config = settings.serve.model_copy(
+        update={"host": "127.0.0.1", "port": port, "live_alerts": True}
+    )
+    service = build_service(
+        model,
+        config=config,
+        device=settings.detector.device,
+        max_batch_size=settings.detector.max_batch_size,
+        stream=stream,
+    )
+    return BackgroundServer(service).start()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

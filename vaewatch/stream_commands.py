@@ -25,6 +25,7 @@ from streams.serve import serve
 from streams.tally import ScoresReader, Tally
 from trainer.data import DataError, load_images
 from vaewatch.config import Settings
+from vaewatch.serve_commands import start_console
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +233,8 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
             f"worker: model {detector.version} on {detector.device}; metrics, /healthz, "
             f"/readyz at http://127.0.0.1:{metrics_port}/metrics"
         )
+        console = start_console(model_dir, settings, stream=stream, port=args.console_port)
+        print(f"console: {console.url}/ (live alerts, score, generate; API docs at /docs)")
         plan = plan_replay(
             labels=test.labels,
             normal_classes=data.normal_classes,
@@ -284,6 +287,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         tally = reader.tally
         stop_worker.set()
         worker.join()
+        console.stop()
         print(_summary_line(tally, sent[0], time.monotonic() - started, _dead_letters(registry)))
         reader.close()
         producer.close()
@@ -351,4 +355,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--rate", type=float, default=1000.0)
     demo.add_argument("--anomaly-fraction", type=float, default=0.1)
     demo.add_argument("--metrics-port", type=int, default=0, help="default: a free port")
+    demo.add_argument("--console-port", type=int, default=0, help="default: a free port")
     demo.set_defaults(run=run_demo)

@@ -1,0 +1,164 @@
+"""The web console in a real browser: Debian's chromium, headless, driven by Playwright (its own
+browser download is never used). Score and Generate views against the service; the Live alerts
+view with the embedded broker and a real worker, after an anomaly is produced.
+
+Screenshots go to the test's folder; with VAEWATCH_CONSOLE_SCREENSHOTS=DIR they are copied
+there too (docs/img/ holds the committed ones)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from detector import Detector
+from streams.kafka_io import create_producer
+from tests.fixtures_broker import make_topics, start_worker
+from tests.serve.http_helpers import png
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.is_file():
+        pytest.skip("Debian's chromium is not installed (make setup installs it)")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1100, "height": 720})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors in the console: {errors}"
+
+
+def _screenshot(page: Any, tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    page.screenshot(path=str(path))
+    target = os.environ.get("VAEWATCH_CONSOLE_SCREENSHOTS")
+    if target:
+        shutil.copy(path, Path(target) / name)
+
+
+def _images_by_score(bundle: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lowest-scoring, highest-scoring) of `images` under the bundle's model."""
+    scores = Detector.from_bundle(bundle, device="cpu").score(images).scores
+    order = np.argsort(scores)
+    return images[order[0]], images[order[-1]]
+
+
+def test_score_and_generate_views(
+    page: Any, service_url: str, trained_bundle: Path, fashion_mnist: Any, tmp_path: Path
+) -> None:
+    test = fashion_mnist.test
+    normal, anomaly = _images_by_score(
+        trained_bundle,
+        np.concatenate([test.images[test.labels == 0][:20], test.images[test.labels == 7][:20]]),
+    )
+    files = []
+    for name, image in (("tshirt.png", normal), ("sneaker.png", anomaly)):
+        (tmp_path / name).write_bytes(png(image))
+        files.append(str(tmp_path / name))
+
+    page.goto(service_url + "/")
+    page.wait_for_function("document.querySelector('#model-info').textContent.includes('model ')")
+    page.set_input_files("#score-files", files)
+    page.wait_for_selector(".result-card >> nth=1")
+    verdicts = {
+        card.get_attribute("data-name"): card.query_selector(".verdict").inner_text()
+        for card in page.query_selector_all(".result-card")
+    }
+    assert verdicts == {"tshirt.png": "normal", "sneaker.png": "anomaly"}
+    heatmap_widths = page.eval_on_selector_all(
+        ".result-card img.heatmap", "images => images.map(i => i.complete && i.naturalWidth)"
+    )
+    assert heatmap_widths == [28, 28]
+    assert "p-value" in page.inner_text(".result-card")
+    _screenshot(page, tmp_path, "console-score.png")
+
+    page.click("button[data-view=generate]")
+    page.fill("#sample-seed", "7")
+    page.click("#sample-draw")
+    page.wait_for_selector(".sample-grid[data-seed='7'] img")
+    page.click("#sample-more")
+    page.wait_for_selector(".sample-grid[data-seed='8'] img")
+    widths = page.eval_on_selector_all(
+        ".sample-grid img", "images => images.map(i => i.complete && i.naturalWidth)"
+    )
+    assert widths == [4 * 28 + 6, 4 * 28 + 6], widths  # 16 images: a 4 x 4 grid, 2 px gaps
+    page.set_input_files("#interp-a", files[0])
+    page.set_input_files("#interp-b", files[1])
+    page.click("#interp-go")
+    page.wait_for_selector("#interp-result:not([hidden])")
+    first = page.get_attribute("#interp-image", "src")
+    page.eval_on_selector(
+        "#interp-slider",
+        "s => { s.value = s.max; s.dispatchEvent(new Event('input')); }",
+    )
+    assert page.get_attribute("#interp-slider", "max") == "11"
+    assert page.get_attribute("#interp-image", "src") != first
+    _screenshot(page, tmp_path, "console-generate.png")
+
+
+def test_live_alerts_view_shows_a_card_for_a_produced_anomaly(
+    page: Any,
+    start_service: Any,
+    kafka_broker: Any,
+    trained_bundle: Path,
+    fashion_mnist: Any,
+    tmp_path: Path,
+) -> None:
+    topics = make_topics(kafka_broker)
+    worker = start_worker(
+        model=trained_bundle, topics=topics, log_dir=tmp_path / "logs", timeout_s=60
+    )
+    try:
+        server = start_service(trained_bundle, live_alerts=True, stream=topics.config)
+        page.goto(server.url + "/#alerts")
+        page.wait_for_function(
+            "document.querySelector('#alerts-status').textContent.startsWith('following')"
+        )
+        test = fashion_mnist.test
+        _, anomaly = _images_by_score(trained_bundle, test.images[test.labels == 7][:20])
+        producer = create_producer(config=topics.config)
+        producer.send(topics.config.input_topic, value=anomaly.tobytes(), key=b"sneaker-1")
+        producer.flush(timeout=30)
+        producer.close()
+        card = page.wait_for_selector(".alert-card")
+        assert card.get_attribute("data-source") == f"{topics.config.input_topic}/0/0"
+        widths = page.eval_on_selector_all(
+            ".alert-card img", "images => images.map(i => i.complete && i.naturalWidth)"
+        )
+        assert widths == [28, 28, 28]  # the image read back, its reconstruction, its heatmap
+        text = card.inner_text()
+        version = Detector.from_bundle(trained_bundle, device="cpu").version
+        assert version in text and "p-value" in text and "sneaker-1" in text
+        _screenshot(page, tmp_path, "console-alerts.png")
+    finally:
+        assert worker.stop() == 0
