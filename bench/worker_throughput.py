@@ -33,7 +33,7 @@ from streams.broker import EmbeddedBroker
 from streams.codec import encode_images
 from streams.config import StreamConfig
 from streams.kafka_io import create_consumer, create_producer, ensure_topics
-from streams.serve import build_metrics, build_scorer, tune_interpreter
+from streams.serve import build_metrics, publisher_for, scorer_for, tune_interpreter
 from streams.worker import Worker, WorkerState
 
 FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -127,22 +127,24 @@ def worker_drain(
 ) -> dict:
     registry = CollectorRegistry()
     metrics = build_metrics(detector=detector, registry=registry)
-    scorer = build_scorer(config, detector=detector, metrics=metrics)
+    scorer = scorer_for(config, detector=detector, metrics=metrics)
     state = WorkerState(model_loaded=scorer.ready)
+    producer = create_producer(config=config)
     worker = Worker(
         config=config,
-        detector=detector,
         scorer=scorer,
+        publisher=publisher_for(config, detector=detector, producer=producer),
         metrics=metrics,
         consumer=create_consumer(config=config),
-        producer=create_producer(config=config),
+        producer=producer,
         state=state,
     )
     stop = threading.Event()
     marks: dict[str, float] = {}
     scored = [0]
 
-    child_pid = scorer.process._process.pid if scorer.process is not None else None
+    process = getattr(scorer, "process", None)
+    child_pid = process._process.pid if process is not None else None
 
     def child_cpu_s() -> float:
         return process_cpu_s(child_pid) if child_pid else 0.0
@@ -241,7 +243,7 @@ def main() -> None:
     parser.add_argument(
         "--cpu-scoring",
         default=StreamConfig().cpu_scoring,
-        choices=["process", "thread", "inline"],
+        choices=["process", "inline"],
         help="stream.cpu_scoring",
     )
     parser.add_argument(

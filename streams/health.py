@@ -3,9 +3,12 @@ server, dispatched by path, in a daemon thread."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -17,25 +20,107 @@ logger = logging.getLogger(__name__)
 
 # Readiness: () -> (ready, {check name: passed}); the worker supplies it.
 ReadinessProbe = Callable[[], tuple[bool, dict[str, bool]]]
+# Liveness: () -> (alive, details); /healthz answers 503 when not alive.
+LivenessProbe = Callable[[], tuple[bool, dict[str, Any]]]
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+def _always_alive() -> tuple[bool, dict[str, Any]]:
+    return True, {}
+
+
+class _BoundedWSGIServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, but at most `max_connections` of them, and none for longer than
+    `connection_timeout_s`: a scrape or a probe sends its request at once and reads a small
+    answer, so only a stalled or hostile client (half-sent requests, never reading) is cut off.
+    Connections beyond the bound get a 503 at once instead of a thread."""
+
     daemon_threads = True
+    block_on_close = False
+    max_connections = 16
+    connection_timeout_s = 5.0
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._deadlines: dict[socket.socket, float] = {}
+        self._deadlines_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            logger.debug("metrics server: %d connections open, refusing one", self.max_connections)
+            with contextlib.suppress(OSError):
+                request.setblocking(False)  # never wait on a client that does not read
+                request.send(_REFUSED)
+            self.shutdown_request(request)
+            return
+        with self._deadlines_lock:
+            self._deadlines[request] = time.monotonic() + self.connection_timeout_s
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._forget(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._forget(request)
+
+    def _forget(self, request: Any) -> None:
+        with self._deadlines_lock:
+            if self._deadlines.pop(request, None) is not None:
+                self._slots.release()
+
+    def service_actions(self) -> None:
+        """Called by serve_forever every poll interval: shut the sockets of connections past
+        their deadline, which ends the blocked read or write of their thread."""
+        super().service_actions()
+        now = time.monotonic()
+        with self._deadlines_lock:
+            expired = [request for request, deadline in self._deadlines.items() if deadline < now]
+        for request in expired:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out or went away: not worth a traceback on stderr.
+        logger.debug("metrics server: connection from %s failed", client_address, exc_info=True)
+
+
+_REFUSED = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 15\r\n"
+    b"Connection: close\r\n\r\ntoo many conns\n"
+)
 
 
 class _QuietHandler(WSGIRequestHandler):
+    def setup(self) -> None:
+        self.timeout = self.server.connection_timeout_s  # each read and write, at most
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s " + format, self.address_string(), *args)
 
 
-def build_app(*, registry: CollectorRegistry, readiness: ReadinessProbe) -> Callable:
+def build_app(
+    *,
+    registry: CollectorRegistry,
+    readiness: ReadinessProbe,
+    liveness: LivenessProbe = _always_alive,
+) -> Callable:
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/healthz":
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
+            alive, details = liveness()
+            if alive:
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ok\n"]
+            body = json.dumps({"alive": False, **details}).encode() + b"\n"
+            start_response("503 Service Unavailable", [("Content-Type", "application/json")])
+            return [body]
         if path == "/readyz":
             ready, checks = readiness()
             body = json.dumps({"ready": ready, "checks": checks}).encode() + b"\n"
@@ -54,11 +139,17 @@ class MetricsServer:
     """Serves the app on host:port (port 0 picks a free one; `.port` tells which)."""
 
     def __init__(
-        self, *, host: str, port: int, registry: CollectorRegistry, readiness: ReadinessProbe
+        self,
+        *,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        readiness: ReadinessProbe,
+        liveness: LivenessProbe = _always_alive,
     ) -> None:
-        app = build_app(registry=registry, readiness=readiness)
+        app = build_app(registry=registry, readiness=readiness, liveness=liveness)
         self._server = make_server(
-            host, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
+            host, port, app, server_class=_BoundedWSGIServer, handler_class=_QuietHandler
         )
         self.host = host
         self.port = int(self._server.server_port)

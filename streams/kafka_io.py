@@ -20,7 +20,7 @@ from streams.config import StreamConfig
 
 logger = logging.getLogger(__name__)
 
-ErrorKind = Literal["broker", "produce", "commit", "decode", "scoring"]
+ErrorKind = Literal["broker", "produce", "commit", "decode", "scoring", "skipped"]
 ErrorCallback = Callable[[ErrorKind, BaseException], None]
 Headers = list[tuple[str, bytes]]
 
@@ -75,6 +75,7 @@ def create_producer(*, config: StreamConfig) -> KafkaProducer:
         batch_size=config.producer_batch_bytes,
         compression_type=None if config.compression_type == "none" else config.compression_type,
         delivery_timeout_ms=config.delivery_timeout_ms,
+        max_request_size=config.max_request_size,
         max_block_ms=config.request_timeout_ms,
         **_common_options(config),
     )

@@ -13,8 +13,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from streams.codec import DEAD_LETTER_REASONS
 
+UNSENDABLE = "unsendable"  # dead-letter reason: outputs that could not be sent (streams.publish)
 OUTCOMES = ("normal", "anomaly", "invalid")
-ERROR_KINDS = ("broker", "produce", "commit", "decode", "scoring")
+ERROR_KINDS = ("broker", "produce", "commit", "decode", "scoring", "skipped")
+STAGES = ("wait", "score", "publish", "ack")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -44,7 +46,8 @@ class WorkerMetrics:
         )
         self.errors = Counter(
             "vaewatch_errors",
-            "Errors by kind (broker, produce, commit, decode, scoring).",
+            "Errors by kind (broker, produce, commit, decode, scoring, skipped: a record "
+            "committed without its outputs under stream.on_unsendable skip).",
             ["kind"],
             registry=registry,
         )
@@ -69,6 +72,15 @@ class WorkerMetrics:
         self.end_to_end_seconds = Histogram(
             "vaewatch_end_to_end_latency_seconds",
             "Record timestamp to the moment its result was acknowledged by the broker.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "vaewatch_stage_seconds",
+            "Where a batch's time goes: wait (its oldest record's timestamp to being cut into a "
+            "batch), score (cut to scores in hand), publish (building and handing over its "
+            "outputs), ack (handed over to acknowledged by the broker).",
+            ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
@@ -98,8 +110,10 @@ class WorkerMetrics:
         # increase() in alert rules count the first dead letter or error after a restart.
         for outcome in OUTCOMES:
             self.records.labels(outcome=outcome)
-        for reason in DEAD_LETTER_REASONS:
+        for reason in (*DEAD_LETTER_REASONS, UNSENDABLE):
             self.dead_letters.labels(reason=reason)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage=stage)
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)
 

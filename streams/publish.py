@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from kafka import KafkaProducer
@@ -21,6 +21,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from detector import Scores
 from streams.codec import DecodedBatch
+from streams.metrics import UNSENDABLE
 
 # Dead-letter headers (values are UTF-8 text).
 H_ERROR = "vaewatch.error"
@@ -30,6 +31,9 @@ H_SOURCE_PARTITION = "vaewatch.source.partition"
 H_SOURCE_OFFSET = "vaewatch.source.offset"
 H_SOURCE_TIMESTAMP = "vaewatch.source.timestamp_ms"
 H_SCORES_FORMAT = "vaewatch.format"  # "jsonl" on batch-framed scores messages
+H_ORIGINAL_SIZE = "vaewatch.original.size"  # on unsendable copies: the input value's bytes
+_COPY_HEADROOM = 16 * 1024  # room left for headers and framing in a trimmed copy
+_KEPT_HEADER_BYTES = 4 * 1024  # input headers kept on a trimmed copy, at most
 _FRAME_BYTES = 256 * 1024  # largest batch-framed scores message
 _TIMESTAMP = attrgetter("timestamp")
 ID_HEADER = "id"  # with the raw codec, an `id` header stands in for the JSON `id` field
@@ -43,6 +47,39 @@ def _key_text(key: bytes | None) -> str:
     return "null" if key is None else json.dumps(key.decode("utf-8", "backslashreplace"))
 
 
+def usable_headers(headers: Sequence[Any] | None) -> list[tuple[str, bytes]] | None:
+    """Input headers fit to send again: Kafka allows a null header value, which the producer
+    refuses, so such headers (and anything not (str, bytes)) are dropped."""
+    if not headers:
+        return None
+    kept = [h for h in headers if isinstance(h[1], bytes) and isinstance(h[0], str)]
+    return kept or None
+
+
+class Outgoing(NamedTuple):
+    """One send, kept until acknowledged so that it can be retried or dead-lettered.
+    `sources`: indexes (in the batch) of the input records it carries."""
+
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: list[tuple[str, bytes]] | None
+    partition: int
+    sources: tuple[int, ...]
+
+
+class FailedSend:
+    """An exception raised by producer.send() itself, made to look like a failed future."""
+
+    is_done = True
+
+    def __init__(self, exception: BaseException) -> None:
+        self.exception = exception
+
+    def failed(self) -> bool:
+        return True
+
+
 def _header_id(headers: Sequence[tuple[str, bytes]]) -> Any:
     for name, value in headers:
         if name == ID_HEADER and value is not None:
@@ -54,7 +91,9 @@ def _header_id(headers: Sequence[tuple[str, bytes]]) -> Any:
 class PublishedBatch:
     """The sends of one batch and what to count once the broker has acknowledged them all."""
 
+    records: Sequence[Any]
     futures: list[Any]
+    messages: list[Outgoing]
     n_normal: int
     n_anomaly: int
     n_alerts: int
@@ -74,8 +113,10 @@ class ResultPublisher:
         model_version: str,
         threshold: float,
         scores_format: str = "record",
+        max_request_size: int = 1024 * 1024,
     ) -> None:
         self._producer = producer
+        self._max_request_size = max_request_size
         self.scores_format = scores_format
         self.alert_topic = alert_topic
         self.scores_topic = scores_topic
@@ -87,45 +128,118 @@ class ResultPublisher:
     def _partition_count(self, topic: str) -> int:
         count = self._partitions.get(topic)
         if count is None:
-            # Blocks (up to max_block_ms) until the topic's metadata is known.
-            count = len(self._producer.partitions_for(topic) or ()) or 1
+            # Blocks (up to max_block_ms) until the topic's metadata is known. When that fails,
+            # partition 0 is used this time and the send itself reports the failure.
+            try:
+                count = len(self._producer.partitions_for(topic) or ()) or 1
+            except Exception:
+                return 1
             self._partitions[topic] = count
         return count
 
-    def _send_framed(self, topic: str, framed: dict[int, list[bytes]], parts: int) -> list:
+    def _send(
+        self,
+        futures: list[Any],
+        messages: list[Outgoing],
+        message: Outgoing,
+    ) -> None:
+        messages.append(message)
+        futures.append(self.resend(message))
+
+    def resend(self, message: Outgoing) -> Any:
+        """Send `message`; what send() raises comes back as a FailedSend."""
+        try:
+            return self._producer.send(
+                message.topic,
+                value=message.value,
+                key=message.key,
+                headers=message.headers,
+                partition=message.partition,
+            )
+        except Exception as exc:  # TypeError, ValueError, MessageSizeTooLarge, timeouts, ...
+            return FailedSend(exc)
+
+    def unsendable_copy(self, record: ConsumerRecord, exc: BaseException) -> tuple[Outgoing, Any]:
+        """A dead letter that fits: the input value cut to max_request_size, input headers
+        only when usable and small, an over-long key dropped; reason `unsendable`, the error
+        and the original size in headers."""
+        value = record.value or b""
+        kept, size = [], 0
+        for name, header_value in usable_headers(record.headers) or ():
+            size += len(name) + len(header_value)
+            if size > _KEPT_HEADER_BYTES:
+                break
+            kept.append((name, header_value))
+        key = record.key if record.key is not None and len(record.key) <= 1024 else None
+        headers = [
+            *kept,
+            (H_ERROR, UNSENDABLE.encode()),
+            (H_ERROR_DETAIL, f"{type(exc).__name__}: {exc}"[:200].encode("utf-8", "replace")),
+            (H_ORIGINAL_SIZE, str(len(value)).encode()),
+            *self._source_headers(record),
+        ]
+        budget = max(0, self._max_request_size - _COPY_HEADROOM - size)
+        message = Outgoing(
+            topic=self.dlq_topic,
+            value=value[:budget],
+            key=key,
+            headers=headers,
+            partition=record.partition % self._partition_count(self.dlq_topic),
+            sources=(),  # already the last resort: no copy of a copy
+        )
+        return message, self.resend(message)
+
+    @staticmethod
+    def _source_headers(record: ConsumerRecord) -> list[tuple[str, bytes]]:
+        return [
+            (H_SOURCE_TOPIC, record.topic.encode()),
+            (H_SOURCE_PARTITION, str(record.partition).encode()),
+            (H_SOURCE_OFFSET, str(record.offset).encode()),
+            (H_SOURCE_TIMESTAMP, str(record.timestamp).encode()),
+        ]
+
+    def _send_framed(
+        self,
+        futures: list[Any],
+        messages: list[Outgoing],
+        topic: str,
+        framed: dict[int, list[tuple[int, bytes]]],
+        parts: int,
+    ) -> None:
         """scores_format=batch: per input partition, messages of JSON Lines of the same objects
-        (at most _FRAME_BYTES each, well under the producer's 1 MiB request limit), keyed
+        (at most _FRAME_BYTES each, well under the producer's request limit), keyed
         topic/partition/first-last offset."""
-        futures = []
         for partition, lines in framed.items():
             start, size = 0, 0
-            for end, line in enumerate(lines, 1):
+            for end, (_, line) in enumerate(lines, 1):
                 size += len(line) + 1
                 if size >= _FRAME_BYTES or end == len(lines):
                     chunk = lines[start:end]
-                    first = json.loads(chunk[0])["offset"]
-                    last = json.loads(chunk[-1])["offset"]
-                    futures.append(
-                        self._producer.send(
-                            self.scores_topic,
-                            value=b"\n".join(chunk),
-                            key=f"{topic}/{partition}/{first}-{last}".encode(),
-                            headers=[(H_SCORES_FORMAT, b"jsonl")],
-                            partition=partition % parts,
-                        )
+                    first = json.loads(chunk[0][1])["offset"]
+                    last = json.loads(chunk[-1][1])["offset"]
+                    message = Outgoing(
+                        topic=self.scores_topic,
+                        value=b"\n".join(line for _, line in chunk),
+                        key=f"{topic}/{partition}/{first}-{last}".encode(),
+                        headers=[(H_SCORES_FORMAT, b"jsonl")],
+                        partition=partition % parts,
+                        sources=tuple(source for source, _ in chunk),
                     )
+                    self._send(futures, messages, message)
                     start, size = end, 0
-        return futures
 
     def publish(
         self, records: Sequence[ConsumerRecord], decoded: DecodedBatch, scores: Scores | None
     ) -> PublishedBatch:
-        send = self._producer.send
         futures: list[Any] = []
+        messages: list[Outgoing] = []
+        send = self._send
         now_ms = int(time.time() * 1000)
         if decoded.errors:
-            valid_records = [records[i] for i in np.flatnonzero(decoded.valid).tolist()]
+            positions = np.flatnonzero(decoded.valid).tolist()
+            valid_records = [records[i] for i in positions]
         else:  # the common case: every record decoded, no copy
+            positions = None
             valid_records = records if isinstance(records, list) else list(records)
         n_anomaly = 0
         if valid_records and scores is not None:
@@ -145,10 +259,12 @@ class ResultPublisher:
             flags = anomalous.tolist()
             score_list = scores.scores.tolist()
             p_list = scores.p_values.tolist()
-            framed: dict[int, list[bytes]] = {}  # input partition -> JSON lines (batch format)
+            # input partition -> (record index, JSON line) (batch format)
+            framed: dict[int, list[tuple[int, bytes]]] = {}
             topic_texts: dict[str, str] = {}
             for j in rows:
                 record = valid_records[j]
+                source = (j if positions is None else positions[j],)
                 is_anomaly = flags[j]
                 record_id = ids[j] if ids is not None else None
                 if record_id is None and record.headers:
@@ -165,62 +281,52 @@ class ResultPublisher:
                     f'"scored_at_ms":{now_ms},"anomaly":{"true" if is_anomaly else "false"}}}'
                 ).encode()
                 if not (is_anomaly or per_record_scores):
-                    framed.setdefault(record.partition, []).append(body)
+                    framed.setdefault(record.partition, []).append((source[0], body))
                     continue
                 key = f"{record.topic}/{record.partition}/{record.offset}".encode()
-                headers = list(record.headers) if record.headers else None
+                headers = usable_headers(record.headers) if record.headers else None
                 if is_anomaly:
-                    futures.append(
-                        send(
-                            self.alert_topic,
-                            value=body,
-                            key=key,
-                            headers=headers,
-                            partition=record.partition % alert_parts,
-                        )
+                    part = record.partition % alert_parts
+                    send(
+                        futures,
+                        messages,
+                        Outgoing(self.alert_topic, body, key, headers, part, source),
                     )
                 if per_record_scores:
-                    futures.append(
-                        send(
-                            self.scores_topic,
-                            value=body,
-                            key=key,
-                            headers=headers,
-                            partition=record.partition % score_parts,
-                        )
+                    part = record.partition % score_parts
+                    send(
+                        futures,
+                        messages,
+                        Outgoing(self.scores_topic, body, key, headers, part, source),
                     )
                 elif self.scores_topic:
-                    framed.setdefault(record.partition, []).append(body)
-            futures.extend(self._send_framed(valid_records[0].topic, framed, score_parts))
+                    framed.setdefault(record.partition, []).append((source[0], body))
+            self._send_framed(futures, messages, valid_records[0].topic, framed, score_parts)
         reasons = []
         if decoded.errors:
             dlq_parts = self._partition_count(self.dlq_topic)
             for i, (reason, detail) in sorted(decoded.errors.items()):
                 record = records[i]
                 headers = [
-                    *(record.headers or ()),
+                    *(usable_headers(record.headers) or ()),
                     (H_ERROR, reason.encode()),
                     (H_ERROR_DETAIL, detail.encode("utf-8", "backslashreplace")),
-                    (H_SOURCE_TOPIC, record.topic.encode()),
-                    (H_SOURCE_PARTITION, str(record.partition).encode()),
-                    (H_SOURCE_OFFSET, str(record.offset).encode()),
-                    (H_SOURCE_TIMESTAMP, str(record.timestamp).encode()),
+                    *self._source_headers(record),
                 ]
-                futures.append(
-                    send(
-                        self.dlq_topic,
-                        value=record.value,
-                        key=record.key,
-                        headers=headers,
-                        partition=record.partition % dlq_parts,
-                    )
+                part = record.partition % dlq_parts
+                send(
+                    futures,
+                    messages,
+                    Outgoing(self.dlq_topic, record.value, record.key, headers, part, (i,)),
                 )
                 reasons.append(reason)
         timestamps = np.fromiter(
             map(_TIMESTAMP, valid_records), dtype=np.int64, count=len(valid_records)
         )
         return PublishedBatch(
+            records=records,
             futures=futures,
+            messages=messages,
             n_normal=len(valid_records) - n_anomaly,
             n_anomaly=n_anomaly,
             n_alerts=n_anomaly,

@@ -47,6 +47,10 @@ class ScoringProcessDiedError(ScoringProcessError):
     """The scoring process died (or was replaced) before it returned a batch's scores."""
 
 
+class ScoringProcessTimeoutError(ScoringProcessDiedError):
+    """The scoring process did not answer in time (hung, stopped, starved): treated as dead."""
+
+
 def _serve(
     conn: Connection,
     config: ModelConfig,
@@ -102,6 +106,9 @@ class PendingProcessScores:
         self.slot = slot
         self.n = n
         self.generation = generation
+        # One batch may be ahead of it in the child: past this, done() says yes so that the
+        # caller's result() finds out (and reports the timeout) instead of waiting forever.
+        self.overdue_at = time.monotonic() + 2 * owner.timeout_s
         self.seconds: float | None = None  # set when the scores are in
         self.error: ScoringProcessError | None = None
 
@@ -110,7 +117,7 @@ class PendingProcessScores:
         return self.seconds is not None or self.error is not None
 
     def done(self) -> bool:
-        return self._owner.collect(self, block=False)
+        return self._owner.collect(self, block=False) or time.monotonic() > self.overdue_at
 
     def result(self) -> tuple[np.ndarray, float]:
         """(scores, seconds the child spent scoring); raises ScoringProcessError."""
@@ -130,6 +137,7 @@ class ScoringProcess:
         model: VAE,
         capacity: int,
         cpu_threads: int,
+        timeout_s: float = 30.0,
         start_timeout_s: float = 120.0,
     ) -> None:
         self._ctx = mp.get_context("spawn")
@@ -141,6 +149,7 @@ class ScoringProcess:
         self.capacity = capacity
         self._cpu_threads = cpu_threads
         self._start_timeout_s = start_timeout_s
+        self.timeout_s = timeout_s  # longest wait for one reply of a started child
         self._inputs = self._ctx.RawArray(ctypes.c_uint8, _SLOTS * capacity * IMAGE_PIXELS)
         self._outputs = self._ctx.RawArray(ctypes.c_float, _SLOTS * capacity)
         self._images = np.frombuffer(self._inputs, dtype=np.uint8).reshape(
@@ -226,6 +235,8 @@ class ScoringProcess:
         earlier = self._busy[slot]
         if earlier is not None:  # the child may still read this slot: wait for its reply
             self.collect(earlier, block=True)
+            if isinstance(earlier.error, ScoringProcessTimeoutError):
+                raise earlier.error  # it may still read the slot: the caller restarts it
         self._images[slot, :n] = images
         pending = PendingProcessScores(self, slot, n, self.generation)
         self._busy[slot] = pending
@@ -240,7 +251,9 @@ class ScoringProcess:
             logger.error("scoring process unreachable: %s", exc)
 
     def collect(self, pending: PendingProcessScores, *, block: bool) -> bool:
-        """Read replies until `pending` has its own (they come in submission order)."""
+        """Read replies until `pending` has its own (they come in submission order). Blocking
+        waits at most timeout_s for each reply; then the child counts as dead (the caller
+        restarts it)."""
         if pending.finished:
             return True
         if pending.generation != self.generation:
@@ -251,6 +264,16 @@ class ScoringProcess:
             try:
                 if not block and not self._conn.poll():
                     return False
+                if block and not self._conn.poll(self.timeout_s):
+                    hung = ScoringProcessTimeoutError(
+                        f"scoring process {self._process.pid} did not answer in "
+                        f"{self.timeout_s:g} s"
+                    )
+                    for busy in self._busy:
+                        if busy is not None and not busy.finished:
+                            busy.error = hung
+                    pending.error = pending.error or hung
+                    return True
                 slot, seconds, error = self._conn.recv()
             except (EOFError, OSError) as exc:
                 self._process.join(1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -14,7 +15,8 @@ from streams.config import MetricsConfig, StreamConfig
 from streams.health import MetricsServer
 from streams.kafka_io import connect_with_backoff, create_consumer, create_producer
 from streams.metrics import WorkerMetrics, score_buckets
-from streams.scoring import BatchScorer
+from streams.publish import ResultPublisher
+from streams.scoring import Scorer, build_scorer
 from streams.worker import Worker, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -50,17 +52,25 @@ def tune_interpreter(stream: StreamConfig, *, detector: Detector) -> None:
         sys.setswitchinterval(stream.gil_switch_interval_ms / 1000.0)
 
 
-def build_scorer(
-    stream: StreamConfig, *, detector: Detector, metrics: WorkerMetrics
-) -> BatchScorer:
-    """The worker's scorer; with `cpu_scoring: process` this starts the scoring process, which
-    loads the model while the caller goes on."""
-    return BatchScorer(
-        detector=detector,
-        metrics=metrics,
-        cpu_scoring=stream.cpu_scoring,
-        capacity=stream.max_batch_size,
-        cpu_threads=stream.cpu_threads,
+def scorer_for(stream: StreamConfig, *, detector: Detector, metrics: WorkerMetrics) -> Scorer:
+    """The worker's scorer (streams.scoring.build_scorer), its restarts counted as errors."""
+
+    def on_error(kind: str, exc: BaseException) -> None:
+        metrics.errors.labels(kind=kind).inc()
+
+    return build_scorer(stream, detector=detector, on_error=on_error)
+
+
+def publisher_for(stream: StreamConfig, *, detector: Detector, producer: Any) -> ResultPublisher:
+    return ResultPublisher(
+        producer=producer,
+        alert_topic=stream.alert_topic,
+        scores_topic=stream.scores_topic,
+        dlq_topic=stream.dlq_topic,
+        model_version=detector.version,
+        threshold=detector.threshold,
+        scores_format=stream.scores_format,
+        max_request_size=stream.max_request_size,
     )
 
 
@@ -78,8 +88,8 @@ def serve(
     tune_interpreter(stream, detector=detector)
     metrics = build_metrics(detector=detector, registry=registry)
     # Started before the Kafka clients: the scoring process loads the model meanwhile.
-    scorer = build_scorer(stream, detector=detector, metrics=metrics)
-    state = WorkerState(model_loaded=scorer.ready)
+    scorer = scorer_for(stream, detector=detector, metrics=metrics)
+    state = WorkerState(model_loaded=scorer.ready, liveness_timeout_s=stream.liveness_timeout_s)
 
     # Evaluated on every scrape, so the gauge follows the worker without a /readyz probe.
     metrics.ready.set_function(lambda: 1.0 if state.readiness()[0] else 0.0)
@@ -88,6 +98,7 @@ def serve(
         port=metrics_config.port,
         registry=registry,
         readiness=state.readiness,
+        liveness=state.liveness,
     ).start()
 
     def on_error(kind: str, exc: BaseException) -> None:
@@ -115,8 +126,8 @@ def serve(
         state.broker_connected = True
         worker = Worker(
             config=stream,
-            detector=detector,
             scorer=scorer,
+            publisher=publisher_for(stream, detector=detector, producer=producer),
             metrics=metrics,
             consumer=consumer,
             producer=producer,
@@ -131,7 +142,7 @@ def serve(
             stream.group_id,
             detector.version,
             detector.device,
-            f"scoring {scorer.mode}",
+            f"scoring {scorer.description}",
         )
         complete = worker.run(stop)
         return 0 if complete else 1

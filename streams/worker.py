@@ -1,10 +1,14 @@
 """The worker loop: poll, decode, score, publish, commit, with at-least-once delivery.
 
-Up to two full batches are being scored (in a child process on the CPU, on the CUDA stream on a
-GPU) while the next is being collected. Published batches wait in a queue until the broker has
-acknowledged every one of their sends; only then are their offsets committed, in order. A failed
-send rewinds the consumer to the oldest unacknowledged offset, so the records are scored again,
-never skipped.
+A record's way from poll to commit: `_fill_buffer` polls it into the buffer; `_start_batch` cuts
+a batch, decodes it, opens it in the ledger and hands it to the scorer; `_publish_oldest` waits
+for its scores and publishes its outputs; the outbox (streams.delivery) reports the batch once
+the broker has acknowledged every output, and the ledger (streams.ledger) then lets its offsets
+be committed, in order. Full batches are scored (in a child process on the CPU, on the CUDA
+stream on a GPU) while the next is being collected.
+
+Backpressure: while the ledger counts more unacknowledged records or bytes than allowed, or a
+send waits for its retry, the worker pauses its partitions and only services acks.
 """
 
 from __future__ import annotations
@@ -24,75 +28,57 @@ from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from detector import Detector, Scores
+from detector import Scores
 from streams.codec import DECODE_ERROR, SCORING_ERROR, DecodedBatch, decode_batch
 from streams.config import StreamConfig
+from streams.delivery import Outbox, UnsendableError, unacked_bytes
+from streams.ledger import OffsetLedger
 from streams.metrics import WorkerMetrics, observe_many
 from streams.publish import PublishedBatch, ResultPublisher
-from streams.scoring import BatchScorer, Scoring
+from streams.scoring import PendingBatch, Scorer
 
 logger = logging.getLogger(__name__)
 
-_SERVICE_POLL_MS = 2  # poll timeout while a batch is being scored or sends are outstanding
-_ACK_POLL_MS = 10  # poll timeout while sends await their acks
+_SERVICE_POLL_MS = 2  # poll timeout while a batch is being scored
+_ACK_POLL_MS = 10  # poll timeout while sends await their acks, or while paused
 _IDLE_POLL_MS = 100
 _LAG_INTERVAL_S = 0.5
-# With inline scoring, poll() takes up to this many batches of records at once. kafka-python
-# sends the next fetch only once its buffered fetch data has been handed over entirely, so taking
-# all of it keeps a fetch in flight (network and broker time) while the worker decodes and scores
-# what it holds. When scoring overlaps (a child process, a GPU), poll takes one batch at a time
-# instead, so that the worker hands the scorer its next batch before the scorer runs dry.
+# With inline scoring, poll() takes up to this many batches at once: kafka-python sends the next
+# fetch only once its buffered fetch data has been handed over entirely, so taking all of it
+# keeps a fetch in flight while the worker decodes and scores. An overlapping scorer gets one
+# batch per poll instead, so that it is handed its next batch before it runs dry.
 _POLL_BATCHES = 8
-# Batches handed to an overlapping scorer and not yet published: one being scored, one queued.
-_SCORING_DEPTH = 2
-
-
-@dataclass
-class _InFlight:
-    records: list[Any]
-    decoded: DecodedBatch
-    scoring: Scoring | None
-
-
-@dataclass
-class _Sent:
-    published: PublishedBatch
-    ends: dict[TopicPartition, int]
-    starts: dict[TopicPartition, int]
-    n_invalid: int
-    checked: int = 0
-
-
+_SCORING_DEPTH = 2  # batches handed to an overlapping scorer: one being scored, one queued
 _TP_KEY = attrgetter("topic", "partition")
 
 
-def _offset_ranges(records: list[Any]) -> tuple[dict, dict]:
-    """(first offset, last offset + 1) per partition of a batch. Offsets rise within a
-    partition; the dict comprehensions keep the last write, so the reversed pass yields the
-    first offset. No TopicPartition per record (a Python object each)."""
+@dataclass
+class _Batch:
+    batch_id: int
+    records: list[Any]
+    decoded: DecodedBatch
+    scoring: PendingBatch | None
+    cut_at: float  # time.time() when it was cut from the buffer
+
+
+def _offset_ranges(records: list[Any]) -> dict[TopicPartition, tuple[int, int]]:
+    """(first offset, last offset + 1) per partition; offsets rise within a partition, and the
+    reversed pass leaves each partition's first record."""
     keys = list(map(_TP_KEY, records))
-    last = {key: record.offset + 1 for key, record in zip(keys, records, strict=True)}
-    first = {
-        key: record.offset for key, record in zip(reversed(keys), reversed(records), strict=True)
-    }
-    ends = {TopicPartition(*key): offset for key, offset in last.items()}
-    starts = {TopicPartition(*key): offset for key, offset in first.items()}
-    return starts, ends
+    last = {key: r.offset + 1 for key, r in zip(keys, records, strict=True)}
+    first = {key: r.offset for key, r in zip(reversed(keys), reversed(records), strict=True)}
+    return {TopicPartition(*key): (first[key], end) for key, end in last.items()}
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):
-    """kafka-python 3 calls the listener on its I/O thread, where blocking consumer calls
-    (commit, committed) are refused; the async variant may await the coordinator instead."""
+    """kafka-python 3 calls the listener on its I/O thread, where blocking consumer calls are
+    refused; the async variant may await the coordinator instead."""
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        try:
-            await self._worker.on_revoked(set(revoked))
-        except Exception:
-            logger.exception("handling revoked partitions failed")
-            raise
+        await self._worker.on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self._worker.on_assigned(set(assigned))
@@ -100,20 +86,34 @@ class _Rebalance(AsyncConsumerRebalanceListener):
 
 @dataclass
 class WorkerState:
-    """What /readyz reports; written by the worker thread, read by the HTTP thread."""
+    """What /readyz and /healthz report; written by the worker thread, read by the HTTP one."""
 
     model_loaded: Callable[[], bool] = lambda: False
     broker_connected: bool = False
     group_joined: bool = False
+    group_stable: Callable[[], bool] = lambda: True  # the coordinator's view, live
     assigned: set[TopicPartition] = field(default_factory=set)
+    liveness_timeout_s: float = 120.0
+    has_work: bool = False
+    progress_at: float = field(default_factory=time.monotonic)
 
     def readiness(self) -> tuple[bool, dict[str, bool]]:
         checks = {
             "model_loaded": self.model_loaded(),
             "broker_connected": self.broker_connected,
-            "group_joined": self.group_joined,
+            "group_joined": self.group_joined and self.group_stable(),
+            "making_progress": self.liveness()[0],
         }
         return all(checks.values()), checks
+
+    def liveness(self) -> tuple[bool, dict[str, float]]:
+        """Alive unless the loop has had work and made no progress for liveness_timeout_s."""
+        stalled_s = time.monotonic() - self.progress_at if self.has_work else 0.0
+        return stalled_s <= self.liveness_timeout_s, {"stalled_s": round(stalled_s, 1)}
+
+    def progressed(self, *, has_work: bool) -> None:
+        self.has_work = has_work
+        self.progress_at = time.monotonic()
 
 
 class Worker:
@@ -121,8 +121,8 @@ class Worker:
         self,
         *,
         config: StreamConfig,
-        detector: Detector,
-        scorer: BatchScorer,
+        scorer: Scorer,
+        publisher: ResultPublisher,
         metrics: WorkerMetrics,
         consumer: KafkaConsumer,
         producer: KafkaProducer,
@@ -136,45 +136,42 @@ class Worker:
         self._scorer = scorer
         self._depth = _SCORING_DEPTH if scorer.overlaps else 1
         self._poll_records = config.max_batch_size * (1 if scorer.overlaps else _POLL_BATCHES)
-        self._publisher = ResultPublisher(
-            producer=producer,
-            alert_topic=config.alert_topic,
-            scores_topic=config.scores_topic,
-            dlq_topic=config.dlq_topic,
-            model_version=detector.version,
-            threshold=detector.threshold,
-            scores_format=config.scores_format,
-        )
+        self._ledger = OffsetLedger()
+        self._outbox = Outbox(publisher=publisher, config=config, on_error=self._error)
+        self._publisher = publisher
         self._buffer: list[Any] = []
-        self._inflight: deque[_InFlight] = deque()
-        self._sent: deque[_Sent] = deque()
-        self._committed: dict[TopicPartition, int] = {}
-        self._consumed: dict[TopicPartition, int] = {}  # next offset, from records in hand
-        self._to_commit: dict[TopicPartition, int] = {}
-        self._lag_at = 0.0
-        self._commit_at = 0.0
-        self._commit_interval_s = config.commit_interval_ms / 1000.0
+        self._scoring: deque[_Batch] = deque()
+        self._paused = False
+        self._sent_at: dict[int, float] = {}  # batch id -> when its outputs were sent
+        self._lag_at = self._commit_at = 0.0
         self.on_batch_scored: Callable[[int], None] | None = None  # for benchmarks
+        state.liveness_timeout_s = config.liveness_timeout_s
 
     # -- the loop --------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> bool:
         """Consume until `stop` is set, then drain. True when everything was committed."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is not None and hasattr(coordinator, "stable"):
+            self._state.group_stable = coordinator.stable
         self._consumer.subscribe([self._config.input_topic], listener=_Rebalance(self))
-        while not stop.is_set():
-            self._fill_buffer(stop)
-            self._publish_scored()
-            if self._buffer:
-                if len(self._inflight) >= self._depth:  # the scorer has enough: wait for it
-                    self._publish_oldest()
-                full = self._start_batch() == self._config.max_batch_size
-                if not full or not self._scorer.overlaps:
-                    # Inline scoring is done already. A batch cut by its deadline means the
-                    # worker has caught up: overlapping the next poll gains nothing, and
-                    # publishing as soon as the scores are in (a few ms) spares the alerts a
-                    # poll's wait. Only full batches (a backlog) overlap the next poll.
-                    self._publish_all()
-        return self._drain()
+        try:
+            while not stop.is_set():
+                self._fill_buffer(stop)
+                self._publish_scored()
+                if self._buffer and not self._held_back():
+                    if len(self._scoring) >= self._depth:  # the scorer has enough: wait
+                        self._publish_oldest()
+                    full = self._start_batch() == self._config.max_batch_size
+                    if not full or not self._scorer.overlaps:
+                        # Inline scoring is done already; a batch cut by its deadline means the
+                        # worker has caught up, and publishing it now spares its alerts a poll.
+                        self._publish_all()
+            return self._drain()
+        except UnsendableError as exc:
+            logger.error("%s", exc)
+            self._commit(sync=True)  # what precedes the unsendable record only
+            return False
 
     def _poll(self, timeout_ms: int, max_records: int) -> dict:
         try:
@@ -191,160 +188,154 @@ class Worker:
 
     def _fill_buffer(self, stop: threading.Event) -> None:
         """Poll until the buffer holds max_batch_size records or its first record has waited
-        max_batch_delay_ms; meanwhile publish the batch in flight and commit acknowledged ones."""
+        max_batch_delay_ms; meanwhile publish scored batches and service acks and commits."""
         size = self._config.max_batch_size
-        if len(self._buffer) >= size:  # a batch is ready from an earlier poll
-            self._service()
-            return
         delay_s = self._config.max_batch_delay_ms / 1000.0
         first_at = time.monotonic() if self._buffer else None
-        while not stop.is_set() and len(self._buffer) < size:
+        while not stop.is_set():
+            held = self._service()
+            if len(self._buffer) >= size and not held:
+                return
             # Short polls only while a batch is being scored (to publish it as soon as it is
-            # done) or while sends await acks with nothing else to do; every poll costs a
-            # round trip to kafka-python's I/O thread.
-            if self._inflight:
+            # done) or while sends await acks; every poll costs a round trip to kafka-python.
+            if self._scoring:
                 timeout_ms = _SERVICE_POLL_MS
-            elif self._sent and not self._buffer:
+            elif held or (len(self._outbox) and not self._buffer):
                 timeout_ms = _ACK_POLL_MS
             else:
                 timeout_ms = _IDLE_POLL_MS
-            if first_at is not None:
+            if first_at is not None and not held:
                 left_ms = (first_at + delay_s - time.monotonic()) * 1000.0
                 if left_ms <= 0:
-                    break
+                    return
                 timeout_ms = max(0, min(timeout_ms, int(left_ms)))
-            polled = self._poll(timeout_ms, self._poll_records)
-            for records in polled.values():
+            for tp, records in self._poll(timeout_ms, self._poll_records).items():
+                self._ledger.consumed_from(tp, records[0].offset)
                 self._buffer.extend(records)
             if self._buffer and first_at is None:
                 first_at = time.monotonic()
             self._publish_scored()
-            self._service()
-            if first_at is not None and delay_s == 0:
-                break
+            if first_at is not None and delay_s == 0 and not held:
+                return
 
     def _start_batch(self) -> int:
-        """Decode the next batch from the buffer and hand it to the scorer; returns its size."""
+        """Cut the next batch from the buffer, decode it, open it in the ledger and hand it
+        to the scorer; returns its size."""
         size = self._config.max_batch_size
-        if len(self._buffer) <= size:
-            records, self._buffer = self._buffer, []
-        else:
-            records, self._buffer = self._buffer[:size], self._buffer[size:]
-        values = [r.value for r in records]
+        records, self._buffer = self._buffer[:size], self._buffer[size:]
         try:
-            decoded = decode_batch(values, codec=self._config.codec)
+            decoded = decode_batch([r.value for r in records], codec=self._config.codec)
         except Exception as exc:  # a decoder bug must not lose records: dead-letter them all
             self._error("decode", exc)
-            decoded = DecodedBatch(
-                images=np.empty((0, 784), np.uint8),
-                valid=np.zeros(len(records), dtype=bool),
-                errors={i: (DECODE_ERROR, str(exc)[:200]) for i in range(len(records))},
-            )
+            decoded = _all_invalid(len(records), DECODE_ERROR, exc)
         self._metrics.batch_size.observe(len(records))
+        nbytes = sum(len(r.value or b"") for r in records)
+        batch_id = self._ledger.open(_offset_ranges(records), records=len(records), nbytes=nbytes)
+        caught_up = len(records) < size
         scoring = (
-            self._scorer.submit(decoded.images, caught_up=len(records) < size)
-            if decoded.n_valid
-            else None
+            self._scorer.submit(decoded.images, caught_up=caught_up) if decoded.n_valid else None
         )
-        self._inflight.append(_InFlight(records=records, decoded=decoded, scoring=scoring))
+        self._scoring.append(_Batch(batch_id, records, decoded, scoring, time.time()))
         return len(records)
 
     def _publish_scored(self) -> None:
-        """Publish the batches whose scores are in, oldest first (offsets commit in order)."""
-        while self._inflight and (
-            self._inflight[0].scoring is None or self._inflight[0].scoring.done()
+        """Publish the batches whose scores are in, oldest first."""
+        while self._scoring and (
+            self._scoring[0].scoring is None or self._scoring[0].scoring.done()
         ):
             self._publish_oldest()
 
     def _publish_all(self) -> None:
-        while self._inflight:
+        while self._scoring:
             self._publish_oldest()
 
     def _publish_oldest(self) -> None:
-        batch = self._inflight.popleft()
+        batch = self._scoring.popleft()
         scores: Scores | None = None
         decoded = batch.decoded
         if batch.scoring is not None:
             try:
                 scores = batch.scoring.result()
-            except Exception as exc:  # send the records to the DLQ rather than retry forever
+                self._metrics.inference_seconds.observe(batch.scoring.seconds)
+            except Exception as exc:  # dead-letter the batch rather than retry forever
                 self._error("scoring", exc)
                 logger.exception("scoring failed; %d records go to the DLQ", decoded.n_valid)
-                errors = dict(decoded.errors)
-                for i in np.flatnonzero(decoded.valid).tolist():
-                    errors[i] = (SCORING_ERROR, f"{type(exc).__name__}: {exc}"[:200])
-                decoded = DecodedBatch(
-                    images=decoded.images[:0],
-                    valid=np.zeros_like(decoded.valid),
-                    errors=errors,
-                )
+                decoded = _all_invalid(len(batch.records), SCORING_ERROR, exc, decoded.errors)
+        scored_at = time.time()
         published = self._publisher.publish(batch.records, decoded, scores)
-        starts, ends = _offset_ranges(batch.records)
-        self._consumed.update(ends)
-        self._sent.append(
-            _Sent(published=published, ends=ends, starts=starts, n_invalid=len(decoded.errors))
-        )
+        sent_at = time.time()
+        if self._ledger.tracks(batch.batch_id):  # not revoked while it was being scored
+            self._outbox.add(batch.batch_id, published)
+            self._ledger.unacked_bytes += unacked_bytes(published)
+            self._sent_at[batch.batch_id] = sent_at
+        stage = self._metrics.stage_seconds
+        if len(published.timestamps_ms):  # the oldest record: produced -> cut into a batch
+            stage.labels(stage="wait").observe(batch.cut_at - published.timestamps_ms.min() / 1e3)
+        stage.labels(stage="score").observe(scored_at - batch.cut_at)
+        stage.labels(stage="publish").observe(sent_at - scored_at)
+        self._state.progressed(has_work=True)
         if self.on_batch_scored is not None:
             self.on_batch_scored(len(batch.records))
 
-    # -- acknowledgements and commits ------------------------------------------------------
+    # -- acknowledgements, backpressure and commits ----------------------------------------
 
-    def _service(self) -> None:
-        self._reap_acknowledged()
+    def _take_acks(self) -> None:
+        acked = self._outbox.reap()
+        for batch_id, published in acked:
+            self._ledger.unacked_bytes -= unacked_bytes(published)
+            self._ledger.acknowledge(batch_id)
+            sent_at = self._sent_at.pop(batch_id, None)
+            if sent_at is not None:
+                self._metrics.stage_seconds.labels(stage="ack").observe(time.time() - sent_at)
+            self._count(published)
+        busy = bool(self._buffer or self._scoring or self._ledger.has_work())
+        if acked or not busy:
+            self._state.progressed(has_work=busy)
+
+    def _service(self) -> bool:
+        """Take acknowledged batches, commit on the timer, pause or resume consuming; returns
+        whether consuming is held back."""
+        self._take_acks()
         now = time.monotonic()
-        if self._to_commit and now - self._commit_at >= self._commit_interval_s:
+        if now - self._commit_at >= self._config.commit_interval_ms / 1000.0:
             self._commit_at = now
             self._commit(sync=False)
         if now - self._lag_at >= _LAG_INTERVAL_S:
             self._lag_at = now
             self._update_lag()
+        held = self._held_back()
+        if held != self._paused and self._state.assigned:
+            (self._consumer.pause if held else self._consumer.resume)(*self._state.assigned)
+            self._paused = held
+            logger.info("consuming %s", "paused (backpressure)" if held else "resumed")
+        return held
 
-    def _reap_acknowledged(self) -> None:
-        while self._sent:
-            sent = self._sent[0]
-            futures = sent.published.futures
-            while sent.checked < len(futures) and futures[sent.checked].is_done:
-                sent.checked += 1
-            if sent.checked < len(futures):
-                return
-            failed = next((f.exception for f in futures if f.failed()), None)
-            if failed is not None:
-                self._rewind(failed)
-                return
-            self._sent.popleft()
-            self._count(sent)
-            self._to_commit.update(sent.ends)
+    def _held_back(self) -> bool:
+        ledger, config = self._ledger, self._config
+        return (
+            ledger.unacked_records >= config.max_unacked_records
+            or ledger.unacked_bytes >= config.max_unacked_bytes
+            or self._outbox.retrying
+        )
 
-    def _count(self, sent: _Sent) -> None:
-        published, m = sent.published, self._metrics
+    def _count(self, published: PublishedBatch) -> None:
+        m = self._metrics
         m.records.labels(outcome="normal").inc(published.n_normal)
         m.records.labels(outcome="anomaly").inc(published.n_anomaly)
-        m.records.labels(outcome="invalid").inc(sent.n_invalid)
+        m.records.labels(outcome="invalid").inc(len(published.records) - len(published.scores))
         if published.n_alerts:
             m.alerts_published.inc(published.n_alerts)
         for reason in published.dead_letter_reasons:
             m.dead_letters.labels(reason=reason).inc()
         observe_many(m.score, published.scores)
         if len(published.timestamps_ms):
-            latency = time.time() - published.timestamps_ms / 1000.0
-            observe_many(m.end_to_end_seconds, latency)
-
-    def _pending_offsets(self) -> dict[TopicPartition, OffsetAndMetadata]:
-        assigned = self._state.assigned
-        offsets = {
-            tp: OffsetAndMetadata(offset, "", -1)
-            for tp, offset in self._to_commit.items()
-            if tp in assigned
-        }
-        self._to_commit = {}
-        return offsets
-
-    def _record_committed(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        for tp, meta in offsets.items():
-            self._committed[tp] = meta.offset
+            observe_many(m.end_to_end_seconds, time.time() - published.timestamps_ms / 1000.0)
 
     def _commit(self, *, sync: bool) -> bool:
-        offsets = self._pending_offsets()
+        offsets = {
+            tp: OffsetAndMetadata(offset, "", -1)
+            for tp, offset in self._ledger.committable(self._state.assigned).items()
+        }
         if not offsets:
             return True
         try:
@@ -353,92 +344,67 @@ class Worker:
             else:
                 self._consumer.commit_async(offsets=offsets, callback=self._on_commit)
         except KafkaError as exc:
-            self._error("commit", exc)
-            # Offsets not committed are committed with the next batch or re-delivered.
+            self._error("commit", exc)  # committed with a later batch, or re-delivered
             return False
-        self._record_committed(offsets)
+        self._ledger.mark_committed({tp: meta.offset for tp, meta in offsets.items()})
         return True
 
     def _on_commit(self, offsets: Any, response: Any) -> None:
         if isinstance(response, Exception):
             self._error("commit", response)
 
-    def _rewind(self, exc: BaseException) -> None:
-        """A send failed: re-consume from the oldest unacknowledged record of each partition."""
-        self._error("produce", exc)
-        starts: dict[TopicPartition, int] = {}
-        for sent in self._sent:
-            for tp, offset in sent.starts.items():
-                starts.setdefault(tp, offset)
-        held = [r for batch in self._inflight for r in batch.records] + self._buffer
-        for tp, offset in _offset_ranges(held)[0].items():
-            starts.setdefault(tp, offset)
-        logger.error("a send failed (%s); re-consuming from %s", exc, starts)
-        self._sent.clear()
-        self._inflight.clear()
-        self._buffer = []
-        for tp, offset in starts.items():
-            if tp in self._state.assigned:
-                self._consumer.seek(tp, offset)
-
-    def _flush_and_commit(self, *, timeout_s: float) -> bool:
-        try:
-            self._producer.flush(timeout=timeout_s)
-        except KafkaError as exc:
-            self._error("produce", exc)
-        self._reap_acknowledged()
-        committed = self._commit(sync=True)
-        return committed and not self._sent
+    def _await_acks(self, timeout_s: float) -> None:
+        """Flush and take acks (with retries) until every sent batch is settled or time is up."""
+        deadline = time.monotonic() + timeout_s
+        while len(self._outbox) and time.monotonic() < deadline:
+            try:
+                self._producer.flush(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
+            except KafkaError as exc:
+                self._error("produce", exc)
+            self._take_acks()
+            if len(self._outbox):
+                time.sleep(0.01)
 
     def _update_lag(self) -> None:
         for tp in self._state.assigned:
             end = self._consumer.highwater(tp)
-            if end is None:
-                continue
-            done = self._committed.get(tp, self._consumed.get(tp))
-            if done is None:
-                continue
-            self._metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
-                max(0, end - done)
-            )
+            done = self._ledger.position(tp)
+            if end is not None and done is not None:
+                labels = {"topic": tp.topic, "partition": str(tp.partition)}
+                self._metrics.consumer_lag.labels(**labels).set(max(0, end - done))
 
     # -- rebalances and shutdown -----------------------------------------------------------
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Before partitions move to another worker: publish the batch in flight, wait for the
-        acks, commit; records still in the buffer are left to the next owner (not committed)."""
-        self._publish_all()
+        """Before partitions move: publish what is being scored, wait for acks, commit what
+        the ledger allows, forget the rest (the next owner consumes it again)."""
         try:
-            self._producer.flush(timeout=self._config.drain_timeout_s)
-        except KafkaError as exc:
-            self._error("produce", exc)
-        self._reap_acknowledged()
-        offsets = self._pending_offsets()
+            self._publish_all()
+            self._await_acks(self._config.drain_timeout_s)
+        except UnsendableError:
+            logger.error("rebalance: an unsendable record; its batch is left uncommitted")
+        offsets = {
+            tp: OffsetAndMetadata(offset, "", -1)
+            for tp, offset in self._ledger.committable(revoked).items()
+        }
         if offsets:
-            coordinator = self._consumer._coordinator
             # The awaitable commit of kafka-python 3's coordinator (no public one exists yet);
             # the blocking consumer.commit() is refused on the I/O thread.
-            commit = getattr(coordinator, "_commit_offsets_sync_async", None)
+            coordinator = self._consumer._coordinator
             try:
-                if commit is not None:
-                    await commit(offsets)
-                else:
-                    coordinator.commit_offsets_async(offsets)
-                self._record_committed(offsets)
+                await coordinator._commit_offsets_sync_async(offsets)
+                self._ledger.mark_committed({tp: m.offset for tp, m in offsets.items()})
             except KafkaError as exc:
                 self._error("commit", exc)
-        if self._sent:
-            logger.warning("rebalance: not every send was acknowledged; those are re-delivered")
-        self._sent.clear()
-        self._buffer = [
-            r for r in self._buffer if TopicPartition(r.topic, r.partition) not in revoked
-        ]
+        self._ledger.revoke(revoked)
+        self._outbox.keep_only(self._ledger.tracks)
+        self._buffer = [r for r in self._buffer if TopicPartition(*_TP_KEY(r)) not in revoked]
         for tp in revoked:
-            self._committed.pop(tp, None)
-            self._consumed.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(tp.topic, str(tp.partition))
         self._state.assigned = self._state.assigned - revoked
+        self._state.group_joined = bool(self._state.assigned)
+        self._paused = False
         if revoked:
             logger.info("partitions revoked: %s", sorted(str(tp) for tp in revoked))
 
@@ -448,17 +414,31 @@ class Worker:
         logger.info("partitions assigned: %s", sorted(str(tp) for tp in assigned))
 
     def _drain(self) -> bool:
-        """Score and publish the records in hand (the batch in flight and what poll() has
-        returned), flush, commit, leave the group."""
+        """Score and publish what is in hand, wait for the acks, commit, leave the group.
+        True only when every record consumed was acknowledged and committed."""
         self._publish_all()
         while self._buffer:
             self._start_batch()
             self._publish_all()
-        complete = self._flush_and_commit(timeout_s=self._config.drain_timeout_s)
+        self._await_acks(self._config.drain_timeout_s)
+        committed = self._commit(sync=True)
+        complete = committed and not self._ledger.has_work()
         if not complete:
-            logger.error("shutdown: some sends were not acknowledged; they will be re-delivered")
+            logger.error("shutdown: some outputs were not acknowledged; not committed")
         return complete
 
     def _error(self, kind: str, exc: BaseException) -> None:
         self._metrics.errors.labels(kind=kind).inc()
         logger.warning("%s error: %s", kind, exc)
+
+
+def _all_invalid(
+    n: int, reason: str, exc: BaseException, errors: dict | None = None
+) -> DecodedBatch:
+    """Every record of a batch dead-lettered with `reason` (those already invalid keep theirs)."""
+    detail = f"{type(exc).__name__}: {exc}"[:200]
+    return DecodedBatch(
+        images=np.empty((0, 784), np.uint8),
+        valid=np.zeros(n, dtype=bool),
+        errors={i: (reason, detail) for i in range(n)} | dict(errors or {}),
+    )

@@ -9,12 +9,11 @@ import time
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
 from detector import Detector
-from streams.metrics import WorkerMetrics
+from streams.config import StreamConfig
 from streams.score_process import ScoringProcess
-from streams.scoring import BatchScorer
+from streams.scoring import ProcessScorer, build_scorer
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +23,15 @@ def detector(trained_bundle) -> Detector:
 
 @pytest.fixture
 def scorer(detector):
-    metrics = WorkerMetrics(registry=CollectorRegistry(), score_buckets=(1.0,))
-    scorer = BatchScorer(
-        detector=detector, metrics=metrics, cpu_scoring="process", capacity=256, cpu_threads=1
+    errors: list[str] = []
+    scorer = build_scorer(
+        StreamConfig(max_batch_size=256, scoring_timeout_s=3.0),
+        detector=detector,
+        on_error=lambda kind, exc: errors.append(kind),
     )
-    yield scorer, metrics
+    assert isinstance(scorer, ProcessScorer)
+    yield scorer, errors
     scorer.close()
-
-
-def _errors(metrics: WorkerMetrics, kind: str) -> float:
-    return metrics.errors.labels(kind=kind)._value.get()
 
 
 def test_scores_equal_the_detectors_and_two_batches_can_be_in_flight(
@@ -55,7 +53,7 @@ def test_scores_equal_the_detectors_and_two_batches_can_be_in_flight(
 def test_a_killed_process_is_restarted_and_the_batch_scored_again(
     scorer, detector, fashion_mnist
 ) -> None:
-    batch_scorer, metrics = scorer
+    batch_scorer, errors = scorer
     images = fashion_mnist.test.images[:200]
     batch_scorer.submit(images).result()
     process = batch_scorer.process
@@ -66,7 +64,30 @@ def test_a_killed_process_is_restarted_and_the_batch_scored_again(
     result = batch_scorer.submit(images).result()
     np.testing.assert_allclose(result.scores, detector.score(images).scores, rtol=1e-6)
     assert process._process.pid != old_pid and process.alive()
-    assert _errors(metrics, "scoring") == 1
+    assert errors == ["scoring"]
+
+
+def test_a_frozen_process_is_killed_after_the_timeout_and_the_batch_scored_again(
+    scorer, detector, fashion_mnist
+) -> None:
+    batch_scorer, errors = scorer
+    images = fashion_mnist.test.images[:100]
+    batch_scorer.submit(images).result()
+    process = batch_scorer.process
+    frozen = process._process.pid
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        pending = batch_scorer.submit(images)
+        started = time.monotonic()
+        assert not pending.done()
+        result = pending.result()
+        waited = time.monotonic() - started
+    finally:
+        if process._process.pid == frozen:
+            os.kill(frozen, signal.SIGCONT)
+    np.testing.assert_allclose(result.scores, detector.score(images).scores, rtol=1e-6)
+    assert process._process.pid != frozen and errors == ["scoring"]
+    assert waited >= 3.0  # the timeout, then a restart (model load) and the batch again
 
 
 def test_the_process_ignores_sigint_and_sigterm_so_a_draining_worker_can_finish(
