@@ -20,9 +20,13 @@ therefore asks for both a tiny p-value and a large D for minutes on end
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from detector.calibration import Calibration
 
 QUANTILES = (0.5, 0.9, 0.99)
 # Terms of the Kolmogorov series; they fall as exp(-2 k^2 x^2), so 100 is far more than enough
@@ -138,3 +142,47 @@ class ScoreWindow:
 
     def clear(self) -> None:
         self._next = self._size = 0
+
+
+class DriftMonitor:
+    """One model's window of recent scores, compared with its calibration scores at most every
+    `interval_s` (the KS test sorts the window: cheap, but not worth doing on every batch)."""
+
+    def __init__(
+        self,
+        calibration: Calibration,
+        *,
+        window_records: int,
+        interval_s: float,
+        export: Callable[[DriftStatistics], None],
+    ) -> None:
+        self.calibration = calibration
+        self._window = ScoreWindow(window_records)
+        self._interval_s = interval_s
+        self._export = export
+        self._due = 0.0
+
+    def observe(self, scores: np.ndarray, *, now: float | None = None) -> DriftStatistics | None:
+        """Add a batch's scores; returns (and exports) the statistics when they were due."""
+        self._window.extend(scores)
+        now = time.monotonic() if now is None else now
+        if now < self._due:
+            return None
+        self._due = now + self._interval_s
+        return self.flush()
+
+    def flush(self) -> DriftStatistics:
+        stats = drift_statistics(
+            self._window.values(),
+            self.calibration.scores,
+            threshold=self.calibration.threshold,
+            target_fpr=self.calibration.target_fpr,
+        )
+        self._export(stats)
+        return stats
+
+    def recalibrated(self, calibration: Calibration) -> None:
+        """A new model serves: its scores are on its own scale, so the window starts over."""
+        self.calibration = calibration
+        self._window.clear()
+        self._due = 0.0

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 LoadDetector = Callable[[Path], Detector]
 ErrorCallback = Callable[[str, BaseException], None]
+# What else a model needs before it can serve (e.g. a scoring process started with its weights),
+# made in the watcher's thread; and how to release it when the candidate is never swapped in.
+Prepare = Callable[[Detector], Any]
+Dispose = Callable[[Any], None]
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class Candidate:
     detector: Detector
     path: str
     reason: str
+    prepared: Any = None  # what `prepare` made for it
 
 
 class ModelWatcher:
@@ -90,6 +96,8 @@ class ModelWatcher:
         on_error: ErrorCallback | None = None,
         interval_s: float = 1.0,
         warmup_sizes: Callable[[], Sequence[int]] = lambda: (1,),
+        prepare: Prepare | None = None,
+        dispose: Dispose | None = None,
     ) -> None:
         self._path = Path(path)
         self._load = load
@@ -97,6 +105,8 @@ class ModelWatcher:
         self._on_error = on_error
         self._interval_s = interval_s
         self._warmup_sizes = warmup_sizes
+        self._prepare = prepare
+        self._dispose = dispose
         self._serving_version = serving_version
         self._seen = bundle_identity(self._path)
         # Plain attributes written by a signal handler or the HTTP thread and read by the
@@ -123,6 +133,7 @@ class ModelWatcher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        self._discard(self.take())
 
     # -- requests (any thread, or a signal handler) ---------------------------------------
 
@@ -197,8 +208,11 @@ class ModelWatcher:
                 outcome = "unchanged"
             else:
                 self._warm_up(detector)
+                prepared = self._prepare(detector) if self._prepare is not None else None
+                candidate = Candidate(detector, resolved, reason, prepared)
                 with self._ready_lock:
-                    self._ready = Candidate(detector=detector, path=resolved, reason=reason)
+                    replaced, self._ready = self._ready, candidate
+                self._discard(replaced)  # a newer bundle came before the worker took it
                 outcome = "loaded"
         except Exception as exc:  # BundleError, DeviceError, a failed warm-up: keep serving
             outcome = "failed"
@@ -231,6 +245,10 @@ class ModelWatcher:
                 "reload (%s) of %s: %s, version %s, %.2f s",
                 reason, resolved, outcome, version, seconds,
             )  # fmt: skip
+
+    def _discard(self, candidate: Candidate | None) -> None:
+        if candidate is not None and candidate.prepared is not None and self._dispose is not None:
+            self._dispose(candidate.prepared)
 
     def _warm_up(self, detector: Detector) -> None:
         """Score blank batches of the worker's batch sizes once (first-call allocations happen

@@ -28,11 +28,12 @@ pytestmark = pytest.mark.slow
 def second_bundle(
     trained_bundle: Path, fashion_mnist: FashionMNIST, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    """The same weights recalibrated on other normal images: another version."""
+    """The same weights recalibrated on other normal images for a 5 % FPR: another version,
+    whose verdicts differ from the first's."""
     test = fashion_mnist.test
     normal = test.images[test.labels == SMALL_BUNDLE_NORMAL_CLASS][:400]
     out = tmp_path_factory.mktemp("second") / "v2"
-    recalibrate_bundle(trained_bundle, normal, out=out, source="test images 0-399")
+    recalibrate_bundle(trained_bundle, normal, out=out, source="test images 0-399", target_fpr=0.05)
     return out
 
 
@@ -207,3 +208,75 @@ def test_identity_follows_the_link_and_the_manifest(trained_bundle: Path, tmp_pa
     assert bundle_identity(link) == first
     assert bundle_identity(tmp_path / "nothing").manifest is None
     np.testing.assert_equal(bundle_identity(trained_bundle), first)
+
+
+def test_lifecycle_counts_both_models_and_switches_gauges_at_the_swap(
+    trained_bundle: Path, second_bundle: Path, fashion_mnist: FashionMNIST, registry
+) -> None:
+    """The hooks the worker loop calls: the shadow scores what the serving model scored, its
+    verdicts are counted and compared; at a swap the threshold, the info and the per-version
+    series follow the new model."""
+    from streams.lifecycle import ModelLifecycle
+    from streams.metrics import WorkerMetrics
+    from streams.model_watch import Candidate
+
+    metrics = WorkerMetrics(registry=registry, score_buckets=(0.0, 1.0))
+    serving, shadow = _loader(trained_bundle), _loader(second_bundle)
+    lifecycle = ModelLifecycle(
+        detector=serving,
+        metrics=metrics,
+        drift_window_records=500,
+        drift_interval_s=0.0,
+        shadow=shadow,
+    )
+    images = fashion_mnist.test.images[:600]  # all classes: both models flag some
+    for part in np.array_split(images, 3):
+        lifecycle.observe(part, serving.score(part))
+    lifecycle.shadow.drain()
+    served, shadowed = serving.score(images), shadow.score(images)
+
+    def count(role: str, version: str, outcome: str) -> float | None:
+        return _sample(
+            registry, "vaewatch_model_records_total", role=role, version=version, outcome=outcome
+        )
+
+    assert count("serving", serving.version, "anomaly") == served.anomalous.sum()
+    assert count("shadow", shadow.version, "anomaly") == shadowed.anomalous.sum()
+    assert count("shadow", shadow.version, "normal") == (~shadowed.anomalous).sum()
+    disagreements = int((served.anomalous != shadowed.anomalous).sum())
+    assert disagreements > 0
+    assert (
+        _sample(registry, "vaewatch_shadow_disagreements_total", version=shadow.version)
+        == disagreements
+    )
+    for role in ("serving", "shadow"):
+        assert _sample(registry, "vaewatch_window_records", role=role) == 500
+        assert 0 < _sample(registry, "vaewatch_drift_ks_statistic", role=role) <= 1
+    assert (
+        _sample(
+            registry,
+            "vaewatch_shadow_model_info",
+            version=shadow.version,
+            threshold=repr(float(shadow.threshold)),
+        )
+        == 1
+    )
+
+    lifecycle.swapped(Candidate(shadow, str(second_bundle), "test"))
+    assert _sample(registry, "vaewatch_threshold") == shadow.threshold
+    assert (
+        _sample(
+            registry,
+            "vaewatch_model_info",
+            version=shadow.version,
+            device="cpu",
+            calibration_method="conformal",
+        )
+        == 1
+    )
+    assert count("serving", serving.version, "anomaly") is None  # the old version's series went
+    assert _sample(registry, "vaewatch_window_records", role="serving") == 500  # until next batch
+    lifecycle.observe(images[:10], shadow.score(images[:10]))
+    assert _sample(registry, "vaewatch_window_records", role="serving") == 10  # window restarted
+    lifecycle.close()
+    assert count("shadow", shadow.version, "anomaly") is None
