@@ -164,3 +164,15 @@ def test_no_file_points_outside_the_repository() -> None:
         ["git", "grep", "-n", "-e", r"\.\./shared"], cwd=REPO, capture_output=True, text=True
     )
     assert found.returncode == 1, found.stdout or found.stderr
+
+
+def test_readme_lists_every_subcommand() -> None:
+    from vaewatch.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    table = [
+        line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `")
+    ]
+    missing = [name for name in commands if not any(f"`{name}" in row for row in table)]
+    assert missing == [], "add these commands to README.md's command table"
