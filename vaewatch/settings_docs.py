@@ -54,11 +54,11 @@ Where a value comes from, later sources winning:
    `{ENV_PREFIX}STREAM__BOOTSTRAP_SERVERS=kafka:9092`;
 4. `--set section.key=value`, repeatable, the last one winning.
 
-`--config`, `--set` and `--log-level` go before or after the subcommand:
-`vaewatch train --set train.epochs=1 --out m` and `vaewatch --set train.epochs=1 train --out m`
-are the same. Values of `--set` and of environment variables are YAML: `--set
-"data.normal_classes=[3]"` gives a list, `--set train.amp=false` a bool. An unknown key or a
-value out of range stops the command with one line naming the key (`vaewatch: error: ...`).
+`--set` (like `--config`) goes before or after the subcommand ([command
+line](../README.md#command-line)). Values of `--set` and of environment variables are YAML:
+`--set "data.normal_classes=[3]"` gives a list, `--set train.amp=false` a bool. An unknown key or
+a value out of range stops the command with one line naming the key (`vaewatch: error: ...`).
+`vaewatch config` prints the settings a command would run with.
 """
 
 
