@@ -36,6 +36,7 @@ class _BoundedWSGIServer(ThreadingMixIn, WSGIServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 64  # the listen backlog: a burst of connections is not dropped
     max_connections = 16
     connection_timeout_s = 5.0
 

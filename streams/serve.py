@@ -41,10 +41,10 @@ def build_metrics(*, detector: Detector, registry: CollectorRegistry) -> WorkerM
 
 def tune_interpreter(stream: StreamConfig, *, detector: Detector) -> None:
     """torch's CPU threads and the GIL switch interval of the worker's process. The shorter
-    switch interval only pays where torch runs in this process (inline or thread scoring,
-    CUDA launches): each torch op releases the GIL and must win it back from kafka-python's I/O
+    switch interval only pays where torch runs in this process (inline scoring, CUDA
+    launches): each torch op releases the GIL and must win it back from kafka-python's I/O
     thread. With a scoring process it only adds switches between the main and I/O threads, so
-    Python's 5 ms stays (measured faster on the backlog drain, BENCHMARKS.md)."""
+    Python's default interval stays (the backlog drain in BENCHMARKS.md compares both)."""
     if stream.cpu_threads and detector.device.type == "cpu":
         torch.set_num_threads(stream.cpu_threads)
     scores_here = detector.device.type == "cuda" or stream.cpu_scoring != "process"
