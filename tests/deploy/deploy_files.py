@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
+from serve.metrics import ServeMetrics
 from streams.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +34,8 @@ REPO_CONFIG = ROOT / "config.yaml"
 
 # The Prometheus job every rule and panel selects.
 JOB = "vaewatch"
+# The job of `vaewatch serve`, which the dashboard's HTTP service row selects.
+SERVE_JOB = "vaewatch-serve"
 
 
 def load_yaml(path: Path) -> Any:
@@ -60,9 +63,11 @@ def k8s_kind(kind: str) -> list[dict[str, Any]]:
 
 
 def exported_metric_families() -> dict[str, str]:
-    """{family name: type} of every metric WorkerMetrics declares (streams/metrics.py)."""
+    """{family name: type} of every metric WorkerMetrics declares (streams/metrics.py), and
+    the HTTP service's ServeMetrics (serve/metrics.py)."""
     registry = CollectorRegistry()
     WorkerMetrics(registry=registry, score_buckets=(1.0, 2.0, 3.0))
+    ServeMetrics(registry=registry)
     return {family.name: family.type for family in registry.collect()}
 
 

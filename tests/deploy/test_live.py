@@ -34,6 +34,7 @@ from tests.deploy.deploy_files import (
     JOB,
     PROMETHEUS_CONFIG,
     PROMETHEUS_DIR,
+    SERVE_JOB,
     dashboard_queries,
     label_values_metric,
     load_yaml,
@@ -41,6 +42,7 @@ from tests.deploy.deploy_files import (
     template_queries,
 )
 from tests.fixtures_broker import make_topics, start_worker
+from tests.serve.http_helpers import start_serve_process
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +58,10 @@ def _prometheus_binary() -> str:
     return path
 
 
-def live_config(target: str) -> dict[str, Any]:
-    """deploy/prometheus/prometheus.yml with the vaewatch job scraping `target` every second
-    and the rules evaluated every second; same rule files, same job name and path."""
+def live_config(target: str, serve_target: str | None = None) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml with the vaewatch job scraping `target` (and the
+    vaewatch-serve job `serve_target`) every second and the rules evaluated every second; same
+    rule files, same job names and paths."""
     config = load_yaml(PROMETHEUS_CONFIG)
     config["global"]["scrape_interval"] = "1s"
     config["global"]["scrape_timeout"] = "1s"
@@ -72,6 +75,11 @@ def live_config(target: str) -> dict[str, Any]:
     job.pop("scrape_interval", None)
     job.pop("scrape_timeout", None)
     job["static_configs"] = [{"targets": [target]}]
+    serve_jobs = [job for job in config["scrape_configs"] if job["job_name"] == SERVE_JOB]
+    assert len(serve_jobs) == 1, f"deploy's prometheus.yml must have one job {SERVE_JOB!r}"
+    for key in [k for k in serve_jobs[0] if k.endswith("_sd_configs") or k == "static_configs"]:
+        del serve_jobs[0][key]
+    serve_jobs[0]["static_configs"] = [{"targets": [serve_target or "127.0.0.1:1"]}]
     return config
 
 
@@ -134,9 +142,10 @@ def _wait(
 def prometheus_for(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
     processes: list[subprocess.Popen] = []
 
-    def start(target: str) -> Prometheus:
+    def start(target: str, serve_target: str | None = None) -> Prometheus:
         config_path = tmp_path / "prometheus.yml"
-        config_path.write_text(yaml.safe_dump(live_config(target), sort_keys=False))
+        config = live_config(target, serve_target)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         port = free_port()
         log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen(
@@ -189,6 +198,21 @@ def _worker_counters(metrics_text: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def _request_the_service(url: str, images: np.ndarray) -> None:
+    """Score and explain real images over HTTP, one request per image, and one bad request."""
+    for image in images:
+        for route in ("/v1/score", "/v1/explain"):
+            body = json.dumps({"images": [image.reshape(-1).tolist()]}).encode()
+            request = urllib.request.Request(
+                url + route, data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert response.status == 200
+    bad = urllib.request.Request(url + "/v1/score", data=b"{", headers={"Content-Type": "x/y"})
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(bad, timeout=30)
+
+
 def _finite(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(series["value"][1])) for series in result)
 
@@ -201,12 +225,19 @@ def test_dashboard_and_rules_against_a_live_worker(
     prometheus_for: Callable[[str], Prometheus],
 ) -> None:
     topics = make_topics(kafka_broker, partitions=2, scores=False)
-    worker = start_worker(
-        model=trained_bundle, topics=topics, log_dir=tmp_path / "logs", timeout_s=60
-    )
+    # `vaewatch serve` too, for the dashboard's HTTP service row (starts while the worker does).
+    service = start_serve_process(trained_bundle, log_dir=tmp_path / "logs")
     try:
+        worker = start_worker(
+            model=trained_bundle, topics=topics, log_dir=tmp_path / "logs", timeout_s=60
+        )
+    except BaseException:
+        service.stop()
+        raise
+    try:
+        service.wait_ready()
         target = worker.url.removeprefix("http://")
-        prom = prometheus_for(target)
+        prom = prometheus_for(target, service.url.removeprefix("http://"))
 
         def log_hint() -> str:
             return f"\nworker log:\n{worker.log()[-3000:]}"
@@ -219,6 +250,13 @@ def test_dashboard_and_rules_against_a_live_worker(
 
         _wait("a first scrape of the worker", scraped_zero, 20, log_hint)
         zero_seen = time.monotonic()
+        # Requests to the service once Prometheus has seen it, so its rates see them arrive.
+        _wait(
+            "a first scrape of the service",
+            lambda: prom.value(f'up{{job="{SERVE_JOB}"}}') == 1,
+            20,
+        )
+        _request_the_service(service.url, fashion_mnist.test.images[:8])
         # Labelled counters exist from the start (else rate() misses their first increment: the
         # first dead letters after a restart would never reach the DLQ rate or its alert).
         dead_series = prom.query(f'vaewatch_dead_letters_total{{job="{JOB}"}}')
@@ -329,5 +367,6 @@ def test_dashboard_and_rules_against_a_live_worker(
         assert "VaewatchWorkerDown" not in alerts and "VaewatchWorkerAbsent" not in alerts
         assert "VaewatchWorkerNotReady" not in alerts
     finally:
+        service.stop()
         code = worker.stop()
     assert code == 0, worker.log()[-3000:]

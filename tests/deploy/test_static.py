@@ -384,7 +384,7 @@ def _one(kind: str, name: str | None = None) -> dict[str, Any]:
 
 
 def _k8s_worker() -> tuple[dict[str, Any], dict[str, Any], Settings]:
-    deployment = _one("Deployment")
+    deployment = _one("Deployment", "vaewatch-worker")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     configmap_volume = next(v for v in pod["volumes"] if "configMap" in v)
@@ -433,7 +433,7 @@ def test_k8s_worker_agrees_with_the_settings(tmp_path: Path) -> None:
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(port)
     assert annotations["prometheus.io/path"] == "/metrics"
-    service = _one("Service")
+    service = _one("Service", JOB)
     assert service["metadata"]["name"] == JOB, "the ServiceMonitor's job label is the Service name"
     assert (
         service["spec"]["selector"].items()
@@ -441,7 +441,7 @@ def test_k8s_worker_agrees_with_the_settings(tmp_path: Path) -> None:
     )
     (service_port,) = service["spec"]["ports"]
     assert service_port["targetPort"] in ("metrics", port)
-    monitor = _one("ServiceMonitor")
+    monitor = _one("ServiceMonitor", JOB)
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     )

@@ -1,18 +1,26 @@
 """A small HTTP client for the serve tests (stdlib only): JSON, multipart PNG uploads, raw
-bodies; every answer comes back, 4xx and 5xx included."""
+bodies; every answer comes back, 4xx and 5xx included. And `vaewatch serve` as a subprocess."""
 
 from __future__ import annotations
 
 import http.client
 import io
 import json
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
+
+from streams.broker import free_port
 
 
 @dataclass
@@ -104,3 +112,48 @@ def multipart(files: list[tuple[str, bytes]], *, field: str = "images") -> tuple
 def post_files(url: str, path: str, files: list[tuple[str, bytes]], **kwargs: Any) -> Answer:
     body, content_type = multipart(files)
     return request(url, "POST", path, body=body, content_type=content_type, **kwargs)
+
+
+@dataclass
+class ServeProcess:
+    """`vaewatch serve` as a subprocess (its own interpreter, so a busy test process does not
+    slow its answers)."""
+
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vaewatch serve exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                if get(self.url, "/readyz", timeout_s=1).status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"vaewatch serve not ready: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def start_serve_process(model: Path, *, log_dir: Path, args: Sequence[str] = ()) -> ServeProcess:
+    """Start `vaewatch serve --model MODEL` on a free port (not waiting for it)."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"serve-{port}.log"
+    command = [
+        sys.executable, "-m", "vaewatch.cli", "--set", "detector.device=cpu", *args,
+        "serve", "--model", str(model), "--port", str(port),
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    return ServeProcess(process, f"http://127.0.0.1:{port}", log_path)
