@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
@@ -108,6 +109,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BundleError(f"{manifest_path}: nested too deeply to be a bundle manifest") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"{manifest_path}: unsupported bundle format "
@@ -132,6 +135,44 @@ def _verify_files(path: Path, digests: dict[str, str]) -> None:
             raise BundleError(f"{file}: contents do not match the digest in {MANIFEST} (corrupt?)")
 
 
+def _check_weights_fit(weights: Path, config: ModelConfig) -> None:
+    """Compare the tensors `config` needs with the weights file's header before building the
+    model, so an absurd config (say model.mlp_hidden [10**9]) is an error, not an allocation of
+    gigabytes. The config's model is built on the meta device: shapes only, no memory."""
+    try:
+        with torch.device("meta"):
+            needed = {k: tuple(v.shape) for k, v in VAE(config).state_dict().items()}
+    except (RuntimeError, ValueError, OverflowError, TypeError) as exc:
+        raise BundleError(
+            f"{weights.parent / MANIFEST}: model_config cannot be built ({_first_line(exc)})"
+        ) from None
+    try:
+        with safe_open(str(weights), framework="numpy") as stored:
+            found = {k: tuple(stored.get_slice(k).get_shape()) for k in stored.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(
+            f"{weights}: not a readable safetensors file ({_first_line(exc)})"
+        ) from None
+    missing = sorted(set(needed) - set(found))
+    unexpected = sorted(set(found) - set(needed))
+    wrong = [k for k in needed if k in found and needed[k] != found[k]]
+    if missing or unexpected or wrong:
+        if wrong:
+            name = wrong[0]
+            detail = f"{name} is {list(found[name])} in the file, the config needs "
+            detail += str(list(needed[name]))
+        elif missing:
+            detail = f"{len(missing)} tensors missing, e.g. {missing[0]}"
+        else:
+            detail = f"{len(unexpected)} unexpected tensors, e.g. {unexpected[0]}"
+        raise BundleError(f"{weights.parent}: weights do not match the model config ({detail})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -> Bundle:
     """Read and verify a bundle: manifest, file digests, config, weight shapes, calibration."""
     path = Path(path)
@@ -153,14 +194,21 @@ def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise BundleError(f"{path / MANIFEST}: model_config.{where}: {first['msg']}") from None
+    _check_weights_fit(path / WEIGHTS, config)
     model = VAE(config)
     try:
         state = load_torch(str(path / WEIGHTS), device=str(map_location))
         model.load_state_dict(state, strict=True)
-        scores = load_numpy(str(path / CALIBRATION))["scores"]
     except (SafetensorError, RuntimeError, KeyError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BundleError(f"{path}: weights do not match the model config ({message})") from None
+        raise BundleError(
+            f"{path}: weights do not match the model config ({_first_line(exc)})"
+        ) from None
+    try:
+        scores = load_numpy(str(path / CALIBRATION))["scores"]
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise BundleError(
+            f"{path / CALIBRATION}: not a readable calibration file ({_first_line(exc)})"
+        ) from None
     summary = manifest["calibration"]
     if len(scores) != summary.get("n"):
         raise BundleError(f"{path / CALIBRATION}: {len(scores)} scores, manifest says {summary}")
@@ -173,5 +221,10 @@ def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path / MANIFEST}: bad calibration ({exc})") from None
+    for name in ("threshold", "target_fpr"):
+        value = getattr(calibration, name)
+        if not math.isfinite(value):
+            # A NaN threshold flags nothing (every comparison is false): refuse it.
+            raise BundleError(f"{path / MANIFEST}: calibration {name} is {value!r}, not a number")
     model.eval()
     return Bundle(model, calibration, manifest["model_version"], manifest.get("metadata", {}), path)

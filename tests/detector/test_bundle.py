@@ -140,3 +140,89 @@ def test_invalid_config_value_is_caught(bundle_dir: Path) -> None:
 def test_bad_manifest_is_caught(bundle_dir: Path, text: str) -> None:
     (bundle_dir / MANIFEST).write_text(text)
     _error(bundle_dir)
+
+
+# --- damage that must give one line, not a traceback or a huge allocation (issue 9, finding 7) --
+
+
+def _reseal(bundle_dir: Path) -> None:
+    """Recompute the digests and version after an edit, as a careless tool would: only the
+    checks that look inside the files can notice."""
+    from detector.bundle import _content_version, _sha256
+
+    def seal(manifest: dict) -> None:
+        for name in (WEIGHTS, CALIBRATION):
+            manifest["files"][name] = _sha256(bundle_dir / name)
+        manifest["model_version"] = _content_version(
+            manifest["model_config"], manifest["calibration"], manifest["files"]
+        )
+
+    _edit_manifest(bundle_dir, seal)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), float("-inf")])
+def test_a_threshold_that_is_not_a_number_is_refused(bundle_dir: Path, threshold: float) -> None:
+    # A NaN threshold loads and flags nothing: every `score > nan` is false.
+    _edit_manifest(bundle_dir, lambda m: m["calibration"].update(threshold=threshold))
+    _reseal(bundle_dir)
+    assert "calibration threshold" in _error(bundle_dir)
+
+
+def test_a_deeply_nested_manifest_is_one_line(bundle_dir: Path) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    (bundle_dir / MANIFEST).write_text('{"format_version": 1, "metadata": ' + deep + "}")
+    assert "nested too deeply" in _error(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"mlp_hidden": [50_000_000]},  # 160 GB of weights if it were built
+        {"mlp_hidden": [10**30]},
+        {"latent_dim": 1000, "mlp_hidden": [32, 2**40]},
+        {"kind": "conv", "conv_channels": [1_000_000, 1_000_000]},
+    ],
+)
+def test_an_absurd_model_config_is_refused_before_anything_is_allocated(
+    bundle_dir: Path, edit: dict
+) -> None:
+    import resource
+
+    _edit_manifest(bundle_dir, lambda m: m["model_config"].update(edit))
+    _reseal(bundle_dir)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    message = _error(bundle_dir)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert "model_config" in message or "do not match the model config" in message
+    assert grown_mib < 200, f"loading grew the process by {grown_mib:.0f} MiB"
+
+
+def test_weights_of_the_wrong_shape_are_named(bundle_dir: Path) -> None:
+    _edit_manifest(bundle_dir, lambda m: m["model_config"].update(mlp_hidden=[48]))
+    _reseal(bundle_dir)
+    message = _error(bundle_dir)
+    assert "do not match the model config" in message and "[32, 784]" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        (CALIBRATION, b"not a safetensors file at all", "not a readable calibration file"),
+        (CALIBRATION, None, "not a readable calibration file"),  # valid file, no 'scores'
+        (WEIGHTS, b"\x00" * 64, "not a readable safetensors file"),
+    ],
+)
+def test_a_corrupt_file_is_named_for_what_it_is(
+    bundle_dir: Path, name: str, content: bytes | None, expected: str
+) -> None:
+    if content is None:
+        from safetensors.numpy import save_file
+
+        save_file({"other": np.ones(3)}, str(bundle_dir / name))
+    else:
+        (bundle_dir / name).write_bytes(content)
+    _reseal(bundle_dir)
+    message = _error(bundle_dir)
+    assert expected in message and name in message
+    if name == CALIBRATION:
+        assert "weights" not in message
