@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Real Fashion-MNIST (IDX files) and a real Prometheus + promtool for the deploy checks;
-# chromium for the web console's browser test (Playwright drives it, headless).
-APT_PACKAGES := dataset-fashion-mnist prometheus chromium
+# chromium for the web console's browser test (Playwright drives it, headless); curl for the
+# README's commands, which tests/test_docs.py runs.
+APT_PACKAGES := dataset-fashion-mnist prometheus chromium curl
 
 .PHONY: setup system-packages demo test lint bench
 
