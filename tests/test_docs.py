@@ -140,12 +140,21 @@ def test_marked_shell_blocks_run(page: Path, small_dataset: Path, tmp_path: Path
 def test_relative_links_point_to_files(page: Path) -> None:
     broken = []
     for target in _LINK.findall(page.read_text()):
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"[a-z]+:", target):
             continue
-        path = (page.parent / target.split("#")[0]).resolve()
-        if not path.exists():
+        if target.startswith("#"):
+            target = page.name + target
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve()
+        if not path.exists() or (anchor and path.suffix == ".md" and anchor not in _anchors(path)):
             broken.append(target)
-    assert broken == [], f"{_rel(page)} links to missing files"
+    assert broken == [], f"{_rel(page)} links to missing files or headings"
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
 def test_wire_contract_names_every_dead_letter_reason_and_header() -> None:
