@@ -256,7 +256,18 @@ def test_dashboard_and_rules_against_a_live_worker(
             lambda: prom.value(f'up{{job="{SERVE_JOB}"}}') == 1,
             20,
         )
-        _request_the_service(service.url, fashion_mnist.test.images[:8])
+        # Twice: a labelled series is born with its first request, and rate() only counts the
+        # increments Prometheus sees after that.
+        _request_the_service(service.url, fashion_mnist.test.images[:4])
+        _wait(
+            "Prometheus to see the service's /v1/score requests",
+            lambda: prom.query(
+                f'vaewatch_serve_request_duration_seconds_count{{job="{SERVE_JOB}",'
+                'route="/v1/score"}'
+            ),
+            20,
+        )
+        _request_the_service(service.url, fashion_mnist.test.images[4:8])
         # Labelled counters exist from the start (else rate() misses their first increment: the
         # first dead letters after a restart would never reach the DLQ rate or its alert).
         dead_series = prom.query(f'vaewatch_dead_letters_total{{job="{JOB}"}}')
