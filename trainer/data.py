@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import gzip
 import logging
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +83,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # unreadable, truncated or corrupt gzip
         raise DataError(f"{path}: cannot read IDX file ({exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
@@ -165,8 +168,10 @@ def _load_npz(path: Path, split: str) -> ImageSet:
     try:
         with np.load(path, allow_pickle=False) as arrays:
             contents = {key: arrays[key] for key in arrays.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+    except MemoryError:
+        raise DataError(f"{path}: its arrays do not fit in memory") from None
     x_key, y_key = f"x_{split}", f"y_{split}"
     if x_key not in contents:
         if "x" not in contents:
@@ -272,6 +277,30 @@ def split_normal(images: ImageSet, config: DataConfig, *, seed: int) -> NormalSp
 # --- inputs of `vaewatch score` -----------------------------------------------------------------
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# Pillow's modes of 16-bit grayscale PNGs. PNG's own rule for a smaller sample depth is
+# v8 = round(v16 * 255 / 65535); Pillow's convert("L") clips at 255 instead, which turns
+# almost every pixel white.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _gray_pixels(picture: Any, file: Path) -> np.ndarray:
+    """784 uint8 gray values of a 28x28 picture of any 8- or 16-bit mode."""
+    if picture.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(picture, dtype=np.uint32)
+        return ((wide * 255 + 32767) // 65535).astype(np.uint8).ravel()
+    if picture.mode in ("I", "F"):
+        raise DataError(
+            f"{file}: {picture.mode!r} pixels (32-bit) have no agreed 0..255 scale; save it as an "
+            "8-bit or 16-bit grayscale PNG"
+        )
+    return np.asarray(picture.convert("L"), dtype=np.uint8).ravel()
+
+
 def _read_png_folder(folder: Path) -> ImageSet:
     from PIL import Image, UnidentifiedImageError  # only this input form needs Pillow
 
@@ -286,15 +315,24 @@ def _read_png_folder(folder: Path) -> ImageSet:
                     raise DataError(
                         f"{file}: image is {picture.size[0]}x{picture.size[1]}, not 28x28"
                     )
-                images[i] = np.asarray(picture.convert("L"), dtype=np.uint8).ravel()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"{file}: not a readable PNG ({exc})") from None
+                images[i] = _gray_pixels(picture, file)
+        except Image.DecompressionBombError as exc:  # refused before decoding anything
+            raise DataError(f"{file}: not 28x28 ({_first_line(exc)})") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{file}: not a readable PNG ({_first_line(exc)})") from None
     return ImageSet(images, None, [f.name for f in files])
 
 
 def read_image_file(path: str | Path) -> ImageSet:
-    """Images to score from .npy, .npz (`x`, optional `y`), an IDX file, or a folder of PNGs."""
-    path = Path(path)
+    """Images to score from .npy, .npz (`x`, optional `y`), an IDX file, or a folder of PNGs;
+    a file with no images is an error, not an empty result."""
+    images = _read_image_input(Path(path))
+    if len(images) == 0:
+        raise DataError(f"{path}: holds no images (shape {tuple(images.images.shape)})")
+    return images
+
+
+def _read_image_input(path: Path) -> ImageSet:
     if path.is_dir():
         return _read_png_folder(path)
     if not path.is_file():
@@ -302,10 +340,12 @@ def read_image_file(path: str | Path) -> ImageSet:
     name = path.name.lower()
     if name.endswith(".npy"):
         try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: not a readable .npy file ({exc})") from None
-        return ImageSet(as_uint8_images(array, source=str(path)))
+            # Memory-mapped: a header that promises more data than the file holds is an error
+            # here, before any allocation, and dtype and shape are checked before the copy.
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(f"{path}: not a readable .npy file ({_first_line(exc)})") from None
+        return ImageSet(np.array(as_uint8_images(array, source=str(path))))
     if name.endswith(".npz"):
         return _load_npz(path, "train")
     if "idx" in name or name.endswith(("ubyte", "ubyte.gz")):
