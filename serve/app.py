@@ -155,7 +155,8 @@ def create_app(
     )
     install_error_handlers(app)
     metrics.queued_images.set_function(service.queued_images)
-    token = config.bearer_token.get_secret_value() if config.bearer_token else None
+    # An empty token (an unset environment variable in a manifest) means no token, not "".
+    token = (config.bearer_token.get_secret_value() if config.bearer_token else "") or None
 
     def authorised(request: Request, access_token: str | None = Query(None)) -> None:
         if token is None:

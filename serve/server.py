@@ -49,6 +49,15 @@ def build_service(
     stream: StreamConfig | None = None,
 ) -> Service:
     """Load the bundle and bind the port (so `.port` is known before serving when it is 0)."""
+    # The port first: a taken port fails at once, before seconds of model loading.
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError:
+        sock.close()
+        raise
     registry = CollectorRegistry()
     metrics = ServeMetrics(registry=registry)
     model = ModelService(
@@ -61,10 +70,6 @@ def build_service(
         metrics=metrics,
         stream=stream if config.live_alerts else None,
     )
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.host, config.port))
     uvicorn_config = uvicorn.Config(
         app,
         log_level="warning",
