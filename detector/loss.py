@@ -56,3 +56,13 @@ def negative_elbo(
     """Reconstruction NLL + beta * KL per row: the training loss and the anomaly score."""
     recon = reconstruction_nll(x, logits, likelihood=likelihood, log_sigma=log_sigma)
     return recon + beta * kl_divergence(mu, logvar)
+
+
+def total_variation(x: torch.Tensor, *, side: int = 28) -> torch.Tensor:
+    """Anisotropic total variation per row of x (N x side*side in [0, 1]): the summed absolute
+    differences between horizontally and vertically adjacent pixels. A cheap measure of an
+    image's complexity, the part of its likelihood that any model assigns alike (docs/model.md)."""
+    images = x.reshape(len(x), side, side)
+    across = (images[:, :, 1:] - images[:, :, :-1]).abs().sum(dim=(1, 2))
+    down = (images[:, 1:, :] - images[:, :-1, :]).abs().sum(dim=(1, 2))
+    return across + down

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from detector.config import IMAGE_PIXELS, IMAGE_SIDE, ModelConfig
-from detector.loss import negative_elbo
+from detector.latent import LatentDensity
+from detector.loss import negative_elbo, total_variation
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,11 @@ class VAE(nn.Module):
 
     Inputs are float tensors N x 784 in [0, 1]. The decoder returns logits: sigmoid(logits) is the
     Bernoulli probability or the Gaussian mean, depending on `config.likelihood`.
+
+    With `config.latent_components` > 0 the model also carries `latent`, a density over the
+    latent means of the training images (fitted after training, see trainer.latent), used by the
+    score and for sampling. A fused score (a latent or complexity weight > 0) also carries
+    `score_normalisation`, the centre and scale of each score term on the training images.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -87,6 +93,19 @@ class VAE(nn.Module):
             torch.tensor(math.log(config.sigma)),
             requires_grad=config.likelihood == "gaussian_learned",
         )
+        self.latent: LatentDensity | None = (
+            LatentDensity(config.latent_dim, config.latent_components)
+            if config.latent_components
+            else None
+        )
+        if self.fused_score:
+            # Rows: negative ELBO, -log q(mu), total variation; columns: centre, scale.
+            self.register_buffer("score_normalisation", torch.tensor([[0.0, 1.0]] * 3))
+
+    @property
+    def fused_score(self) -> bool:
+        """Whether the score sums normalised terms (else it is the negative ELBO in nats)."""
+        return self.config.latent_weight > 0.0 or self.config.complexity_weight > 0.0
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(x)
@@ -115,15 +134,53 @@ class VAE(nn.Module):
             beta=self.config.beta,
         )
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic anomaly score per image: the negative ELBO at z = mu (no sampling, so the
-        same image always gets the same score)."""
+    def score_terms(self, x: torch.Tensor) -> torch.Tensor:
+        """N x 3 raw terms of the score per image: negative ELBO at z = mu (nats), -log q(mu)
+        under the latent density (0 without one) and the total variation of the image."""
+        mu, logvar = self.encode(x)
+        elbo = self.loss(x, self.decode(mu), mu, logvar)
+        latent = (
+            self.latent.negative_log_density(mu) if self.latent is not None else elbo.new_zeros(())
+        )
+        return torch.stack(torch.broadcast_tensors(elbo, latent, total_variation(x.float())), 1)
+
+    def elbo_score(self, x: torch.Tensor) -> torch.Tensor:
+        """Negative ELBO at z = mu per image, in nats (deterministic: no sampling)."""
         mu, logvar = self.encode(x)
         return self.loss(x, self.decode(mu), mu, logvar)
 
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic anomaly score per image, higher = more anomalous (docs/model.md).
+
+        Plain: the negative ELBO at z = mu, in nats. Fused: each term z-normalised with its
+        centre and scale on the training images, then
+        elbo + latent_weight * (-log q(mu)) - complexity_weight * total_variation(x).
+        """
+        if not self.fused_score:
+            return self.elbo_score(x)
+        terms = self.score_terms(x)
+        normalised = (terms - self.score_normalisation[:, 0]) / self.score_normalisation[:, 1]
+        weights = normalised.new_tensor(
+            [1.0, self.config.latent_weight, -self.config.complexity_weight]
+        )
+        return normalised @ weights
+
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images N x 784 in [0, 1] decoded from z ~ N(0, I): the decoder's mean."""
+    def set_score_normalisation(self, centres: torch.Tensor, scales: torch.Tensor) -> None:
+        """Install each term's centre and scale (3 each; a term not in use may have scale 1)."""
+        if not bool(torch.all(scales > 0)):
+            raise ValueError(f"score normalisation scales must be positive, got {scales.tolist()}")
+        self.score_normalisation.copy_(torch.stack([centres, scales], 1))
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, *, generator: torch.Generator | None = None, prior: bool = False
+    ) -> torch.Tensor:
+        """n images N x 784 in [0, 1], the decoder's mean at z drawn from the fitted latent
+        density (or from the N(0, I) prior when `prior` is set or the model has no density)."""
         device = self.fc_mu.weight.device
-        z = torch.randn(n, self.config.latent_dim, generator=generator).to(device)
+        if prior or self.latent is None:
+            z = torch.randn(n, self.config.latent_dim, generator=generator).to(device)
+        else:
+            z = self.latent.sample(n, generator=generator)
         return torch.sigmoid(self.decode(z))

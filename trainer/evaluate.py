@@ -10,12 +10,13 @@ step-wise average precision sum_n (R_n - R_{n-1}) P_n.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from detector.scorer import Detector
+from trainer.calibrate import CalibrationError, calibrate_threshold
 from trainer.config import DataConfig
 from trainer.data import DataError, load_images, normal_mask
 
@@ -34,6 +35,11 @@ class Evaluation:
     f1: float
     n_normal: int
     n_anomaly: int
+    # The calibration's target FPR, and the TPR at the split-conformal threshold for it (the
+    # bundle's own threshold when its method is conformal; recomputed from its calibration
+    # scores when it is f1). None when evaluating bare scores without a calibration.
+    target_fpr: float | None = None
+    tpr_at_target_fpr: float | None = None
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -128,6 +134,15 @@ def evaluate_detector(detector: Detector, data: DataConfig) -> BundleEvaluation:
         )
     scores = detector.score(test.images).scores
     evaluation = evaluate_scores(is_anomaly, scores, threshold=detector.threshold)
+    calibration = detector.calibration
+    try:
+        at_target = calibrate_threshold(calibration.scores, target_fpr=calibration.target_fpr)
+        tpr_at_target = float(np.mean(scores[is_anomaly] > at_target.threshold))
+    except CalibrationError:  # too few calibration scores for this target
+        tpr_at_target = None
+    evaluation = replace(
+        evaluation, target_fpr=calibration.target_fpr, tpr_at_target_fpr=tpr_at_target
+    )
     fpr, tpr, _ = roc_curve(is_anomaly, scores)
     log.info(
         "evaluated %d normal and %d anomalous test images: AUROC %.4f",

@@ -58,3 +58,34 @@ def test_rates_at_threshold() -> None:
 def test_one_class_only_is_an_error() -> None:
     with pytest.raises(ValueError, match="both"):
         auroc(np.zeros(5, bool), np.arange(5.0))
+
+
+def test_tpr_at_target_fpr_uses_the_conformal_threshold_whatever_the_method(
+    trained_bundle,
+) -> None:
+    from detector import Calibration, Detector
+    from trainer.config import DataConfig
+    from trainer.evaluate import evaluate_detector
+
+    detector = Detector.from_bundle(trained_bundle, device="cpu")
+    data = DataConfig.model_validate(load_bundle_metadata(trained_bundle)["data"])
+    conformal = evaluate_detector(detector, data).evaluation
+    assert conformal.target_fpr == 0.01
+    assert conformal.tpr_at_target_fpr == conformal.tpr
+    # The same scores with an F1 threshold far below: tpr changes, tpr_at_target_fpr does not.
+    calibration = detector.calibration
+    detector.calibration = Calibration(
+        threshold=float(calibration.scores[0]),
+        target_fpr=calibration.target_fpr,
+        method="f1",
+        scores=calibration.scores,
+    )
+    f1 = evaluate_detector(detector, data).evaluation
+    assert f1.tpr > conformal.tpr
+    assert f1.tpr_at_target_fpr == conformal.tpr_at_target_fpr
+
+
+def load_bundle_metadata(path) -> dict:
+    from detector import load_bundle
+
+    return load_bundle(path).metadata

@@ -1,0 +1,78 @@
+"""Fitting the latent density: EM recovers a known mixture, the normalisation comes from the
+training images, and the bundle's calibration scores are the detector's scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from detector import Detector, load_bundle
+from detector.config import ModelConfig
+from trainer.config import DataConfig, TrainConfig
+from trainer.data import load_images, split_normal
+from trainer.fit import fit_vae, score_images
+from trainer.latent import fit_gaussian_mixture, latent_means, score_terms
+
+
+def test_one_component_is_the_sample_mean_and_covariance() -> None:
+    points = np.random.default_rng(0).normal(size=(500, 3)) @ np.diag([1.0, 2.0, 0.5]) + 3.0
+    means, trils, weights = fit_gaussian_mixture(points, 1, seed=0)
+    np.testing.assert_allclose(means[0], points.mean(0))
+    np.testing.assert_allclose(trils[0] @ trils[0].T, np.cov(points.T, bias=True), atol=1e-3)
+    assert weights.tolist() == pytest.approx([1.0])
+
+
+def test_em_recovers_two_separated_clusters() -> None:
+    rng = np.random.default_rng(1)
+    first = rng.normal(size=(600, 2)) * 0.5 + [5.0, 0.0]
+    second = rng.normal(size=(1400, 2)) * [1.0, 0.3] + [-5.0, 2.0]
+    means, trils, weights = fit_gaussian_mixture(np.concatenate([first, second]), 2, seed=0)
+    order = np.argsort(-means[:, 0])
+    np.testing.assert_allclose(means[order], [[5.0, 0.0], [-5.0, 2.0]], atol=0.1)
+    np.testing.assert_allclose(weights[order], [0.3, 0.7], atol=0.01)
+    covariance = trils[order[1]] @ trils[order[1]].T
+    np.testing.assert_allclose(np.diag(covariance), [1.0, 0.09], rtol=0.15)
+
+
+def test_too_few_points_for_the_mixture_is_an_error() -> None:
+    with pytest.raises(ValueError, match="too few"):
+        fit_gaussian_mixture(np.zeros((10, 4)), 2, seed=0)
+
+
+def test_fit_normalises_on_the_training_images(fashion_mnist) -> None:
+    normal = fashion_mnist.train.images[fashion_mnist.train.labels == 7]
+    train_images, val_images = normal[:600], normal[600:700]
+    config = ModelConfig(kind="mlp", mlp_hidden=(32,), latent_dim=4, latent_components=2)
+    train = TrainConfig(epochs=2, batch_size=50, progress=False, device="cpu")
+    model = fit_vae(train_images, val_images, model_config=config, train=train).model
+    mu = latent_means(model, train_images, device=torch.device("cpu"))
+    refit = fit_gaussian_mixture(mu, 2, seed=train.seed)
+    np.testing.assert_allclose(model.latent.means.numpy(), refit[0], rtol=1e-5, atol=1e-5)
+    terms = score_terms(model, train_images, device=torch.device("cpu"))
+    np.testing.assert_allclose(
+        model.score_normalisation.numpy(), np.stack([terms.mean(0), terms.std(0)], 1), rtol=1e-4
+    )
+    # Centred on the training images: the fused score's mean there is 0.
+    assert score_images(model, train_images, device=torch.device("cpu")).mean() == pytest.approx(
+        0.0, abs=1e-3
+    )
+    # ... and not on the held-out images, which the threshold is calibrated on.
+    assert not np.allclose(
+        score_terms(model, val_images, device=torch.device("cpu")).mean(0)[0],
+        terms.mean(0)[0],
+        rtol=1e-4,
+    )
+
+
+def test_calibration_scores_are_the_detectors_scores_of_the_held_out_images(
+    trained_bundle,
+) -> None:
+    """The threshold was set on the very score the detector computes (latent term included)."""
+    bundle = load_bundle(trained_bundle)
+    assert bundle.model.latent is not None and bundle.model.config.latent_weight > 0
+    data = DataConfig.model_validate(bundle.metadata["data"])
+    seed = bundle.metadata["train"]["seed"]
+    split = split_normal(load_images(data, split="train"), data, seed=seed)
+    scores = Detector.from_bundle(trained_bundle, device="cpu").score(split.val).scores
+    np.testing.assert_allclose(np.sort(scores), bundle.calibration.scores, rtol=1e-6, atol=1e-6)
