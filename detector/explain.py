@@ -76,8 +76,8 @@ def decode_mean(model: VAE, z: np.ndarray) -> np.ndarray:
 
 
 def prior_codes(model: VAE, n: int, *, seed: int, temperature: float = 1.0) -> np.ndarray:
-    """n latent codes z ~ N(0, temperature^2 I) from a CPU generator seeded with `seed`; at
-    temperature 1 these are the codes `VAE.sample` (and `vaewatch sample`) decodes."""
+    """n latent codes z ~ N(0, temperature^2 I) from a CPU generator seeded with `seed`: the
+    prior (at temperature 1, the codes `VAE.sample` draws from the prior with that seed)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     z = torch.randn(n, model.config.latent_dim, generator=generator)
     return (z * temperature).numpy()

@@ -7,7 +7,6 @@ import base64
 import binascii
 import io
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -152,7 +151,3 @@ def grid_image(images: np.ndarray, *, columns: int | None = None, gap: int = 2) 
 
 def b64_png(pixels: np.ndarray) -> str:
     return base64.b64encode(png_bytes(pixels)).decode("ascii")
-
-
-def names_or_index(names: Sequence[str] | None, n: int) -> list[str | None]:
-    return list(names) if names else [None] * n
