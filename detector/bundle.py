@@ -25,7 +25,7 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
 from detector.calibration import Calibration
-from detector.config import ModelConfig
+from detector.config import MODEL_CONFIG_BEFORE_LATENT, ModelConfig
 from detector.model import VAE
 
 FORMAT_VERSION = 1
@@ -189,7 +189,11 @@ def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -
             f"written (version {manifest['model_version']!r} does not match its contents)"
         )
     try:
-        config = ModelConfig.model_validate(manifest["model_config"])
+        # Keys a bundle lacks are settings added after it was written: take the values that
+        # keep its behaviour, not today's defaults (which would expect weights it does not have).
+        config = ModelConfig.model_validate(
+            {**MODEL_CONFIG_BEFORE_LATENT, **manifest["model_config"]}
+        )
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 IMAGE_SIDE = 28
 IMAGE_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 
 Likelihood = Literal["bernoulli", "gaussian_fixed", "gaussian_learned"]
+
+# Settings that bundles written before them lack, with the values that reproduce those bundles'
+# behaviour (no latent density: the score is the plain negative ELBO, samples come from N(0, I)).
+MODEL_CONFIG_BEFORE_LATENT = {
+    "latent_components": 0,
+    "latent_weight": 0.0,
+    "complexity_weight": 0.0,
+}
 
 
 class ModelConfig(BaseModel):
@@ -62,6 +70,34 @@ class ModelConfig(BaseModel):
         gt=0.0,
         description="Noise sigma of gaussian_fixed; the starting value of gaussian_learned.",
     )
+    latent_components: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="Gaussian components of the density fitted to the training images' latent "
+        "means after training (used by the score's latent term and by `vaewatch sample`); 0 = "
+        "none (scores are the plain negative ELBO, samples come from the N(0, I) prior).",
+    )
+    latent_weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="Weight of the latent term -log q(mu) in the anomaly score (docs/model.md); "
+        "every term is z-normalised on the training images.",
+    )
+    complexity_weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="Weight of the input-complexity correction: the z-normalised total "
+        "variation of the image is subtracted from the score, so that simple images (few edges) "
+        "no longer look normal to every model. With both weights 0 the score is the plain "
+        "negative ELBO in nats.",
+    )
+
+    @model_validator(mode="after")
+    def _latent_term_needs_a_density(self) -> ModelConfig:
+        if self.latent_weight > 0.0 and self.latent_components == 0:
+            raise ValueError("latent_weight > 0 needs latent_components >= 1")
+        return self
 
 
 class DetectorSettings(BaseModel):

@@ -61,6 +61,11 @@ class TrainConfig(BaseModel):
     )
     lr: float = Field(1e-3, gt=0.0, description="Adam's learning rate.")
     weight_decay: float = Field(1e-5, ge=0.0, description="Adam's L2 weight decay.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="Learning rate over the epochs: constant, or cosine (from lr down to zero at "
+        "the last epoch, Loshchilov & Hutter's SGDR without restarts).",
+    )
     early_stopping_patience: int = Field(
         3,
         ge=0,

@@ -29,6 +29,7 @@ from detector.scorer import resolve_device, score_batches
 from trainer.calibrate import CalibrationError, calibrate_f1, calibrate_threshold
 from trainer.config import CalibrationConfig, DataConfig, TrainConfig
 from trainer.data import ImageSet, load_images, normal_mask, split_normal
+from trainer.latent import fit_score_statistics
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,27 @@ class FitResult:
 
 
 def score_images(
-    model: VAE, images: torch.Tensor | np.ndarray, *, device: torch.device
+    model: VAE,
+    images: torch.Tensor | np.ndarray,
+    *,
+    device: torch.device,
+    elbo_only: bool = False,
 ) -> np.ndarray:
-    """Deterministic scores (negative ELBO at z = mu) of uint8 N x 784 images, float64."""
+    """Deterministic anomaly scores (`VAE.score`) of uint8 N x 784 images, float64; with
+    `elbo_only`, the negative ELBO at z = mu alone (what training minimises)."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     was_training = model.training
     model.eval()
-    scores = score_batches(model, images, device=device, batch_size=_SCORE_BATCH)
+    if elbo_only:
+        with torch.inference_mode():
+            parts = [
+                model.elbo_score(to_model_input(images[i : i + _SCORE_BATCH].to(device))).cpu()
+                for i in range(0, len(images), _SCORE_BATCH)
+            ]
+        scores = torch.cat(parts).float() if parts else torch.empty(0)
+    else:
+        scores = score_batches(model, images, device=device, batch_size=_SCORE_BATCH)
     model.train(was_training)
     return scores.numpy().astype(np.float64)
 
@@ -104,11 +118,11 @@ def fit_vae(
     model_config: ModelConfig,
     train: TrainConfig,
 ) -> FitResult:
-    """Train with Adam on in-memory uint8 images; early stopping on the validation score mean.
+    """Train with Adam on in-memory uint8 images; early stopping on the validation score mean;
+    then fit the score statistics (trainer.latent) on the training images.
 
-    Validation uses the deterministic score (z = mu) rather than a sampled ELBO: it is exactly the
-    quantity the detector thresholds, and it does not jitter from epoch to epoch with the noise of
-    sampling, so patience counts real stalls.
+    Validation uses the deterministic negative ELBO (z = mu) rather than a sampled one: it does
+    not jitter from epoch to epoch with the noise of sampling, so patience counts real stalls.
     """
     device = resolve_device(train.device)
     torch.manual_seed(train.seed)
@@ -121,6 +135,11 @@ def fit_vae(
         lr=train.lr,
         weight_decay=train.weight_decay,
         fused=device.type in ("cpu", "cuda"),
+    )
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs)
+        if train.lr_schedule == "cosine"
+        else None
     )
     use_amp = train.amp and device.type == "cuda"
     x_train = torch.from_numpy(np.ascontiguousarray(train_images)).to(device)
@@ -157,8 +176,10 @@ def fit_vae(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
+        if schedule is not None:
+            schedule.step()
         train_loss = total / n
-        val_loss = float(np.mean(score_images(model, x_val, device=device)))
+        val_loss = float(np.mean(score_images(model, x_val, device=device, elbo_only=True)))
         record = EpochRecord(epoch, train_loss, val_loss, seconds, n / seconds)
         result.history.append(record)
         log.info(
@@ -182,6 +203,7 @@ def fit_vae(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    fit_score_statistics(model, train_images, device=device, seed=train.seed)
     return result
 
 

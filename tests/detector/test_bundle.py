@@ -142,6 +142,69 @@ def test_bad_manifest_is_caught(bundle_dir: Path, text: str) -> None:
     _error(bundle_dir)
 
 
+def _latent_model() -> VAE:
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(kind="mlp", mlp_hidden=(32,), latent_dim=2, latent_components=2))
+    model.latent.set_density(
+        torch.tensor([[0.0, 1.0], [2.0, -1.0]]),
+        torch.tensor([[[1.0, 0.0], [0.2, 0.5]], [[0.3, 0.0], [0.0, 2.0]]]),
+        torch.tensor([0.25, 0.75]),
+    )
+    model.set_score_normalisation(torch.tensor([700.0, 2.0, 40.0]), torch.tensor([30.0, 1.5, 9.0]))
+    return model.eval()
+
+
+def test_latent_density_is_saved_with_the_weights(tmp_path: Path) -> None:
+    model = _latent_model()
+    calibration = Calibration(threshold=0.5, target_fpr=0.1, method="conformal", scores=np.ones(9))
+    save_bundle(tmp_path / "b", model=model, calibration=calibration)
+    loaded = load_bundle(tmp_path / "b").model
+    for name in ("means", "scale_tril", "log_weights"):
+        assert torch.equal(getattr(loaded.latent, name), getattr(model.latent, name)), name
+    assert torch.equal(loaded.score_normalisation, model.score_normalisation)
+    x = torch.rand(5, 784)
+    torch.testing.assert_close(loaded.score(x), model.score(x))
+
+
+def test_tampered_latent_statistics_are_caught(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    calibration = Calibration(threshold=0.5, target_fpr=0.1, method="conformal", scores=np.ones(9))
+    save_bundle(tmp_path / "b", model=_latent_model(), calibration=calibration)
+    weights = load_file(str(tmp_path / "b" / WEIGHTS))
+    weights["score_normalisation"][1, 1] *= 100.0  # would silence the latent term
+    save_file(weights, str(tmp_path / "b" / WEIGHTS))
+    assert "digest" in _error(tmp_path / "b")
+
+
+def test_a_bundle_from_before_the_latent_density_loads_and_scores_the_elbo(
+    tmp_path: Path,
+) -> None:
+    """Bundles written before the latent density and the fused score existed have neither their
+    settings nor their weights; they load without them and keep scoring the plain negative ELBO."""
+    from detector.bundle import _content_version
+
+    torch.manual_seed(0)
+    before = {"latent_components": 0, "latent_weight": 0.0, "complexity_weight": 0.0}
+    model = VAE(ModelConfig(kind="mlp", mlp_hidden=(32,), latent_dim=4, **before))
+    calibration = Calibration(threshold=9.0, target_fpr=0.1, method="conformal", scores=np.ones(9))
+    save_bundle(tmp_path / "old", model=model, calibration=calibration)
+
+    def as_written_before(manifest: dict) -> None:
+        for key in before:
+            del manifest["model_config"][key]
+        manifest["model_version"] = _content_version(
+            manifest["model_config"], manifest["calibration"], manifest["files"]
+        )
+
+    _edit_manifest(tmp_path / "old", as_written_before)
+    loaded = load_bundle(tmp_path / "old").model
+    assert loaded.latent is None
+    x = torch.rand(3, 784)
+    torch.testing.assert_close(loaded.score(x), model.elbo_score(x))
+    assert loaded.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 784)
+
+
 # --- damage that must give one line, not a traceback or a huge allocation (issue 9, finding 7) --
 
 
