@@ -185,3 +185,11 @@ def test_readme_lists_every_subcommand() -> None:
     ]
     missing = [name for name in commands if not any(f"`{name}" in row for row in table)]
     assert missing == [], "add these commands to README.md's command table"
+
+
+def test_every_exported_metric_is_documented() -> None:
+    from tests.deploy.deploy_files import exported_metric_families
+
+    pages = "\n".join(page.read_text() for page in PAGES)
+    missing = [name for name in exported_metric_families() if name not in pages]
+    assert missing == [], "describe these metrics in deploy/README.md (or docs/)"
