@@ -3,10 +3,10 @@
     .venv/bin/python bench/serve_load.py                       # 1, 16, 64 clients, 10 s each
     .venv/bin/python bench/serve_load.py --clients 1 16 --duration 5 --model models/demo
 
-A real `vaewatch serve` subprocess (the default conv model unless --model names a bundle) is
-called by N client threads in this process, each on its own keep-alive connection, one real
-Fashion-MNIST test image per request as JSON ({"images": [[784 ints]]}), back to back for
---duration seconds after a warm-up. Per client count: requests/s, p50 and p99 latency, the mean
+A real `vaewatch serve` subprocess (an untrained model of --model-kind, conv by default, unless
+--model names a bundle: the speed does not depend on the weights) is called by N client threads
+in this process, each on its own keep-alive connection, one real Fashion-MNIST test image per
+request as JSON ({"images": [[784 ints]]}), back to back for --duration seconds after a warm-up. Per client count: requests/s, p50 and p99 latency, the mean
 micro-batch the service formed (from its /metrics), 503s. Baselines, in this process, on the same
 model: the detector scoring one image per call (what a service without batching could do at
 best) and whole batches of --batch images (the device's ceiling). Clients and service share the
@@ -133,7 +133,8 @@ def load(port: int, bodies: list[bytes], clients: int, duration_s: float) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="bundle (default: conv, fresh)")
+    parser.add_argument("--model", type=Path, default=None, help="bundle (default: a fresh one)")
+    parser.add_argument("--model-kind", choices=["conv", "mlp"], default="conv")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=1024, help="raw detector batch size")
@@ -143,7 +144,7 @@ def main() -> None:
 
     images = fashion_images()
     with tempfile.TemporaryDirectory() as scratch:
-        bundle = args.model or make_bundle("conv", Path(scratch) / "bundle", images)
+        bundle = args.model or make_bundle(args.model_kind, Path(scratch) / "bundle", images)
         single, batched = detector_rates(bundle, images, batch=args.batch)
         port = free_port()
         command = [sys.executable, "-m", "vaewatch.cli", "--set", "detector.device=cpu"]
