@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -112,7 +113,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     """'section.key=value' -> ('section.key', YAML value)."""
     key, sep, raw = text.partition("=")
     if not sep:
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
+        # Only the key-like start is echoed: `stream.sasl_password:hunter2` is a typo'd secret.
+        shown = re.match(r"[\w.-]*", text.strip()).group()  # type: ignore[union-attr]
+        raise ConfigError(f"--set {shown!r}: expected section.key=value")
     key = key.strip()
     return key, raw if key in secret_keys() else _parse_value(key, raw)
 
@@ -149,6 +152,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"unknown key {key!r}"
     if key in secret_keys():
         return f"{key}: {error['msg']} (value not shown: it is a secret; quote it in YAML files)"
+    if isinstance(error.get("input"), dict):  # a whole section: it may hold a secret
+        return f"{key}: {error['msg']}"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 

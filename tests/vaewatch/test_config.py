@@ -229,3 +229,18 @@ def test_vaewatch_config_shows_an_unset_secret_as_null(capsys, monkeypatch) -> N
     monkeypatch.delenv("VAEWATCH_STREAM__SASL_PASSWORD", raising=False)
     assert main(["--config", "/dev/null", "config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["stream"]["sasl_password"] is None
+
+
+def test_a_set_without_equals_echoes_only_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, ["stream.sasl_password:hunter2"], env={})
+    assert "hunter2" not in str(info.value)
+    assert "'stream.sasl_password'" in str(info.value)
+
+
+def test_an_error_about_a_whole_section_does_not_print_the_section() -> None:
+    """A section-level check sees the whole section as its input, secrets included."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, ["model.latent_components=0", "model.latent_weight=1.0"], env={})
+    message = str(info.value)
+    assert "latent_weight" in message and "(got {" not in message
