@@ -66,13 +66,19 @@ class StreamConfig(BaseModel):
         description="Longest wait of a batch's first record before the batch is scored, ms (0 = "
         "score whatever one poll returned).",
     )
-    cpu_scoring: Literal["process", "thread", "inline"] = Field(
+    cpu_scoring: Literal["process", "inline"] = Field(
         "process",
         description="How the CPU scores while the worker polls the next batch: process (a child "
         "process with its own GIL, so torch and kafka-python's threads run at once on "
         "two cores; batches cut by their deadline are scored in the worker itself, at "
-        "once), thread (a thread of the worker; they take turns with the GIL) or "
-        "inline (no overlap). Ignored on CUDA, which is asynchronous.",
+        "once) or inline (in the worker, no overlap). Ignored on CUDA, which is "
+        "asynchronous.",
+    )
+    scoring_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait for the scoring process to answer for one batch; past it the "
+        "process counts as hung: it is killed, restarted and the batch scored again.",
     )
     cpu_threads: int = Field(
         1,
@@ -86,7 +92,7 @@ class StreamConfig(BaseModel):
         1.0,
         ge=0,
         description="The worker process's GIL switch interval (sys.setswitchinterval), ms, where "
-        "torch runs in that process (cpu_scoring thread or inline, CUDA); 0 keeps "
+        "torch runs in that process (cpu_scoring inline, CUDA); 0 keeps "
         "Python's 5. Every torch op releases the GIL and must take it back from "
         "kafka-python's I/O thread; a short interval bounds that wait (BENCHMARKS.md). "
         "Not applied with a scoring process.",
@@ -160,7 +166,46 @@ class StreamConfig(BaseModel):
         120000,
         ge=1000,
         description="A send not acknowledged within this time fails, ms; the worker then "
-        "re-consumes its records.",
+        "retries it (send_retries) or dead-letters its record as unsendable.",
+    )
+    max_request_size: int = Field(
+        1024 * 1024,
+        ge=16 * 1024,
+        description="Largest output record (bytes) the producer sends; a dead-letter copy of a "
+        "larger input record is cut to fit and marked unsendable.",
+    )
+    send_retries: int = Field(
+        5,
+        ge=0,
+        description="Retries of a send that failed temporarily (timeouts, leader changes); "
+        "consumption pauses meanwhile. Then the record counts as unsendable.",
+    )
+    retry_backoff_ms: int = Field(
+        200, ge=1, description="Wait before the first retry of a failed send; doubles per retry."
+    )
+    on_unsendable: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A record whose outputs cannot be sent goes to the dead-letter topic as a "
+        "trimmed copy (reason unsendable). If even that fails: fail = stop and exit non-zero "
+        "without committing it (re-delivered on restart); skip = commit past it, counted in "
+        'vaewatch_errors_total{kind="skipped"}.',
+    )
+    max_unacked_records: int = Field(
+        8192,
+        ge=1,
+        description="Backpressure: records consumed whose outputs are not all acknowledged; at "
+        "this bound the worker pauses its partitions until acks catch up.",
+    )
+    max_unacked_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Backpressure: bytes (inputs and outputs) of those records; same effect.",
+    )
+    liveness_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="/healthz answers 503 when the worker has had work (records in hand or "
+        "sends outstanding) but made no progress for this long.",
     )
     reconnect_backoff_max_ms: int = Field(
         5000,

@@ -26,7 +26,7 @@ from kafka.errors import KafkaError
 
 from streams.config import StreamConfig
 from streams.metrics import UNSENDABLE
-from streams.publish import Outgoing, PublishedBatch, ResultPublisher
+from streams.publish import H_ERROR, Outgoing, PublishedBatch, ResultPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class Outbox:
     def _failed(self, batch: _Batch, i: int, exc: BaseException) -> None:
         self._on_error("produce", exc)
         published = batch.published
+        dlq = self._publisher.dlq_topic
         message: Outgoing = published.messages[i]
         attempt = batch.attempts.get(i, 0)
         if is_temporary(exc) and attempt < self._config.send_retries:
@@ -143,8 +144,14 @@ class Outbox:
             type(exc).__name__,
             exc,
         )
+        # A dead letter that could not be sent is replaced by its trimmed copy: it counts as
+        # unsendable, not under its first reason.
+        first_reason = dict(message.headers or ()).get(H_ERROR) if message.topic == dlq else None
+        if first_reason is not None and first_reason.decode() in published.dead_letter_reasons:
+            published.dead_letter_reasons.remove(first_reason.decode())
         copies = [
-            self._publisher.unsendable_copy(published.records[j], exc) for j in message.sources
+            self._publisher.unsendable_copy(published.records[j], exc, first_reason)
+            for j in message.sources
         ]
         for n, (copy, future) in enumerate(copies):
             k = i if n == 0 else len(published.futures)

@@ -21,7 +21,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from detector import Scores
 from streams.codec import DecodedBatch
-from streams.metrics import UNSENDABLE
+from streams.metrics import UNSENDABLE, WorkerMetrics, observe_many
 
 # Dead-letter headers (values are UTF-8 text).
 H_ERROR = "vaewatch.error"
@@ -54,6 +54,12 @@ def usable_headers(headers: Sequence[Any] | None) -> list[tuple[str, bytes]] | N
         return None
     kept = [h for h in headers if isinstance(h[1], bytes) and isinstance(h[0], str)]
     return kept or None
+
+
+def _unsendable_detail(exc: BaseException, first_reason: bytes | None) -> bytes:
+    """The send's error, after the dead-letter reason the record had first, if any."""
+    prefix = f"{first_reason.decode()}, then " if first_reason else ""
+    return f"{prefix}{type(exc).__name__}: {exc}"[:300].encode("utf-8", "replace")
 
 
 class Outgoing(NamedTuple):
@@ -100,6 +106,20 @@ class PublishedBatch:
     dead_letter_reasons: list[str]
     timestamps_ms: np.ndarray  # of the valid records, for the end-to-end latency
     scores: np.ndarray
+
+    def count(self, metrics: WorkerMetrics) -> None:
+        """Count the batch once the broker has acknowledged all of it."""
+        m = metrics
+        m.records.labels(outcome="normal").inc(self.n_normal)
+        m.records.labels(outcome="anomaly").inc(self.n_anomaly)
+        m.records.labels(outcome="invalid").inc(len(self.records) - len(self.scores))
+        if self.n_alerts:
+            m.alerts_published.inc(self.n_alerts)
+        for reason in self.dead_letter_reasons:
+            m.dead_letters.labels(reason=reason).inc()
+        observe_many(m.score, self.scores)
+        if len(self.timestamps_ms):
+            observe_many(m.end_to_end_seconds, time.time() - self.timestamps_ms / 1000.0)
 
 
 class ResultPublisher:
@@ -159,7 +179,9 @@ class ResultPublisher:
         except Exception as exc:  # TypeError, ValueError, MessageSizeTooLarge, timeouts, ...
             return FailedSend(exc)
 
-    def unsendable_copy(self, record: ConsumerRecord, exc: BaseException) -> tuple[Outgoing, Any]:
+    def unsendable_copy(
+        self, record: ConsumerRecord, exc: BaseException, first_reason: bytes | None = None
+    ) -> tuple[Outgoing, Any]:
         """A dead letter that fits: the input value cut to max_request_size, input headers
         only when usable and small, an over-long key dropped; reason `unsendable`, the error
         and the original size in headers."""
@@ -174,7 +196,7 @@ class ResultPublisher:
         headers = [
             *kept,
             (H_ERROR, UNSENDABLE.encode()),
-            (H_ERROR_DETAIL, f"{type(exc).__name__}: {exc}"[:200].encode("utf-8", "replace")),
+            (H_ERROR_DETAIL, _unsendable_detail(exc, first_reason)),
             (H_ORIGINAL_SIZE, str(len(value)).encode()),
             *self._source_headers(record),
         ]

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
@@ -33,9 +33,12 @@ from streams.codec import DECODE_ERROR, SCORING_ERROR, DecodedBatch, decode_batc
 from streams.config import StreamConfig
 from streams.delivery import Outbox, UnsendableError, unacked_bytes
 from streams.ledger import OffsetLedger
-from streams.metrics import WorkerMetrics, observe_many
-from streams.publish import PublishedBatch, ResultPublisher
+from streams.metrics import WorkerMetrics
+from streams.publish import ResultPublisher
 from streams.scoring import PendingBatch, Scorer
+from streams.worker_state import WorkerState
+
+__all__ = ["Worker", "WorkerState"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,38 +87,6 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         self._worker.on_assigned(set(assigned))
 
 
-@dataclass
-class WorkerState:
-    """What /readyz and /healthz report; written by the worker thread, read by the HTTP one."""
-
-    model_loaded: Callable[[], bool] = lambda: False
-    broker_connected: bool = False
-    group_joined: bool = False
-    group_stable: Callable[[], bool] = lambda: True  # the coordinator's view, live
-    assigned: set[TopicPartition] = field(default_factory=set)
-    liveness_timeout_s: float = 120.0
-    has_work: bool = False
-    progress_at: float = field(default_factory=time.monotonic)
-
-    def readiness(self) -> tuple[bool, dict[str, bool]]:
-        checks = {
-            "model_loaded": self.model_loaded(),
-            "broker_connected": self.broker_connected,
-            "group_joined": self.group_joined and self.group_stable(),
-            "making_progress": self.liveness()[0],
-        }
-        return all(checks.values()), checks
-
-    def liveness(self) -> tuple[bool, dict[str, float]]:
-        """Alive unless the loop has had work and made no progress for liveness_timeout_s."""
-        stalled_s = time.monotonic() - self.progress_at if self.has_work else 0.0
-        return stalled_s <= self.liveness_timeout_s, {"stalled_s": round(stalled_s, 1)}
-
-    def progressed(self, *, has_work: bool) -> None:
-        self.has_work = has_work
-        self.progress_at = time.monotonic()
-
-
 class Worker:
     def __init__(
         self,
@@ -133,15 +104,13 @@ class Worker:
         self._producer = producer
         self._metrics = metrics
         self._state = state
-        self._scorer = scorer
-        self._depth = _SCORING_DEPTH if scorer.overlaps else 1
-        self._poll_records = config.max_batch_size * (1 if scorer.overlaps else _POLL_BATCHES)
         self._ledger = OffsetLedger()
         self._outbox = Outbox(publisher=publisher, config=config, on_error=self._error)
-        self._publisher = publisher
         self._buffer: list[Any] = []
         self._scoring: deque[_Batch] = deque()
         self._paused = False
+        self._swap: tuple[Scorer, ResultPublisher] | None = (scorer, publisher)
+        self._swap_model()
         self._sent_at: dict[int, float] = {}  # batch id -> when its outputs were sent
         self._lag_at = self._commit_at = 0.0
         self.on_batch_scored: Callable[[int], None] | None = None  # for benchmarks
@@ -158,6 +127,8 @@ class Worker:
         try:
             while not stop.is_set():
                 self._fill_buffer(stop)
+                if self._swap is not None:
+                    self._swap_model()
                 self._publish_scored()
                 if self._buffer and not self._held_back():
                     if len(self._scoring) >= self._depth:  # the scorer has enough: wait
@@ -172,6 +143,21 @@ class Worker:
             logger.error("%s", exc)
             self._commit(sync=True)  # what precedes the unsendable record only
             return False
+
+    def swap_model(self, scorer: Scorer, publisher: ResultPublisher) -> None:
+        """Score later batches with another model (any thread may call this). The loop applies
+        it between batches, once every batch the old scorer holds has been published with the
+        old publisher (so an output's model_version always names the model that scored it)."""
+        self._swap = (scorer, publisher)
+
+    def _swap_model(self) -> None:
+        """Take the scorer and publisher of `swap_model` (or of the constructor)."""
+        self._publish_all()
+        assert self._swap is not None
+        (self._scorer, self._publisher), self._swap = self._swap, None
+        overlap = self._scorer.overlaps
+        self._depth = _SCORING_DEPTH if overlap else 1
+        self._poll_records = self._config.max_batch_size * (1 if overlap else _POLL_BATCHES)
 
     def _poll(self, timeout_ms: int, max_records: int) -> dict:
         try:
@@ -224,7 +210,9 @@ class Worker:
         size = self._config.max_batch_size
         records, self._buffer = self._buffer[:size], self._buffer[size:]
         try:
-            decoded = decode_batch([r.value for r in records], codec=self._config.codec)
+            decoded = decode_batch(
+                [r.value for r in records], codec=self._config.codec, keys=[r.key for r in records]
+            )
         except Exception as exc:  # a decoder bug must not lose records: dead-letter them all
             self._error("decode", exc)
             decoded = _all_invalid(len(records), DECODE_ERROR, exc)
@@ -287,10 +275,12 @@ class Worker:
             sent_at = self._sent_at.pop(batch_id, None)
             if sent_at is not None:
                 self._metrics.stage_seconds.labels(stage="ack").observe(time.time() - sent_at)
-            self._count(published)
+            published.count(self._metrics)
         busy = bool(self._buffer or self._scoring or self._ledger.has_work())
         if acked or not busy:
             self._state.progressed(has_work=busy)
+        else:
+            self._state.has_work = True
 
     def _service(self) -> bool:
         """Take acknowledged batches, commit on the timer, pause or resume consuming; returns
@@ -317,19 +307,6 @@ class Worker:
             or ledger.unacked_bytes >= config.max_unacked_bytes
             or self._outbox.retrying
         )
-
-    def _count(self, published: PublishedBatch) -> None:
-        m = self._metrics
-        m.records.labels(outcome="normal").inc(published.n_normal)
-        m.records.labels(outcome="anomaly").inc(published.n_anomaly)
-        m.records.labels(outcome="invalid").inc(len(published.records) - len(published.scores))
-        if published.n_alerts:
-            m.alerts_published.inc(published.n_alerts)
-        for reason in published.dead_letter_reasons:
-            m.dead_letters.labels(reason=reason).inc()
-        observe_many(m.score, published.scores)
-        if len(published.timestamps_ms):
-            observe_many(m.end_to_end_seconds, time.time() - published.timestamps_ms / 1000.0)
 
     def _commit(self, *, sync: bool) -> bool:
         offsets = {

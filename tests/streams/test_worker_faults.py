@@ -1,0 +1,317 @@
+"""Fault experiments against the real embedded broker and a real `vaewatch worker` (issue 9,
+findings 1-4): a poison record ends as a dead letter (a null header value: a normal score
+without that header), nothing is missing from scores and dead letters, the worker stays up; a
+send that can never succeed ends by the on_unsendable policy, never in a loop; a frozen scoring
+process is healed, or reported unhealthy, within the configured time; unacknowledged work is
+bounded when the broker stops answering."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kafka import KafkaProducer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from detector import Detector
+from streams.codec import encode_images
+from streams.kafka_io import create_consumer, create_producer
+from streams.serve import build_metrics, publisher_for, scorer_for
+from streams.worker import Worker, WorkerState
+from tests.fixtures_broker import (
+    StreamTopics,
+    WorkerProcess,
+    make_topics,
+    start_worker,
+    wait_ready,
+)
+from tests.streams.kafka_helpers import committed_offsets, read_json, read_topic
+
+pytestmark = pytest.mark.slow
+
+BATCH = ["--set", "stream.max_batch_size=100"]
+
+
+def _produce(topics: StreamTopics, values: list[bytes], headers=None) -> None:
+    """Send `values` to partition 0 and wait for the acks. A header value may be None (legal in
+    Kafka, refused by kafka-python's send()): such records go straight to the producer's
+    record accumulator, which encodes a null header value."""
+    producer = KafkaProducer(
+        bootstrap_servers=topics.bootstrap_servers,
+        acks="all",
+        linger_ms=5,
+        max_request_size=4 * 1024 * 1024,
+    )
+    topic = topics.config.input_topic
+    producer.partitions_for(topic)  # metadata, which send() would have fetched
+    futures = []
+    for i, value in enumerate(values):
+        record_headers = list(headers[i]) if headers else []
+        if any(v is None for _, v in record_headers):
+            # The record is encoded (null value) before kafka-python sizes its future with
+            # len(None) and raises; it is sent with its batch, acknowledged with the others.
+            with contextlib.suppress(TypeError):
+                producer._accumulator.append(
+                    TopicPartition(topic, 0), int(time.time() * 1000), None, value, record_headers
+                )
+            continue
+        futures.append(producer.send(topic, value=value, headers=record_headers, partition=0))
+    producer.flush()
+    for future in futures:
+        future.get(timeout=20)
+    producer.close()
+
+
+def _images(n: int, seed: int = 0) -> list[bytes]:
+    images = np.random.default_rng(seed).integers(0, 256, (n, 784), dtype=np.uint8)
+    return encode_images(images, codec="raw")
+
+
+def _metric(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{series} not in the metrics")
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:  # no answer in time (a busy machine): neither healthy nor unhealthy
+        return 0
+
+
+def _wait_committed(topics: StreamTopics, offset: int, timeout_s: float = 30.0) -> int | None:
+    deadline = time.monotonic() + timeout_s
+    committed = None
+    while time.monotonic() < deadline:
+        committed = committed_offsets(topics.config)[0]
+        if committed == offset:
+            break
+        time.sleep(0.3)
+    return committed
+
+
+def test_a_null_header_value_is_dropped_and_its_record_scored(
+    kafka_broker, trained_bundle, tmp_path
+) -> None:
+    topics = make_topics(kafka_broker)
+    n = 300
+    headers = [[("trace", b"t")] for _ in range(n)]
+    headers[250] = [("trace", None), ("kept", b"yes")]
+    _produce(topics, _images(n), headers)
+    worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=BATCH)
+    try:
+        scores = read_topic(topics.config, topics.config.scores_topic, until=n)
+        assert _wait_committed(topics, n) == n
+        assert worker.process.poll() is None, worker.log()  # still up
+    finally:
+        assert worker.stop() == 0, worker.log()
+    by_offset = {json.loads(r.value)["offset"]: r for r in scores}
+    assert set(by_offset) == set(range(n))
+    assert by_offset[250].headers == [("kept", b"yes")]  # the null-valued header dropped
+    assert read_topic(topics.config, topics.config.dlq_topic, until=1, timeout_s=2) == []
+
+
+def test_a_record_too_large_to_dead_letter_goes_there_trimmed(
+    kafka_broker, trained_bundle, tmp_path
+) -> None:
+    topics = make_topics(kafka_broker)
+    n = 300
+    values = _images(n)
+    big = bytes(range(256)) * (1100 * 1024 // 256)  # 1.1 MB: its DLQ copy exceeds 1 MiB
+    values[250], values[260] = big, b"short"
+    _produce(topics, values)
+    worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=BATCH)
+    try:
+        dead = read_topic(topics.config, topics.config.dlq_topic, until=2)
+        scores = read_json(read_topic(topics.config, topics.config.scores_topic, until=n - 2))
+        assert _wait_committed(topics, n) == n
+        text = worker.metrics_text()
+    finally:
+        assert worker.stop() == 0, worker.log()
+    assert {s["offset"] for s in scores} == set(range(n)) - {250, 260}
+    letters = {int(dict(r.headers)["vaewatch.source.offset"]): r for r in dead}
+    assert set(letters) == {250, 260}
+    assert dict(letters[260].headers)["vaewatch.error"] == b"wrong_length"
+    trimmed = dict(letters[250].headers)
+    assert trimmed["vaewatch.error"] == b"unsendable"
+    assert int(trimmed["vaewatch.original.size"]) == len(big)
+    assert b"MessageSizeTooLarge" in trimmed["vaewatch.error.detail"]
+    assert 0 < len(letters[250].value) < 1024 * 1024 and big.startswith(letters[250].value)
+    assert _metric(text, 'vaewatch_dead_letters_total{reason="unsendable"}') == 1
+    assert _metric(text, 'vaewatch_dead_letters_total{reason="wrong_length"}') == 1
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_a_dead_letter_that_can_never_be_sent_ends_by_the_policy(
+    kafka_broker, trained_bundle, tmp_path, policy: str
+) -> None:
+    made = make_topics(kafka_broker)
+    # An invalid topic name: every dead-letter send fails at once (ValueError), forever.
+    topics = StreamTopics(config=made.config.model_copy(update={"dlq_topic": "no such dlq!"}))
+    n = 300
+    values = _images(n)
+    values[150] = b"short"
+    _produce(topics, values)
+    worker = start_worker(
+        model=trained_bundle,
+        topics=topics,
+        log_dir=tmp_path,
+        extra_args=[*BATCH, "--set", f"stream.on_unsendable={policy}"],
+    )
+    try:
+        if policy == "fail":
+            assert worker.process.wait(timeout=30) != 0, worker.log()
+            committed = committed_offsets(topics.config)[0]
+            assert committed is None or committed <= 150  # nothing past the lost record
+            assert "on_unsendable is fail" in worker.log()
+        else:
+            assert _wait_committed(topics, n) == n
+            text = worker.metrics_text()
+            assert _metric(text, 'vaewatch_errors_total{kind="skipped"}') == 1
+            assert _metric(text, 'vaewatch_dead_letters_total{reason="wrong_length"}') == 0
+            assert worker.stop() == 0, worker.log()
+    finally:
+        if worker.process.poll() is None:
+            worker.process.kill()
+    # Bounded: one failed dead letter and one failed trimmed copy, not a loop of rewinds.
+    assert worker.log().count("cannot be sent") == 1
+
+
+def _scoring_child(worker_pid: int) -> int:
+    for child in Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split():
+        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+            return int(child)
+    raise AssertionError("no scoring process")
+
+
+def _worker_with_frozen_scorer(
+    model: Path, topics: StreamTopics, log_dir: Path, settings: list[str]
+) -> tuple[WorkerProcess, int]:
+    """A worker whose scoring process is stopped (SIGSTOP) once it has loaded the model, before
+    the group join completes, so that the backlog's full batches are handed to a frozen child."""
+    worker = start_worker(
+        model=model, topics=topics, log_dir=log_dir, extra_args=[*BATCH, *settings], wait=False
+    )
+    deadline = time.monotonic() + 60
+    while "scoring process" not in worker.log() and time.monotonic() < deadline:
+        assert worker.process.poll() is None, worker.log()
+        time.sleep(0.05)
+    child = _scoring_child(worker.process.pid)
+    os.kill(child, signal.SIGSTOP)
+    assert "partitions assigned" not in worker.log()  # nothing handed to the child yet
+    wait_ready(worker.url, timeout_s=60, process=worker.process)
+    return worker, child
+
+
+def test_a_frozen_scoring_process_is_restarted_and_its_batch_scored_again(
+    kafka_broker, trained_bundle, tmp_path
+) -> None:
+    topics = make_topics(kafka_broker)
+    n = 4000
+    _produce(topics, _images(n, seed=3))
+    worker, frozen = _worker_with_frozen_scorer(
+        trained_bundle, topics, tmp_path, ["--set", "stream.scoring_timeout_s=2"]
+    )
+    try:
+        results = read_json(read_topic(topics.config, topics.config.scores_topic, until=n))
+        assert _wait_committed(topics, n) == n
+        text = worker.metrics_text()
+    finally:
+        os.kill(frozen, signal.SIGCONT) if Path(f"/proc/{frozen}").exists() else None
+        assert worker.stop() == 0, worker.log()
+    assert {r["offset"] for r in results} == set(range(n))
+    assert read_topic(topics.config, topics.config.dlq_topic, until=1, timeout_s=2) == []
+    assert _metric(text, 'vaewatch_errors_total{kind="scoring"}') >= 1
+    assert "did not answer in 2 s" in worker.log()
+
+
+def test_a_frozen_scoring_process_makes_healthz_fail_until_it_recovers(
+    kafka_broker, trained_bundle, tmp_path
+) -> None:
+    topics = make_topics(kafka_broker)
+    n = 4000
+    _produce(topics, _images(n, seed=4))
+    settings = ["--set", "stream.scoring_timeout_s=120", "--set", "stream.liveness_timeout_s=2"]
+    worker, frozen = _worker_with_frozen_scorer(trained_bundle, topics, tmp_path, settings)
+    try:
+        deadline = time.monotonic() + 20
+        while _status(f"{worker.url}/healthz") != 503 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _status(f"{worker.url}/healthz") == 503
+        assert _status(f"{worker.url}/readyz") == 503
+        assert _metric(worker.metrics_text(), "vaewatch_ready") == 0
+        os.kill(frozen, signal.SIGCONT)
+        assert len(read_topic(topics.config, topics.config.scores_topic, until=n)) >= n
+        assert _wait_committed(topics, n) == n
+        assert _status(f"{worker.url}/healthz") == 200
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        code = worker.stop()
+    assert code == 0, worker.log()
+
+
+def test_unacknowledged_records_stay_bounded_while_the_broker_does_not_answer(
+    kafka_broker, trained_bundle
+) -> None:
+    """In-process worker (to watch its ledger); the broker is frozen with SIGSTOP while the
+    worker still holds thousands of fetched records: without the bound it would publish them
+    all into the producer's buffer."""
+    bound, batch = 300, 100
+    topics = make_topics(
+        kafka_broker,
+        max_batch_size=batch,
+        max_unacked_records=bound,
+        cpu_scoring="inline",
+    )
+    n = 6000
+    _produce(topics, _images(n, seed=5))
+    config = topics.config
+    detector = Detector.from_bundle(trained_bundle, device="cpu")
+    metrics = build_metrics(detector=detector, registry=CollectorRegistry())
+    producer = create_producer(config=config)
+    state = WorkerState(model_loaded=lambda: True)
+    worker = Worker(
+        config=config,
+        scorer=scorer_for(config, detector=detector, metrics=metrics),
+        publisher=publisher_for(config, detector=detector, producer=producer),
+        metrics=metrics,
+        consumer=create_consumer(config=config),
+        producer=producer,
+        state=state,
+    )
+    stop = threading.Event()
+    seen: list[int] = []
+    worker.on_batch_scored = lambda size: seen.append(worker._ledger.unacked_records)
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    try:
+        read_topic(config, config.scores_topic, until=300)
+        os.kill(kafka_broker.pid, signal.SIGSTOP)
+        time.sleep(3)
+        held = worker._ledger.unacked_records
+        during = list(seen)
+        os.kill(kafka_broker.pid, signal.SIGCONT)
+        assert len(read_topic(config, config.scores_topic, until=n)) >= n
+    finally:
+        os.kill(kafka_broker.pid, signal.SIGCONT)
+        stop.set()
+        thread.join(60)
+        worker._consumer.close()
+        producer.close()
+    assert max(during) <= bound - 1 + batch, max(during)
+    assert held <= bound - 1 + batch
+    assert committed_offsets(config)[0] == n
