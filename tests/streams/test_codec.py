@@ -269,38 +269,79 @@ _pixel = st.one_of(
 )
 
 
+def _id_is_usable(record_id: object) -> bool:
+    """The rule for ids, written out plainly: a string of valid Unicode or a finite number, at
+    most MAX_ID_BYTES as JSON text; or null."""
+    if record_id is None:
+        return True
+    if isinstance(record_id, bool) or not isinstance(record_id, str | int | float):
+        return False
+    if isinstance(record_id, float) and not np.isfinite(record_id):
+        return False
+    if isinstance(record_id, str):
+        try:
+            record_id.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    return len(json.dumps(record_id)) <= MAX_ID_BYTES
+
+
+def _pixel_is_usable(pixel: object) -> bool:
+    return (
+        type(pixel) in (int, float)
+        and np.isfinite(pixel)
+        and 0 <= pixel <= 255
+        and pixel == int(pixel)
+    )
+
+
 @st.composite
-def _record_value(draw: st.DrawFn) -> bytes | None:
+def _record(draw: st.DrawFn) -> tuple[bytes | None, np.ndarray | None]:
+    """A record value, and the image it must decode to (None: it must be a dead letter; for
+    values of no known shape, `...`: either)."""
     kind = draw(st.sampled_from(["pixels", "near", "b64", "json", "bytes", "none", "deep"]))
     obj: dict = {}
+    usable = True
     if draw(st.booleans()):
         obj["id"] = draw(_json_value)
+        usable = _id_is_usable(obj["id"])
     if kind == "pixels":
         seed = draw(st.integers(0, 2**32 - 1))  # drawing 784 integers one by one is slow
-        obj["pixels"] = np.random.default_rng(seed).integers(0, 256, 784).tolist()
+        image = np.random.default_rng(seed).integers(0, 256, 784).astype(np.uint8)
+        obj["pixels"] = image.tolist()
     elif kind == "near":  # 784 pixels, one of them odd
         pixels = [0] * 784
-        pixels[draw(st.integers(0, 783))] = draw(_pixel)
+        where, pixel = draw(st.integers(0, 783)), draw(_pixel)
+        pixels[where] = pixel
         obj["pixels"] = pixels
+        usable = usable and _pixel_is_usable(pixel)
+        image = np.zeros(784, np.uint8)
+        if usable:
+            image[where] = int(pixel)
     elif kind == "b64":
-        obj["b64"] = base64.b64encode(draw(st.binary(min_size=780, max_size=790))).decode()
+        raw = draw(st.binary(min_size=782, max_size=786))
+        obj["b64"] = base64.b64encode(raw).decode()
+        usable = usable and len(raw) == 784
+        image = np.frombuffer(raw, np.uint8) if usable else None
     elif kind == "json":
-        return json.dumps(draw(_json_value)).encode()
+        return json.dumps(draw(_json_value)).encode(), None  # never an object with pixels
     elif kind == "bytes":
-        return draw(st.binary(max_size=50))
+        return draw(st.binary(max_size=50)), ...  # 784 random bytes are not drawn
     elif kind == "none":
-        return None
+        return None, None
     else:
         depth = draw(st.sampled_from([10, 990, 5_000, 100_000]))
-        return b'{"x": ' + b"[" * depth + b"]" * depth + b"}"
-    return json.dumps(obj).encode()  # NaN and Infinity included, as Python writes them
+        return b'{"x": ' + b"[" * depth + b"]" * depth + b"}", None
+    # NaN and Infinity included, as Python writes them
+    return json.dumps(obj).encode(), image if usable else None
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(values=st.lists(_record_value(), max_size=12), codec=st.sampled_from(["json", "raw"]))
+@given(records=st.lists(_record(), max_size=12), codec=st.sampled_from(["json", "raw"]))
 def test_decode_batch_never_raises_and_accounts_for_every_record(
-    values: list[bytes | None], codec: str
+    records: list[tuple[bytes | None, np.ndarray | None]], codec: str
 ) -> None:
+    values = [value for value, _ in records]
     decoded = decode_batch(values, codec=codec)
     n = len(values)
     assert decoded.valid.shape == (n,)
@@ -312,3 +353,11 @@ def test_decode_batch_never_raises_and_accounts_for_every_record(
         assert len(decoded.ids) == decoded.n_valid
         for record_id in decoded.ids:
             assert len(json.dumps(record_id, allow_nan=False)) <= MAX_ID_BYTES
+        for i, (_, expected) in enumerate(records):
+            if expected is ...:
+                continue
+            assert decoded.valid[i] == (expected is not None), (i, decoded.errors.get(i))
+            if expected is not None:
+                np.testing.assert_array_equal(
+                    decoded.images[int(decoded.valid[:i].sum())], expected
+                )
