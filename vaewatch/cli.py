@@ -72,7 +72,8 @@ def _global_options(*, after_command: bool) -> argparse.ArgumentParser:
         action="append",
         default=unset if after_command else [],
         metavar="SECTION.KEY=VALUE",
-        help="override one setting; VALUE is YAML (repeatable; the last one wins)",
+        help="override one setting; VALUE is YAML, a secret's is taken verbatim (repeatable; "
+        "the last one wins)",
     )
     group.add_argument(
         "--log-level",

@@ -69,7 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "score",
         help="score images from .npy, .npz, an IDX file or a folder of PNGs",
         description="Write index, score, p_value and anomaly for every input image: CSV, or "
-        "JSON lines when --out ends in .jsonl/.json.",
+        "JSON lines when --out ends in .jsonl/.json. Images are uint8 (N x 28 x 28 or N x 784; "
+        "PNGs of any 8-bit mode become grayscale, 16-bit grayscale PNGs are scaled as PNG "
+        "defines, v * 255 / 65535); an input with no images is an error.",
     )
     score.add_argument("--model", type=Path, required=True, help="bundle directory")
     score.add_argument("input", type=Path, help=".npy/.npz/IDX file or folder of 28x28 PNGs")
