@@ -140,7 +140,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024, help="raw detector batch size")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    # One torch thread here and in the service (serve.cpu_threads' default): the baselines
+    # and the service score alike.
+    torch.set_num_threads(1)
 
     images = fashion_images()
     with tempfile.TemporaryDirectory() as scratch:

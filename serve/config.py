@@ -45,7 +45,11 @@ class ServeConfig(BaseModel):
     max_samples: int = Field(256, ge=1, description="Largest n of /v1/sample.")
     max_interpolation_steps: int = Field(64, ge=2, description="Largest steps of /v1/interpolate.")
     cpu_threads: int = Field(
-        0, ge=0, description="torch CPU threads of the service (0 = torch's default)."
+        1,
+        ge=0,
+        description="torch CPU threads that score on the CPU (0 = torch's default, one per "
+        "core). One leaves a core to the HTTP side, and idle OpenMP threads spin between small "
+        "batches.",
     )
     live_alerts: bool = Field(
         False,
