@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 ReadinessProbe = Callable[[], tuple[bool, dict[str, bool]]]
 # Liveness: () -> (alive, details); /healthz answers 503 when not alive.
 LivenessProbe = Callable[[], tuple[bool, dict[str, Any]]]
+# Admin actions (POST /admin/..., off unless the worker supplies one): path -> (status, JSON).
+AdminAction = Callable[[str], tuple[str, dict[str, Any]]]
 
 
 def _always_alive() -> tuple[bool, dict[str, Any]]:
@@ -109,11 +111,19 @@ def build_app(
     registry: CollectorRegistry,
     readiness: ReadinessProbe,
     liveness: LivenessProbe = _always_alive,
+    admin: AdminAction | None = None,
 ) -> Callable:
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
+        if admin is not None and path.startswith("/admin/"):
+            if environ.get("REQUEST_METHOD") != "POST":
+                start_response("405 Method Not Allowed", [("Allow", "POST")])
+                return [b"use POST\n"]
+            status, answer = admin(path)
+            start_response(status, [("Content-Type", "application/json")])
+            return [json.dumps(answer).encode() + b"\n"]
         if path == "/healthz":
             alive, details = liveness()
             if alive:
@@ -147,8 +157,9 @@ class MetricsServer:
         registry: CollectorRegistry,
         readiness: ReadinessProbe,
         liveness: LivenessProbe = _always_alive,
+        admin: AdminAction | None = None,
     ) -> None:
-        app = build_app(registry=registry, readiness=readiness, liveness=liveness)
+        app = build_app(registry=registry, readiness=readiness, liveness=liveness, admin=admin)
         self._server = make_server(
             host, port, app, server_class=_BoundedWSGIServer, handler_class=_QuietHandler
         )

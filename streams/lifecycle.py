@@ -11,14 +11,19 @@ score in it, is scored and judged by exactly one model version.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from detector import Detector, Scores
 from streams.drift import DriftMonitor
+from streams.lifecycle_config import LifecycleConfig
 from streams.lifecycle_metrics import LifecycleMetrics
 from streams.model_watch import Candidate, ModelWatcher
 from streams.shadow import ShadowScorer
@@ -26,6 +31,8 @@ from streams.shadow import ShadowScorer
 logger = logging.getLogger(__name__)
 
 _BATCH_SIZES_KEPT = 8  # distinct recent batch sizes a new model is warmed up on
+_ADMIN_WAIT_S = 4.0  # POST /admin/reload answers within the metrics server's connection timeout
+_SCORER_START_S = 120.0  # longest wait for a new model's scoring process to load it
 
 
 def model_info(detector: Detector) -> dict[str, str]:
@@ -55,6 +62,7 @@ class ModelLifecycle:
         self._metrics = metrics
         self._lifecycle: LifecycleMetrics = metrics.lifecycle
         self.watcher = watcher
+        self._make_publisher: Callable[[Detector], Any] | None = None
         self._batch_sizes: deque[int] = deque(maxlen=_BATCH_SIZES_KEPT)
         self._drift = DriftMonitor(
             detector.calibration,
@@ -91,7 +99,7 @@ class ModelLifecycle:
     @property
     def needs_keys(self) -> bool:
         """Whether `observe` wants each valid record's topic/partition/offset."""
-        return self.shadow is not None and self.shadow._producer is not None
+        return self.shadow is not None and self.shadow.sends
 
     def batch_sizes(self) -> Sequence[int]:
         """Recent batch sizes (for warming a new model up on real shapes)."""
@@ -119,8 +127,17 @@ class ModelLifecycle:
     def take_swap(self) -> Candidate | None:
         return self.watcher.take() if self.watcher is not None else None
 
-    def swapped(self, candidate: Candidate) -> None:
-        """The loop now scores with `candidate`: gauges, info and the drift window follow."""
+    def publisher_for(self, detector: Detector) -> Any:
+        """The outputs' publisher for a new model (it names the model in every output)."""
+        if self._make_publisher is None:
+            raise RuntimeError("attach_producer was not called")
+        return self._make_publisher(detector)
+
+    def swapped(self, candidate: Candidate, *, old_scorer: Any = None) -> None:
+        """The loop now scores with `candidate`: gauges, info and the drift window follow, and
+        the old scorer is closed (in a thread: stopping a scoring process waits for it)."""
+        if old_scorer is not None:
+            threading.Thread(target=old_scorer.close, name="close-old-scorer", daemon=True).start()
         old = self.detector
         self.detector = candidate.detector
         metrics = self._metrics
@@ -134,8 +151,101 @@ class ModelLifecycle:
         if self.watcher is not None:
             self.watcher.swapped(candidate)
 
+    def attach_producer(
+        self, producer: Any, *, make_publisher: Callable[[Detector], Any] | None = None
+    ) -> None:
+        """The worker's producer, once connected: the shadow topic's sends go through it, and
+        `make_publisher` makes the outputs' publisher of a model swapped in."""
+        self._make_publisher = make_publisher
+        if self.shadow is not None:
+            self.shadow.attach_producer(producer)
+
+    def admin(self, path: str) -> tuple[str, dict[str, Any]]:
+        """POST /admin/reload: reload the model path now; answers the outcome, or `pending` when
+        loading takes longer than the HTTP answer may wait (the outcome is then in the metrics
+        and the log)."""
+        if path != "/admin/reload" or self.watcher is None:
+            return "404 Not Found", {"error": f"unknown admin action {path}"}
+        outcome = self.watcher.reload_and_wait("POST /admin/reload", timeout_s=_ADMIN_WAIT_S)
+        if outcome is None:
+            return "202 Accepted", {"outcome": "pending"}
+        status = "500 Internal Server Error" if outcome.outcome == "failed" else "200 OK"
+        return status, outcome.as_dict()
+
     def close(self) -> None:
         if self.watcher is not None:
             self.watcher.close()
         if self.shadow is not None:
             self.shadow.close()
+
+
+def _ready_scorer(make_scorer: Callable[[Detector], Any]) -> Callable[[Detector], Any]:
+    """A new model's scorer, started and waited for in the watcher's thread (a scoring process
+    loads the weights meanwhile; the worker goes on with the old one)."""
+
+    def prepare(detector: Detector) -> Any:
+        scorer = make_scorer(detector)
+        deadline = time.monotonic() + _SCORER_START_S
+        while not scorer.ready():
+            if time.monotonic() > deadline:
+                scorer.close()
+                raise RuntimeError(f"its scorer did not start within {_SCORER_START_S:g} s")
+            time.sleep(0.05)
+        return scorer
+
+    return prepare
+
+
+def build_lifecycle(
+    *,
+    config: LifecycleConfig,
+    detector: Detector,
+    metrics: Any,
+    model_path: str | Path | None,
+    shadow: Detector | None,
+    make_scorer: Callable[[Detector], Any],
+    on_error: Callable[[str, BaseException], None],
+) -> ModelLifecycle:
+    """The worker's lifecycle: a watcher on `model_path` (none without one), the shadow."""
+    lifecycle: ModelLifecycle
+
+    def load(path: Path) -> Detector:
+        return Detector.from_bundle(
+            path, device=str(detector.device), max_batch_size=detector.max_batch_size
+        )
+
+    watcher = None
+    if model_path is not None:
+        watcher = ModelWatcher(
+            model_path,
+            load=load,
+            serving_version=detector.version,
+            metrics=metrics.lifecycle,
+            on_error=on_error,
+            interval_s=config.watch_interval_s,
+            warmup_sizes=lambda: lifecycle.batch_sizes(),
+            prepare=_ready_scorer(make_scorer),
+            dispose=lambda scorer: scorer.close(),
+        )
+    lifecycle = ModelLifecycle(
+        detector=detector,
+        metrics=metrics,
+        drift_window_records=config.drift_window_records,
+        drift_interval_s=config.drift_interval_s,
+        watcher=watcher,
+        shadow=shadow,
+        shadow_topic=config.shadow_topic,
+        on_error=on_error,
+    )
+    if watcher is not None:
+        watcher.start()
+    return lifecycle
+
+
+def reload_on_sighup(lifecycle: ModelLifecycle) -> Callable[[], None]:
+    """SIGHUP asks for a reload (main thread only); returns what restores the old handler."""
+    watcher = lifecycle.watcher
+    if watcher is None or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: watcher.request("SIGHUP"))
+    return lambda: signal.signal(signal.SIGHUP, previous)

@@ -12,10 +12,11 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from streams.codec import DEAD_LETTER_REASONS
+from streams.lifecycle_metrics import LifecycleMetrics
 
 UNSENDABLE = "unsendable"  # dead-letter reason: outputs that could not be sent (streams.publish)
 OUTCOMES = ("normal", "anomaly", "invalid")
-ERROR_KINDS = ("broker", "produce", "commit", "decode", "scoring", "skipped")
+ERROR_KINDS = ("broker", "produce", "commit", "decode", "scoring", "skipped", "model")
 STAGES = ("wait", "score", "publish", "ack")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -47,7 +48,8 @@ class WorkerMetrics:
         self.errors = Counter(
             "vaewatch_errors",
             "Errors by kind (broker, produce, commit, decode, scoring, skipped: a record "
-            "committed without its outputs under stream.on_unsendable skip).",
+            "committed without its outputs under stream.on_unsendable skip; model: a new "
+            "bundle failed to load, the old one keeps serving).",
             ["kind"],
             registry=registry,
         )
@@ -106,6 +108,8 @@ class WorkerMetrics:
             registry=registry,
         )
         self.model = Info("vaewatch_model", "The loaded model bundle.", registry=registry)
+        # Reloads, the shadow candidate and score drift (docs/lifecycle.md).
+        self.lifecycle = LifecycleMetrics(registry=registry)
         # Every series of the bounded label sets exists from the start at 0, so rate() and
         # increase() in alert rules count the first dead letter or error after a restart.
         for outcome in OUTCOMES:

@@ -115,7 +115,8 @@ class ModelWatcher:
         self._ready: Candidate | None = None
         self._ready_lock = threading.Lock()
         self._stop = threading.Event()
-        self._attempts = 0
+        self._attempts = 0  # finished
+        self._started = 0  # begun (one more than _attempts while one runs)
         self.last: ReloadOutcome | None = None
         self._thread = threading.Thread(target=self._run, name="model-watch", daemon=True)
         if metrics is not None:
@@ -143,15 +144,17 @@ class ModelWatcher:
 
     def reload_and_wait(self, reason: str, *, timeout_s: float = 60.0) -> ReloadOutcome | None:
         """Ask for a reload and wait for its outcome (None: not done within `timeout_s`)."""
-        before = self._attempts
+        # An attempt already under way may have read the files before this request: wait for
+        # one that begins after it.
+        wanted = self._started + 1
         self.request(reason)
         deadline = time.monotonic() + timeout_s
-        while self._attempts == before and time.monotonic() < deadline:
+        while self._attempts < wanted and time.monotonic() < deadline:
             if not self._thread.is_alive():
                 self._check()  # not started (tests, tools): do the work here
                 break
             time.sleep(0.02)
-        return self.last if self._attempts > before else None
+        return self.last if self._attempts >= wanted else None
 
     # -- the worker's side ----------------------------------------------------------------
 
@@ -198,6 +201,7 @@ class ModelWatcher:
         self._attempt(identity.resolved, reason)
 
     def _attempt(self, resolved: str, reason: str) -> None:
+        self._started += 1
         started = time.perf_counter()
         version: str | None = None
         error: str | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +15,8 @@ from detector import Detector
 from streams.config import MetricsConfig, StreamConfig
 from streams.health import MetricsServer
 from streams.kafka_io import connect_with_backoff, create_consumer, create_producer
+from streams.lifecycle import build_lifecycle, reload_on_sighup
+from streams.lifecycle_config import LifecycleConfig
 from streams.metrics import WorkerMetrics, score_buckets
 from streams.publish import ResultPublisher
 from streams.scoring import Scorer, build_scorer
@@ -81,15 +84,31 @@ def serve(
     detector: Detector,
     stop: threading.Event,
     registry: CollectorRegistry | None = None,
+    lifecycle_config: LifecycleConfig | None = None,
+    model_path: str | Path | None = None,
+    shadow: Detector | None = None,
 ) -> int:
     """Run until `stop` is set; 0 when every consumed record was committed on the way out,
-    1 when some were not (they are re-delivered to the next worker: nothing is lost)."""
+    1 when some were not (they are re-delivered to the next worker: nothing is lost).
+    `model_path` is watched for new bundles and `shadow` scores beside the serving model
+    (docs/lifecycle.md)."""
     registry = registry if registry is not None else CollectorRegistry()
     tune_interpreter(stream, detector=detector)
     metrics = build_metrics(detector=detector, registry=registry)
     # Started before the Kafka clients: the scoring process loads the model meanwhile.
     scorer = scorer_for(stream, detector=detector, metrics=metrics)
     state = WorkerState(model_loaded=scorer.ready, liveness_timeout_s=stream.liveness_timeout_s)
+    lifecycle_config = lifecycle_config or LifecycleConfig()
+    lifecycle = build_lifecycle(
+        config=lifecycle_config,
+        detector=detector,
+        metrics=metrics,
+        model_path=model_path,
+        shadow=shadow,
+        make_scorer=lambda new: scorer_for(stream, detector=new, metrics=metrics),
+        on_error=lambda kind, exc: metrics.errors.labels(kind=kind).inc(),
+    )
+    restore_sighup = reload_on_sighup(lifecycle)
 
     # Evaluated on every scrape, so the gauge follows the worker without a /readyz probe.
     metrics.ready.set_function(lambda: 1.0 if state.readiness()[0] else 0.0)
@@ -99,6 +118,7 @@ def serve(
         registry=registry,
         readiness=state.readiness,
         liveness=state.liveness,
+        admin=lifecycle.admin if lifecycle_config.admin_reload else None,
     ).start()
 
     def on_error(kind: str, exc: BaseException) -> None:
@@ -106,6 +126,7 @@ def serve(
 
     backoff_s = stream.reconnect_backoff_max_ms / 1000.0
     consumer = producer = None
+    worker: Worker | None = None
     try:
         producer = connect_with_backoff(
             lambda: create_producer(config=stream),
@@ -124,6 +145,10 @@ def serve(
         if consumer is None or producer is None:
             return 0  # stopped before a broker answered: nothing was consumed
         state.broker_connected = True
+        lifecycle.attach_producer(
+            producer,
+            make_publisher=lambda new: publisher_for(stream, detector=new, producer=producer),
+        )
         worker = Worker(
             config=stream,
             scorer=scorer,
@@ -132,6 +157,7 @@ def serve(
             consumer=consumer,
             producer=producer,
             state=state,
+            lifecycle=lifecycle,
         )
         logger.info(
             "worker: %s -> alerts %s, scores %s, dlq %s (group %s, model %s on %s, %s)",
@@ -148,10 +174,12 @@ def serve(
         return 0 if complete else 1
     finally:
         state.group_joined = False
+        restore_sighup()
+        lifecycle.close()
         if consumer is not None:
             consumer.close(autocommit=False)
         if producer is not None:
             producer.close(timeout=stream.drain_timeout_s)
-        scorer.close()
+        (worker.scorer if worker is not None else scorer).close()
         server.stop()
         logger.info("worker stopped")

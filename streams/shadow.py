@@ -64,6 +64,16 @@ class ShadowScorer:
         self._threshold_json = repr(float(detector.threshold))
         logger.info("shadow model %s scores every batch beside the serving model", version)
 
+    @property
+    def sends(self) -> bool:
+        """Whether verdicts go to a shadow topic (then `submit` needs the records' keys)."""
+        return self._producer is not None
+
+    def attach_producer(self, producer: Any) -> None:
+        """The producer for the shadow topic, once connected (ignored without a topic)."""
+        if self._topic:
+            self._producer = producer
+
     def submit(
         self, images: np.ndarray, serving: Scores, keys: Sequence[tuple[str, int, int]] | None
     ) -> None:

@@ -33,6 +33,7 @@ from streams.codec import DECODE_ERROR, SCORING_ERROR, DecodedBatch, decode_batc
 from streams.config import StreamConfig
 from streams.delivery import Outbox, UnsendableError, unacked_bytes
 from streams.ledger import OffsetLedger
+from streams.lifecycle import ModelLifecycle
 from streams.metrics import WorkerMetrics
 from streams.publish import ResultPublisher
 from streams.scoring import PendingBatch, Scorer
@@ -98,8 +99,10 @@ class Worker:
         consumer: KafkaConsumer,
         producer: KafkaProducer,
         state: WorkerState,
+        lifecycle: ModelLifecycle | None = None,
     ) -> None:
         self._config = config
+        self._lifecycle = lifecycle  # hot reload, shadow, drift (streams/lifecycle.py)
         self._consumer = consumer
         self._producer = producer
         self._metrics = metrics
@@ -159,6 +162,31 @@ class Worker:
         self._depth = _SCORING_DEPTH if overlap else 1
         self._poll_records = self._config.max_batch_size * (1 if overlap else _POLL_BATCHES)
 
+    @property
+    def scorer(self) -> Scorer:
+        """The scorer of the model that serves now (it changes at a hot swap)."""
+        return self._scorer
+
+    def _swap_if_ready(self) -> None:
+        """A new model the lifecycle has loaded, verified and warmed up takes over, between two
+        batches (also while idle, so the gauges follow at once)."""
+        candidate = self._lifecycle.take_swap() if self._lifecycle is not None else None
+        if candidate is None:
+            return
+        old = self._scorer
+        self.swap_model(candidate.prepared, self._lifecycle.publisher_for(candidate.detector))
+        self._swap_model()
+        self._lifecycle.swapped(candidate, old_scorer=old)
+
+    def _observe(self, records: list[Any], decoded: DecodedBatch, scores: Scores) -> None:
+        """The lifecycle's turn after a batch is published: counts, drift, the shadow."""
+        keys = None
+        if self._lifecycle.needs_keys:
+            valid = decoded.valid.tolist()
+            pairs = zip(records, valid, strict=True)
+            keys = [(r.topic, r.partition, r.offset) for r, ok in pairs if ok]
+        self._lifecycle.observe(decoded.images, scores, keys)
+
     def _poll(self, timeout_ms: int, max_records: int) -> dict:
         try:
             polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
@@ -180,6 +208,7 @@ class Worker:
         first_at = time.monotonic() if self._buffer else None
         while not stop.is_set():
             held = self._service()
+            self._swap_if_ready()
             if len(self._buffer) >= size and not held:
                 return
             # Short polls only while a batch is being scored (to publish it as soon as it is
@@ -252,6 +281,8 @@ class Worker:
         scored_at = time.time()
         published = self._publisher.publish(batch.records, decoded, scores)
         sent_at = time.time()
+        if self._lifecycle is not None and scores is not None:
+            self._observe(batch.records, decoded, scores)
         if self._ledger.tracks(batch.batch_id):  # not revoked while it was being scored
             self._outbox.add(batch.batch_id, published)
             self._ledger.unacked_bytes += unacked_bytes(published)

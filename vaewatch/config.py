@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr, Valid
 from detector.config import DetectorSettings, ModelConfig
 from serve.config import ServeConfig
 from streams.config import MetricsConfig, StreamConfig
+from streams.lifecycle_config import LifecycleConfig
 from trainer.config import CalibrationConfig, DataConfig, TrainConfig
 
 ENV_PREFIX = "VAEWATCH_"
@@ -70,6 +71,11 @@ class Settings(BaseModel):
         default_factory=ServeConfig,
         description="The HTTP service vaewatch serve: where it listens, its limits, its "
         "micro-batching.",
+    )
+    lifecycle: LifecycleConfig = Field(
+        default_factory=LifecycleConfig,
+        description="The model's lifecycle in a running worker: hot reload of the --model path, "
+        "shadow scoring of a candidate, score-drift windows (docs/lifecycle.md).",
     )
 
 

@@ -68,9 +68,23 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
         device=settings.detector.device,
         max_batch_size=settings.detector.max_batch_size,
     )
+    shadow_path = args.shadow or settings.lifecycle.shadow_model or None
+    shadow = None
+    if shadow_path is not None:
+        shadow = Detector.from_bundle(
+            shadow_path,
+            device=settings.detector.device,
+            max_batch_size=settings.detector.max_batch_size,
+        )
     with stop_on_signals() as stop:
         return serve(
-            stream=settings.stream, metrics_config=settings.metrics, detector=detector, stop=stop
+            stream=settings.stream,
+            metrics_config=settings.metrics,
+            detector=detector,
+            stop=stop,
+            lifecycle_config=settings.lifecycle,
+            model_path=args.model,
+            shadow=shadow,
         )
 
 
@@ -312,7 +326,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "alerts (and scores), dead-letter malformed records, commit after acknowledgement. "
         "SIGTERM/SIGINT drain and exit 0.",
     )
-    worker.add_argument("--model", required=True, type=Path, help="model bundle directory")
+    worker.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="model bundle directory, or a symlink to one: watched, a new bundle there is "
+        "loaded in the background and swapped in between batches (docs/lifecycle.md)",
+    )
+    worker.add_argument(
+        "--shadow",
+        type=Path,
+        default=None,
+        help="candidate bundle that scores every batch too, without affecting alerts or "
+        "commits (default: lifecycle.shadow_model)",
+    )
     worker.set_defaults(run=run_worker)
 
     broker = subparsers.add_parser(
