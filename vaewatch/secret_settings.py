@@ -41,7 +41,10 @@ class SecretMaskingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self._secrets:
             return True
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: the handler reports it, as it would without us
+            return True
         masked = self._mask(message)
         if masked != message:
             record.msg, record.args = masked, ()
