@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -76,30 +77,43 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Parse an IDX file (plain or gzip) of unsigned bytes into an array of its stated shape.
 
     Format (LeCun's MNIST page): 2 zero bytes, a type code (0x08 = unsigned byte), the number of
-    dimensions, one big-endian int32 per dimension, then the data in row-major order.
+    dimensions, one big-endian int32 per dimension, then the data in row-major order. The data
+    is read straight into an array of the stated size, so a gzip that expands far beyond its
+    header (a decompression bomb) stops at that size.
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        with path.open("rb") as file:
+            zipped = file.read(2) == b"\x1f\x8b"
+        with gzip.open(path, "rb") if zipped else path.open("rb") as stream:
+            return _read_idx_stream(stream, path)
     except (OSError, EOFError, zlib.error) as exc:  # unreadable, truncated or corrupt gzip
-        raise DataError(f"{path}: cannot read IDX file ({exc})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: cannot read IDX file ({_first_line(exc)})") from None
+
+
+def _read_idx_stream(stream: Any, path: Path) -> np.ndarray:
+    head = stream.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
-    if raw[2] != _IDX_UBYTE:
-        raise DataError(f"{path}: IDX type code 0x{raw[2]:02x} is not unsigned byte (0x08)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
+    if head[2] != _IDX_UBYTE:
+        raise DataError(f"{path}: IDX type code 0x{head[2]:02x} is not unsigned byte (0x08)")
+    ndim = head[3]
+    dims = stream.read(4 * ndim)
+    if ndim == 0 or len(dims) < 4 * ndim:
         raise DataError(f"{path}: truncated IDX header")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    size = int(np.prod(shape))
-    if len(raw) - header != size:
-        raise DataError(
-            f"{path}: IDX header says {shape} ({size} bytes), file has {len(raw) - header}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">i4"))
+    if min(shape) < 0:
+        raise DataError(f"{path}: IDX header has a negative dimension {shape}")
+    size = math.prod(shape)
+    try:
+        data = np.empty(size, dtype=np.uint8)
+    except (MemoryError, ValueError):
+        raise DataError(f"{path}: IDX header says {shape} ({size} bytes): too large") from None
+    filled = stream.readinto(memoryview(data)) if size else 0
+    if filled != size or stream.read(1):
+        found = f"{filled}" if filled != size else "more"
+        raise DataError(f"{path}: IDX header says {shape} ({size} bytes), file has {found}")
+    return data.reshape(shape)
 
 
 def _find_idx(folder: Path, split: str, kind: str) -> Path | None:

@@ -133,7 +133,7 @@ def _write(tmp_path: Path, case: str) -> Path:
         ("magic-images-idx3-ubyte", "bad magic number"),
         ("header-images-idx3-ubyte", "truncated IDX header"),
         ("truncated-images-idx3-ubyte.gz", "cannot read IDX file"),
-        ("corrupt-images-idx3-ubyte.gz", "cannot read IDX file"),
+        ("corrupt-images-idx3-ubyte.gz", "IDX"),  # the header or the data fails to inflate
         ("bomb", "not 28x28"),
         ("float-png", "32-bit"),
         ("truncated-png", "not a readable PNG"),
@@ -166,3 +166,23 @@ def test_a_16_bit_png_is_scaled_as_png_defines(
     code16, out16, _ = _score(model_dir, tmp_path / "16", capsys)
     assert code8 == code16 == 0
     assert out16 == out8 and out8.count("\n") == 2  # header and one row
+
+
+def test_a_gzip_idx_that_inflates_far_beyond_its_header_is_not_inflated(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A decompression bomb: a header for 3 images, then 300 MB of zeros in 300 KB of gzip.
+    Reading stops at the size the header states."""
+    import resource
+
+    source = tmp_path / "bomb-images-idx3-ubyte.gz"
+    with gzip.open(source, "wb", compresslevel=1) as stream:
+        stream.write(_idx(_images(3)))
+        zeros = bytes(1 << 20)
+        for _ in range(300):
+            stream.write(zeros)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, _, err = _score(model_dir, source, capsys)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    _assert_one_line_error(code, err, "IDX header says (3, 28, 28)", "file has more")
+    assert grown_mib < 100, f"reading grew the process by {grown_mib:.0f} MiB"
