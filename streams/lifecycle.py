@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from detector import Detector, Scores
+from detector.config import IMAGE_PIXELS
 from streams.drift import DriftMonitor
 from streams.lifecycle_config import LifecycleConfig
 from streams.lifecycle_metrics import LifecycleMetrics
@@ -179,18 +180,26 @@ class ModelLifecycle:
             self.shadow.close()
 
 
-def _ready_scorer(make_scorer: Callable[[Detector], Any]) -> Callable[[Detector], Any]:
-    """A new model's scorer, started and waited for in the watcher's thread (a scoring process
-    loads the weights meanwhile; the worker goes on with the old one)."""
+def _ready_scorer(
+    make_scorer: Callable[[Detector], Any], sizes: Callable[[], Sequence[int]]
+) -> Callable[[Detector], Any]:
+    """A new model's scorer, started, waited for and warmed up on the worker's batch sizes
+    through its own path (a scoring process's first batches are slow), all in the watcher's
+    thread while the worker goes on with the old one."""
 
     def prepare(detector: Detector) -> Any:
         scorer = make_scorer(detector)
-        deadline = time.monotonic() + _SCORER_START_S
-        while not scorer.ready():
-            if time.monotonic() > deadline:
-                scorer.close()
-                raise RuntimeError(f"its scorer did not start within {_SCORER_START_S:g} s")
-            time.sleep(0.05)
+        try:
+            deadline = time.monotonic() + _SCORER_START_S
+            while not scorer.ready():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"its scorer did not start within {_SCORER_START_S:g} s")
+                time.sleep(0.05)
+            for size in sorted({max(1, int(n)) for n in sizes()}):
+                scorer.submit(np.zeros((size, IMAGE_PIXELS), dtype=np.uint8)).result()
+        except BaseException:
+            scorer.close()
+            raise
         return scorer
 
     return prepare
@@ -224,7 +233,7 @@ def build_lifecycle(
             on_error=on_error,
             interval_s=config.watch_interval_s,
             warmup_sizes=lambda: lifecycle.batch_sizes(),
-            prepare=_ready_scorer(make_scorer),
+            prepare=_ready_scorer(make_scorer, lambda: lifecycle.batch_sizes()),
             dispose=lambda scorer: scorer.close(),
         )
     lifecycle = ModelLifecycle(
