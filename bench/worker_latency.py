@@ -3,6 +3,12 @@
     .venv/bin/python bench/worker_latency.py --rate 5000 --duration 30            # latency
     .venv/bin/python bench/worker_latency.py --rate 5000 --duration 300 --warmup 30   # RSS
     .venv/bin/python bench/worker_latency.py --rate 5000 --duration 30 --relay    # baseline
+    .venv/bin/python bench/worker_latency.py --rate 2000 --duration 60 --scores-format batch
+    .venv/bin/python bench/worker_latency.py --rate 5000 --tree /tmp/base   # another checkout
+
+--tree runs the worker from another checkout of vaewatch (its cwd and PYTHONPATH), so that two
+versions are measured by the same script. The worker's per-stage timings
+(vaewatch_stage_seconds, where it exports them) are read from its /metrics at the end.
 
 A real `vaewatch worker` subprocess (max_batch_delay_ms 10 unless --set says otherwise) scores
 real Fashion-MNIST test images replayed at a steady rate. A subscriber on the alert topic, in a
@@ -117,6 +123,38 @@ def relay_records(bootstrap: str, ready: mp.Event, stop: mp.Event) -> None:
     consumer.close()
 
 
+def stage_quantiles(url: str) -> dict[str, dict[str, float]]:
+    """p50, p99 and max bucket bound of each stage of vaewatch_stage_seconds, from /metrics."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for line in text.splitlines():
+        if line.startswith("vaewatch_stage_seconds_bucket{"):
+            labels, value = line.rsplit(" ", 1)
+            fields = dict(part.split("=") for part in labels[labels.index("{") + 1 : -1].split(","))
+            bound = float(fields["le"].strip('"'))
+            buckets.setdefault(fields["stage"].strip('"'), []).append((bound, float(value)))
+    result = {}
+    for stage, counts in buckets.items():
+        counts.sort()
+        total = counts[-1][1]
+        if not total:
+            continue
+
+        def bound_for(q: float, counts=counts, total=total) -> float:
+            return next(b for b, c in counts if c >= q * total)
+
+        top = next(b for b, c in counts if c >= total)
+        result[stage] = {"p50_le": bound_for(0.5), "p99_le": bound_for(0.99), "max_le": top}
+        result[stage]["batches"] = int(total)
+    return result
+
+
 def wait_ready(url: str, timeout_s: float = 60) -> None:
     import urllib.request
 
@@ -138,10 +176,26 @@ def main() -> None:
     parser.add_argument("--model-kind", default="mlp", choices=["mlp", "conv"])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--relay", action="store_true", help="the baseline instead of a worker")
+    parser.add_argument("--tree", type=Path, default=None, help="run the worker from this checkout")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="a bundle (default: an untrained one, made here)"
+    )
+    parser.add_argument(
+        "--worker-log",
+        type=Path,
+        default=None,
+        help="write the worker's INFO log here and count its rebalances (partitions assigned)",
+    )
+    parser.add_argument(
+        "--scores-format",
+        default="",
+        choices=["", "record", "batch"],
+        help="also write scores (to lat.scores) in this format; default: alerts only",
+    )
     args = parser.parse_args()
     images = fashion_images()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
-        bundle = make_bundle(args.model_kind, Path(tmp) / "bundle", images)
+        bundle = args.model or make_bundle(args.model_kind, Path(tmp) / "bundle", images)
         config = StreamConfig(
             bootstrap_servers=broker.bootstrap_servers,
             input_topic="lat.images",
@@ -149,7 +203,7 @@ def main() -> None:
             dlq_topic="lat.dlq",
             group_id="lat",
         )
-        ensure_topics(config=config, topics=["lat.images", "lat.alerts", "lat.dlq"])
+        ensure_topics(config=config, topics=["lat.images", "lat.alerts", "lat.dlq", "lat.scores"])
         port = free_port()
         sets = [
             f"stream.bootstrap_servers={broker.bootstrap_servers}",
@@ -161,12 +215,18 @@ def main() -> None:
             "metrics.host=127.0.0.1",
             f"metrics.port={port}",
             "detector.device=cpu",
+            *(
+                ["stream.scores_topic=lat.scores", f"stream.scores_format={args.scores_format}"]
+                if args.scores_format
+                else []
+            ),
             *args.overrides,
         ]
         command = [sys.executable, "-m", "vaewatch.cli"]
         for item in sets:
             command += ["--set", item]
-        command += ["--log-level", "WARNING", "worker", "--model", str(bundle)]
+        level = "INFO" if args.worker_log else "WARNING"
+        command += ["--log-level", level, "worker", "--model", str(bundle)]
         ctx = mp.get_context("spawn")
         relay_ready, relay_stop = ctx.Event(), ctx.Event()
         if args.relay:
@@ -175,7 +235,13 @@ def main() -> None:
             )
             worker.start()
         else:
-            worker = subprocess.Popen(command)
+            env = dict(os.environ)
+            if args.tree is not None:
+                env["PYTHONPATH"] = str(args.tree.resolve())
+            log = open(args.worker_log, "wb") if args.worker_log else None  # noqa: SIM115
+            worker = subprocess.Popen(
+                command, cwd=args.tree or None, env=env, stdout=log, stderr=log
+            )
         try:
             if args.relay:
                 relay_ready.wait(60)
@@ -230,6 +296,7 @@ def main() -> None:
                 for name, pid in processes.items()
             }
             time.sleep(2)
+            stages = {} if args.relay else stage_quantiles(f"http://127.0.0.1:{port}/metrics")
             stop.set()
             latencies: list[tuple[float, float, float]] = results.get(timeout=60)
             reader.join()
@@ -276,6 +343,16 @@ def main() -> None:
         "cores_used_by": cpu_used,
         "worker_exit_code": code,
         "overrides": args.overrides,
+        "tree": str(args.tree or Path.cwd()),
+        "scores_format": args.scores_format or "(no scores topic)",
+        # per batch, from the worker's vaewatch_stage_seconds histogram (whole run, warm-up
+        # included): bucket upper bounds that hold the 50th / 99th percentile and the maximum
+        "stage_seconds": stages,
+        "group_assignments": (
+            args.worker_log.read_text(errors="replace").count("partitions assigned")
+            if args.worker_log
+            else None
+        ),
         "measured": "relay baseline" if args.relay else "vaewatch worker",
     }
     print(json.dumps(result, indent=2))

@@ -106,7 +106,7 @@ class StreamConfig(BaseModel):
         6000,
         ge=1000,
         description="Consumer group session timeout, ms. With the group defaults a group join "
-        "takes seconds instead of about 20 s.",
+        "takes seconds, not tens of seconds (BENCHMARKS.md).",
     )
     heartbeat_interval_ms: int = Field(
         1000, ge=100, description="Consumer group heartbeat interval, ms."

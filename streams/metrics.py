@@ -17,7 +17,7 @@ from streams.lifecycle_metrics import LifecycleMetrics
 UNSENDABLE = "unsendable"  # dead-letter reason: outputs that could not be sent (streams.publish)
 OUTCOMES = ("normal", "anomaly", "invalid")
 ERROR_KINDS = ("broker", "produce", "commit", "decode", "scoring", "skipped", "model")
-STAGES = ("wait", "score", "publish", "ack")
+STAGES = ("fetch", "batching", "score", "publish", "ack")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -79,8 +79,9 @@ class WorkerMetrics:
         )
         self.stage_seconds = Histogram(
             "vaewatch_stage_seconds",
-            "Where a batch's time goes: wait (its oldest record's timestamp to being cut into a "
-            "batch), score (cut to scores in hand), publish (building and handing over its "
+            "Where a batch's time goes: fetch (its oldest record's timestamp to poll() returning "
+            "it: producer, broker, fetch), batching (in the worker's buffer until the batch is "
+            "cut), score (cut to scores in hand), publish (building and handing over its "
             "outputs), ack (handed over to acknowledged by the broker).",
             ["stage"],
             buckets=LATENCY_BUCKETS,

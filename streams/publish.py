@@ -59,7 +59,7 @@ def usable_headers(headers: Sequence[Any] | None) -> list[tuple[str, bytes]] | N
 def _unsendable_detail(exc: BaseException, first_reason: bytes | None) -> bytes:
     """The send's error, after the dead-letter reason the record had first, if any."""
     prefix = f"{first_reason.decode()}, then " if first_reason else ""
-    return f"{prefix}{type(exc).__name__}: {exc}"[:300].encode("utf-8", "replace")
+    return f"{prefix}{type(exc).__name__}: {exc}"[:200].encode("utf-8", "replace")
 
 
 class Outgoing(NamedTuple):
@@ -272,7 +272,7 @@ class ResultPublisher:
             score_parts = self._partition_count(self.scores_topic) if self.scores_topic else 1
             per_record_scores = self.scores_topic and self.scores_format == "record"
             # Without a scores topic only the anomalies produce output: visit just those rows
-            # (about 10% of a batch) instead of every record.
+            # instead of every record.
             rows = (
                 range(len(valid_records))
                 if self.scores_topic

@@ -63,6 +63,7 @@ class _Batch:
     decoded: DecodedBatch
     scoring: PendingBatch | None
     cut_at: float  # time.time() when it was cut from the buffer
+    polled_at: float  # time.time() when poll() returned the oldest records of the buffer
 
 
 def _offset_ranges(records: list[Any]) -> dict[TopicPartition, tuple[int, int]]:
@@ -112,6 +113,7 @@ class Worker:
         self._buffer: list[Any] = []
         self._scoring: deque[_Batch] = deque()
         self._paused = False
+        self._polled_at = 0.0
         self._swap: tuple[Scorer, ResultPublisher] | None = (scorer, publisher)
         self._swap_model()
         self._sent_at: dict[int, float] = {}  # batch id -> when its outputs were sent
@@ -224,7 +226,10 @@ class Worker:
                 if left_ms <= 0:
                     return
                 timeout_ms = max(0, min(timeout_ms, int(left_ms)))
-            for tp, records in self._poll(timeout_ms, self._poll_records).items():
+            polled = self._poll(timeout_ms, self._poll_records)
+            if polled and not self._buffer:
+                self._polled_at = time.time()
+            for tp, records in polled.items():
                 self._ledger.consumed_from(tp, records[0].offset)
                 self._buffer.extend(records)
             if self._buffer and first_at is None:
@@ -252,7 +257,9 @@ class Worker:
         scoring = (
             self._scorer.submit(decoded.images, caught_up=caught_up) if decoded.n_valid else None
         )
-        self._scoring.append(_Batch(batch_id, records, decoded, scoring, time.time()))
+        self._scoring.append(
+            _Batch(batch_id, records, decoded, scoring, time.time(), self._polled_at)
+        )
         return len(records)
 
     def _publish_scored(self) -> None:
@@ -288,8 +295,11 @@ class Worker:
             self._ledger.unacked_bytes += unacked_bytes(published)
             self._sent_at[batch.batch_id] = sent_at
         stage = self._metrics.stage_seconds
-        if len(published.timestamps_ms):  # the oldest record: produced -> cut into a batch
-            stage.labels(stage="wait").observe(batch.cut_at - published.timestamps_ms.min() / 1e3)
+        if len(published.timestamps_ms):  # the oldest record: produced -> returned by poll()
+            stage.labels(stage="fetch").observe(
+                batch.polled_at - published.timestamps_ms.min() / 1e3
+            )
+        stage.labels(stage="batching").observe(batch.cut_at - batch.polled_at)
         stage.labels(stage="score").observe(scored_at - batch.cut_at)
         stage.labels(stage="publish").observe(sent_at - scored_at)
         self._state.progressed(has_work=True)
