@@ -280,3 +280,72 @@ def test_lifecycle_counts_both_models_and_switches_gauges_at_the_swap(
     assert _sample(registry, "vaewatch_window_records", role="serving") == 10  # window restarted
     lifecycle.close()
     assert count("shadow", shadow.version, "anomaly") is None
+
+
+def test_admin_reload_over_http_answers_the_outcome(
+    trained_bundle: Path, second_bundle: Path, tmp_path: Path, registry
+) -> None:
+    """POST /admin/reload on a real metrics server: the outcome as JSON (unchanged, then
+    loaded after a flip, failed for a corrupt bundle with status 500); GET is refused, and an
+    unknown action is a 404."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from streams.health import MetricsServer
+    from streams.lifecycle import ModelLifecycle
+    from streams.metrics import WorkerMetrics
+
+    link = tmp_path / "current"
+    _flip(link, trained_bundle)
+    metrics = WorkerMetrics(registry=registry, score_buckets=(0.0, 1.0))
+    serving = _loader(trained_bundle)
+    watcher = ModelWatcher(
+        link, load=_loader, serving_version=serving.version, metrics=metrics.lifecycle,
+        interval_s=0,
+    ).start()  # fmt: skip
+    lifecycle = ModelLifecycle(
+        detector=serving,
+        metrics=metrics,
+        drift_window_records=100,
+        drift_interval_s=1.0,
+        watcher=watcher,
+    )
+    server = MetricsServer(
+        host="127.0.0.1",
+        port=0,
+        registry=registry,
+        readiness=lambda: (True, {}),
+        admin=lifecycle.admin,
+    ).start()
+    url = f"http://127.0.0.1:{server.port}"
+
+    def post(path: str) -> tuple[int, dict]:
+        request = urllib.request.Request(url + path, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    try:
+        assert post("/admin/reload")[1]["outcome"] == "unchanged"
+        _flip(link, second_bundle)
+        status, answer = post("/admin/reload")
+        assert status == 200 and answer["outcome"] == "loaded"
+        assert answer["version"] == load_bundle(second_bundle).version
+        broken = tmp_path / "broken"
+        shutil.copytree(second_bundle, broken)
+        (broken / MANIFEST).write_text("{")
+        _flip(link, broken)
+        status, answer = post("/admin/reload")
+        assert (
+            status == 500 and answer["outcome"] == "failed" and "not valid JSON" in answer["error"]
+        )
+        assert post("/admin/other")[0] == 404
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(url + "/admin/reload", timeout=10)
+        assert raised.value.code == 405
+    finally:
+        server.stop()
+        lifecycle.close()
