@@ -71,7 +71,7 @@ class ModelConfig(BaseModel):
         description="Noise sigma of gaussian_fixed; the starting value of gaussian_learned.",
     )
     latent_components: int = Field(
-        1,
+        8,
         ge=0,
         le=16,
         description="Gaussian components of the density fitted to the training images' latent "

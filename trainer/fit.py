@@ -203,7 +203,10 @@ def fit_vae(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    fit_score_statistics(model, train_images, device=device, seed=train.seed)
+    try:
+        fit_score_statistics(model, train_images, device=device, seed=train.seed)
+    except ValueError as exc:  # e.g. too few images for the latent mixture
+        raise TrainingError(f"{exc} (lower model.latent_components)") from None
     return result
 
 

@@ -62,17 +62,18 @@ def reconstructions(model: VAE, images: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def prior_samples(model: VAE, n: int, *, seed: int = 0) -> np.ndarray:
-    """n images decoded from z ~ N(0, I) (the decoder's mean), floats in [0, 1]."""
+def samples(model: VAE, n: int, *, seed: int = 0, prior: bool = False) -> np.ndarray:
+    """n images decoded from z drawn from the fitted latent density (or from N(0, I) with
+    `prior`, or when the model has no density): the decoder's mean, floats in [0, 1]."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return model.sample(n, generator=generator).float().cpu().numpy()
+    return model.sample(n, generator=generator, prior=prior).float().cpu().numpy()
 
 
 def save_score_histogram(path: Path, calibration: Calibration) -> None:
     figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
     axes.hist(calibration.scores, bins=60, color="#4477aa")
     axes.axvline(calibration.threshold, color="#cc3311", linestyle="--", label="threshold")
-    axes.set_xlabel("score (negative ELBO, nats)")
+    axes.set_xlabel("anomaly score (docs/model.md)")
     axes.set_ylabel("validation images")
     axes.set_title(
         f"{calibration.method} threshold {calibration.threshold:.1f}, "
@@ -105,7 +106,8 @@ def write_training_report(
     val_images: np.ndarray,
     history: list[dict[str, Any]],
 ) -> Path:
-    """Reconstructions, an 8 x 8 grid of prior samples, the score histogram and the history."""
+    """Reconstructions, 8 x 8 grids of samples from the fitted latent density and from the prior,
+    the score histogram and the history."""
     report = Path(bundle_dir) / REPORT_DIR
     report.mkdir(parents=True, exist_ok=True)
     originals = val_images[:16]
@@ -116,7 +118,8 @@ def write_training_report(
         columns=len(originals),
         title="validation images (top) and reconstructions (bottom)",
     )
-    save_grid(report / "samples.png", prior_samples(model, 64), columns=8)
+    save_grid(report / "samples.png", samples(model, 64), columns=8)
+    save_grid(report / "prior_samples.png", samples(model, 64, prior=True), columns=8)
     save_score_histogram(report / "scores.png", calibration)
     (report / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     log.info("report written to %s", report)

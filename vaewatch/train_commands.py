@@ -81,13 +81,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     sample = subparsers.add_parser(
         "sample",
-        help="generate images from the prior (PNG grid or .npz)",
-        description="Decode z ~ N(0, I) into images (the decoder's mean), e.g. for augmentation.",
+        help="generate images from the model (PNG grid or .npz)",
+        description="Decode z drawn from the latent density fitted to the training images (or "
+        "from the N(0, I) prior with --prior, or when the bundle has no density) into images "
+        "(the decoder's mean), e.g. for augmentation.",
     )
     sample.add_argument("--model", type=Path, required=True, help="bundle directory")
     sample.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     sample.add_argument("--out", type=Path, required=True, help="output .png grid or .npz")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sample.add_argument(
+        "--prior", action="store_true", help="draw z from the N(0, I) prior instead"
+    )
     sample.set_defaults(run=run_sample)
 
     recalibrate = subparsers.add_parser(
@@ -254,7 +259,7 @@ def run_sample(args: argparse.Namespace, settings: Settings) -> int:
     model = load_bundle(args.model).model
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     with torch.inference_mode():
-        pixels = model.sample(args.n, generator=generator).float().numpy()
+        pixels = model.sample(args.n, generator=generator, prior=args.prior).float().numpy()
     images = (pixels * 255.0).round().astype(np.uint8)
     try:
         if suffix == ".png":

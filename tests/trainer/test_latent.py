@@ -76,3 +76,24 @@ def test_calibration_scores_are_the_detectors_scores_of_the_held_out_images(
     split = split_normal(load_images(data, split="train"), data, seed=seed)
     scores = Detector.from_bundle(trained_bundle, device="cpu").score(split.val).scores
     np.testing.assert_allclose(np.sort(scores), bundle.calibration.scores, rtol=1e-6, atol=1e-6)
+
+
+def test_samples_come_from_the_fitted_density_and_look_more_like_the_class(
+    trained_bundle, fashion_mnist, tmp_path
+) -> None:
+    """`vaewatch sample` draws from the density by default: its images are nearer the normal
+    class's mean image than prior samples are (the σ-VAE's prior has regions no image maps to)."""
+    from vaewatch.cli import main
+
+    for name, extra in (("density", []), ("prior", ["--prior"])):
+        argv = ["sample", "--model", str(trained_bundle), "--n", "300"]
+        assert main([*argv, "--out", str(tmp_path / f"{name}.npz"), *extra]) == 0
+    train = fashion_mnist.train
+    class_mean = train.images[train.labels == 0].mean(0) / 255.0
+
+    def distance(name: str) -> float:
+        with np.load(tmp_path / f"{name}.npz") as arrays:
+            images = arrays["x"].reshape(-1, 784) / 255.0
+        return float(np.linalg.norm(images.mean(0) - class_mean))
+
+    assert distance("density") < distance("prior")
