@@ -3,6 +3,7 @@
 from detector.bundle import Bundle, BundleError, load_bundle, save_bundle
 from detector.calibration import Calibration
 from detector.config import ModelConfig
+from detector.latent import LatentDensity
 from detector.model import VAE
 from detector.scorer import (
     Detector,
@@ -20,6 +21,7 @@ __all__ = [
     "Calibration",
     "Detector",
     "DeviceError",
+    "LatentDensity",
     "ModelConfig",
     "PendingScores",
     "Scores",

@@ -71,7 +71,7 @@ def score_batches(
 class Scores:
     """Per-image results, aligned with the input rows."""
 
-    scores: np.ndarray  # float32 negative ELBO at z = mu
+    scores: np.ndarray  # float32 anomaly scores (VAE.score, docs/model.md)
     p_values: np.ndarray  # float64 conformal p-values
     anomalous: np.ndarray  # bool, score > threshold
 

@@ -44,7 +44,7 @@ class TrainingError(Exception):
 class EpochRecord:
     epoch: int
     train_loss: float  # mean negative ELBO (sampled z) over the epoch's batches, nats/image
-    val_loss: float  # mean score (negative ELBO at z = mu) on validation images, nats/image
+    val_loss: float  # mean negative ELBO at z = mu on validation images, nats/image
     seconds: float  # the optimisation pass only, without validation
     images_per_s: float
 
