@@ -6,8 +6,9 @@
 A real `vaewatch serve` subprocess (an untrained model of --model-kind, conv by default, unless
 --model names a bundle: the speed does not depend on the weights) is called by N client threads
 in this process, each on its own keep-alive connection, one real Fashion-MNIST test image per
-request as JSON ({"images": [[784 ints]]}), back to back for --duration seconds after a warm-up. Per client count: requests/s, p50 and p99 latency, the mean
-micro-batch the service formed (from its /metrics), 503s. Baselines, in this process, on the same
+request as JSON ({"images": [[784 ints]]}), back to back for --duration seconds after a
+warm-up. Per client count: requests/s, p50 and p99 latency, the mean micro-batch the service
+formed (from its /metrics), 503s. Baselines, in this process, on the same
 model: the detector scoring one image per call (what a service without batching could do at
 best) and whole batches of --batch images (the device's ceiling). Clients and service share the
 machine's cores; the load average is printed.
@@ -19,6 +20,7 @@ import argparse
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -96,6 +98,10 @@ def load(port: int, bodies: list[bytes], clients: int, duration_s: float) -> dic
 
     def client(i: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.connect()
+        # http.client sends headers and body in two writes: without TCP_NODELAY, Nagle's
+        # algorithm holds the body until the server's delayed ACK, 40 ms per request.
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         headers = {"Content-Type": "application/json"}
         start.wait()
         k = i

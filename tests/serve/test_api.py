@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import csv
+import http.client
 import io
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +194,19 @@ def test_bearer_token(start_service, trained_bundle: Path) -> None:
     right = post_json(server.url, "/v1/score", payload, headers={"Authorization": "Bearer s3cret"})
     assert right.status == 200
     assert get(server.url, "/healthz").status == 200  # probes need no token
+
+
+def test_connections_have_nagle_off(start_service, trained_bundle: Path) -> None:
+    """A response goes out in two writes (head, body); with Nagle's algorithm on, the body
+    waited for the client's delayed ACK (40 ms a request, found by bench/serve_load.py)."""
+    server = start_service(trained_bundle)
+    host, port = server.url.removeprefix("http://").split(":")
+    client = http.client.HTTPConnection(host, int(port), timeout=10)
+    client.request("GET", "/healthz")
+    assert client.getresponse().read() == b"ok\n"
+    connections = server.service.server.server_state.connections
+    sockets = [c.transport.get_extra_info("socket") for c in connections]
+    assert sockets, "the keep-alive connection should be open"
+    for sock in sockets:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    client.close()
