@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from detector import Detector
@@ -177,7 +178,10 @@ def serve(
         restore_sighup()
         lifecycle.close()
         if consumer is not None:
-            consumer.close(autocommit=False)
+            try:  # bounded, and never in the way of closing the producer (its thread)
+                consumer.close(autocommit=False, timeout_ms=int(stream.drain_timeout_s * 1000))
+            except KafkaError as exc:
+                logger.warning("closing the consumer: %s", exc)
         if producer is not None:
             producer.close(timeout=stream.drain_timeout_s)
         (worker.scorer if worker is not None else scorer).close()

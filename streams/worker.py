@@ -357,8 +357,9 @@ class Worker:
         if not offsets:
             return True
         try:
-            if sync:
-                self._consumer.commit(offsets=offsets)
+            if sync:  # bounded: an unresponsive broker must not hold a shutdown forever
+                timeout_ms = int(self._config.drain_timeout_s * 1000)
+                self._consumer.commit(offsets=offsets, timeout_ms=timeout_ms)
             else:
                 self._consumer.commit_async(offsets=offsets, callback=self._on_commit)
         except KafkaError as exc:
