@@ -128,3 +128,10 @@ def test_f1_calibration(tmp_path: Path, fashion_mnist) -> None:
     )
     assert bundle.calibration.method == "f1"
     assert bundle.calibration.n == 120
+
+
+def test_too_few_images_for_the_latent_mixture_is_a_one_line_training_error(tiny_data) -> None:
+    config = ModelConfig(kind="mlp", mlp_hidden=(32,), latent_dim=4, latent_components=16)
+    with pytest.raises(fit.TrainingError, match="latent_components") as info:
+        fit_vae(tiny_data[0][:100], tiny_data[1], model_config=config, train=_train(epochs=1))
+    assert "\n" not in str(info.value)
