@@ -75,12 +75,20 @@ def decode_mean(model: VAE, z: np.ndarray) -> np.ndarray:
     return torch.sigmoid(model.decode(codes)).float().cpu().numpy()
 
 
-def prior_codes(model: VAE, n: int, *, seed: int, temperature: float = 1.0) -> np.ndarray:
-    """n latent codes z ~ N(0, temperature^2 I) from a CPU generator seeded with `seed`: the
-    prior (at temperature 1, the codes `VAE.sample` draws from the prior with that seed)."""
+def latent_codes(
+    model: VAE, n: int, *, seed: int, temperature: float = 1.0, prior: bool = False
+) -> np.ndarray:
+    """n latent codes from a CPU generator seeded with `seed`, drawn as `VAE.sample` draws them
+    (so at temperature 1 they decode to `vaewatch sample --seed`'s images): from the density
+    fitted to the training latents when the bundle has one and `prior` is not set, else from
+    the prior N(0, I). `temperature` scales the spread (of each mixture component, or of the
+    prior)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.randn(n, model.config.latent_dim, generator=generator)
-    return (z * temperature).numpy()
+    if prior or model.latent is None:
+        z = torch.randn(n, model.config.latent_dim, generator=generator) * temperature
+    else:
+        z = model.latent.sample(n, generator=generator, temperature=temperature)
+    return z.detach().cpu().numpy()
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:

@@ -61,12 +61,15 @@ class LatentDensity(nn.Module):
         log_components = -0.5 * (mahalanobis + log_det.unsqueeze(1) + dim * _LOG_2PI)
         return -torch.logsumexp(log_components + self.log_weights.unsqueeze(1), dim=0)
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> torch.Tensor:
         """n latent vectors z ~ q, drawn on the CPU with `generator`, then moved to the buffers'
-        device (so a seed gives the same draws on any device)."""
+        device (so a seed gives the same draws on any device). `temperature` scales each
+        component's spread around its mean (1: the fitted density itself)."""
         weights = self.log_weights.detach().cpu().exp()
         component = torch.multinomial(weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.means.shape[1], 1, generator=generator)
         means, tril = self.means.detach().cpu(), self.scale_tril.detach().cpu()
-        z = means[component] + (tril[component] @ eps).squeeze(2)
+        z = means[component] + temperature * (tril[component] @ eps).squeeze(2)
         return z.to(self.means.device)

@@ -78,9 +78,16 @@ IMAGES_BODY = {
 class SampleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n: int = Field(16, ge=1, description="Number of images to draw from the prior.")
+    n: int = Field(16, ge=1, description="Number of images to draw.")
     seed: int = Field(0, ge=0, description="Seed of the latent codes (same seed, same images).")
-    temperature: float = Field(1.0, gt=0, le=10, description="z ~ N(0, temperature^2 I).")
+    temperature: float = Field(
+        1.0, gt=0, le=10, description="Scales the spread of the latent codes (1: as fitted)."
+    )
+    prior: bool = Field(
+        False,
+        description="Draw z from the N(0, I) prior instead of the density fitted to the "
+        "training latents (bundles without one always use the prior).",
+    )
     format: Literal["png", "json"] = Field("json", description="png: one image/png grid.")
 
 
@@ -90,7 +97,10 @@ class InterpolateRequest(BaseModel):
     images: list[list[int] | str] | None = Field(
         None, description="Two images (784 ints or base64 of 784 bytes): the path's ends."
     )
-    seeds: list[int] | None = Field(None, description="Or two seeds of prior codes.")
+    seeds: list[int] | None = Field(
+        None, description="Or two seeds: the code /v1/sample draws with each seed and n=1."
+    )
+    prior: bool = Field(False, description="With seeds: codes from the N(0, I) prior.")
     steps: int = Field(8, ge=2, description="Images on the path, both ends included.")
     format: Literal["png", "json"] = "json"
 
@@ -257,13 +267,14 @@ def create_app(
 
     @app.post("/v1/sample", dependencies=auth, responses={200: {"content": {"image/png": {}}}})
     async def sample(body: SampleRequest) -> Any:
-        """Images decoded from latent codes drawn from the prior (the decoder's mean)."""
+        """Images decoded (the decoder's mean) from latent codes drawn from the density fitted
+        to the training latents, as `vaewatch sample` draws them, or from the prior."""
         if body.n > config.max_samples:
             raise InputError(
                 413, "too_many_images", f"n={body.n}; at most {config.max_samples} per request"
             )
         images = await _on_device(
-            service.sample, body.n, seed=body.seed, temperature=body.temperature
+            service.sample, body.n, seed=body.seed, temperature=body.temperature, prior=body.prior
         )
         return _images_answer(
             images, body.format, n=body.n, seed=body.seed, temperature=body.temperature
@@ -272,7 +283,7 @@ def create_app(
     @app.post("/v1/interpolate", dependencies=auth, responses={200: {"content": {"image/png": {}}}})
     async def interpolate(body: InterpolateRequest) -> Any:
         """The decoded straight path between two latent codes: the encoder means of two
-        images, or the prior codes of two seeds."""
+        images, or the codes /v1/sample draws with two seeds (n=1)."""
         if (body.images is None) == (body.seeds is None):
             raise InputError(400, "bad_request", 'give either "images" or "seeds", two of them')
         ends = body.images if body.images is not None else body.seeds
@@ -288,7 +299,7 @@ def create_app(
             images = decode_json_images({"images": body.images}, limit=2)
             codes = await _on_device(service.encode, images)
         else:
-            codes = await _on_device(service.seed_codes, body.seeds)
+            codes = await _on_device(service.seed_codes, body.seeds, prior=body.prior)
         path = await _on_device(service.interpolate_codes, codes[0], codes[1], body.steps)
         return _images_answer(path, body.format, steps=body.steps, columns=body.steps)
 

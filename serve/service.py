@@ -14,7 +14,7 @@ import torch
 
 from detector import Detector, load_bundle
 from detector.bundle import MANIFEST
-from detector.explain import decode_mean, encode_mean, explain, prior_codes, to_uint8
+from detector.explain import decode_mean, encode_mean, explain, latent_codes, to_uint8
 from serve.batching import MicroBatcher
 from serve.config import ServeConfig
 from serve.images import b64_png, grey_image, heatmap_image
@@ -166,11 +166,10 @@ class ModelService:
             "served_model_version": self.version,
         }
 
-    def sample(self, n: int, *, seed: int, temperature: float) -> np.ndarray:
+    def sample(self, n: int, *, seed: int, temperature: float, prior: bool) -> np.ndarray:
         model = self.detector.model
-        return to_uint8(
-            decode_mean(model, prior_codes(model, n, seed=seed, temperature=temperature))
-        )
+        codes = latent_codes(model, n, seed=seed, temperature=temperature, prior=prior)
+        return to_uint8(decode_mean(model, codes))
 
     def interpolate_codes(self, start: np.ndarray, end: np.ndarray, steps: int) -> np.ndarray:
         weights = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
@@ -179,6 +178,6 @@ class ModelService:
     def encode(self, images: np.ndarray) -> np.ndarray:
         return encode_mean(self.detector.model, images)
 
-    def seed_codes(self, seeds: list[int]) -> np.ndarray:
+    def seed_codes(self, seeds: list[int], *, prior: bool) -> np.ndarray:
         model = self.detector.model
-        return np.concatenate([prior_codes(model, 1, seed=s) for s in seeds])
+        return np.concatenate([latent_codes(model, 1, seed=s, prior=prior) for s in seeds])
