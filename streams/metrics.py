@@ -55,7 +55,7 @@ class WorkerMetrics:
         )
         self.score = Histogram(
             "vaewatch_score",
-            "Anomaly score (negative ELBO, nats) of every valid record.",
+            "Anomaly score of every valid record (the bundle's score: docs/model.md).",
             buckets=tuple(score_buckets),
             registry=registry,
         )
