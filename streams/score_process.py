@@ -265,26 +265,24 @@ class ScoringProcess:
                 if not block and not self._conn.poll():
                     return False
                 if block and not self._conn.poll(self.timeout_s):
-                    hung = ScoringProcessTimeoutError(
-                        f"scoring process {self._process.pid} did not answer in "
-                        f"{self.timeout_s:g} s"
+                    self._fail_busy(
+                        pending,
+                        ScoringProcessTimeoutError(
+                            f"scoring process {self._process.pid} did not answer in "
+                            f"{self.timeout_s:g} s"
+                        ),
                     )
-                    for busy in self._busy:
-                        if busy is not None and not busy.finished:
-                            busy.error = hung
-                    pending.error = pending.error or hung
                     return True
                 slot, seconds, error = self._conn.recv()
             except (EOFError, OSError) as exc:
                 self._process.join(1.0)
-                died = ScoringProcessDiedError(
-                    f"scoring process {self._process.pid} died "
-                    f"({type(exc).__name__}, exit code {self._process.exitcode})"
+                self._fail_busy(
+                    pending,
+                    ScoringProcessDiedError(
+                        f"scoring process {self._process.pid} died "
+                        f"({type(exc).__name__}, exit code {self._process.exitcode})"
+                    ),
                 )
-                for busy in self._busy:
-                    if busy is not None and not busy.finished:
-                        busy.error = died
-                pending.error = pending.error or died
                 return True
             finished = self._busy[slot]
             self._busy[slot] = None
@@ -294,6 +292,14 @@ class ScoringProcess:
                 else:
                     finished.error = ScoringProcessError(f"scoring process: {error}")
         return True
+
+    def _fail_busy(self, pending: PendingProcessScores, error: Exception) -> None:
+        """Every batch the process holds, and the one awaited, ends with `error` (to be scored
+        again by a restarted process)."""
+        for busy in self._busy:
+            if busy is not None and not busy.finished:
+                busy.error = error
+        pending.error = pending.error or error
 
     def read(self, pending: PendingProcessScores) -> np.ndarray:
         return self._scores[pending.slot, : pending.n].copy()
