@@ -1,5 +1,5 @@
-// Generate view: sample grids from the prior (a seed, and "More" for the next seed), and a
-// latent interpolation between two images or two seeds, walked with a slider.
+// Generate view: sample grids from the model's fitted latent density (a seed, and "More" for
+// the next seed), and a latent interpolation between two images or two seeds, walked with a slider.
 import { call, element, filePixels, pngSource } from "./api.js";
 
 let nextSeed = 0;
