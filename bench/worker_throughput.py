@@ -193,7 +193,7 @@ def worker_drain(
     stop.set()
     thread.join()
     worker._consumer.close()
-    worker._producer.close()
+    producer.close()
     scorer.close()
     inference = next(m for m in registry.collect() if m.name == "vaewatch_batch_inference_seconds")
     infer_sum = next(s.value for s in inference.samples if s.name.endswith("_sum"))

@@ -222,9 +222,12 @@ class StreamConfig(BaseModel):
     drain_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="On SIGTERM or SIGINT: seconds to wait for outstanding sends before exiting "
-        "(what is not acknowledged is not committed, so it is re-delivered to the next "
-        "worker: nothing is lost).",
+        description="On SIGTERM or SIGINT (or a send that fails for good): the whole shutdown's "
+        "budget, seconds. Publishing what is in hand, waiting for acknowledgements, the commit, "
+        "leaving the group and closing the clients all keep to it; what is not acknowledged by "
+        "then is not committed, so it is re-delivered to the next worker (nothing is lost). "
+        "Keep it below the orchestrator's grace period (Kubernetes: "
+        "terminationGracePeriodSeconds).",
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT",

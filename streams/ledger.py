@@ -1,5 +1,5 @@
 """The worker's delivery bookkeeping, without Kafka: which consumed records are acknowledged,
-what may be committed, where to rewind.
+what may be committed.
 
 A batch is opened when the worker cuts it from what poll() returned (its offset range per
 partition) and acknowledged once the broker has acknowledged every output of every record in
@@ -41,8 +41,7 @@ class OffsetLedger:
     _committed: dict[Key, int] = field(default_factory=dict)
     _next_id: int = 0
     unacked_records: int = 0
-    unacked_bytes: int = 0
-    rewinds_without_progress: int = 0
+    unacked_bytes: int = 0  # of the records, and of their outputs once sent
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -75,10 +74,17 @@ class OffsetLedger:
         self.unacked_bytes += nbytes
         return batch_id
 
+    def add_bytes(self, batch_id: int, nbytes: int) -> None:
+        """The batch's outputs were sent: their bytes count as unacknowledged until it is."""
+        batch = self._batches.get(batch_id)
+        if batch is not None and not batch.acknowledged:
+            batch.nbytes += nbytes
+            self.unacked_bytes += nbytes
+
     def acknowledge(self, batch_id: int) -> None:
         """Every output of the batch is acknowledged: positions move over it once every older
         batch of the same partition is acknowledged too. Unknown ids (a batch dropped by a
-        rewind or revoke) are ignored."""
+        revoke) are ignored."""
         batch = self._batches.get(batch_id)
         if batch is None or batch.acknowledged:
             return
@@ -91,7 +97,6 @@ class OffsetLedger:
                 done_id = queue.popleft()
                 done = self._batches[done_id]
                 self._position[key] = done.ranges[key][1]
-                self.rewinds_without_progress = 0
                 done.queued -= 1
                 if done.queued == 0:
                     del self._batches[done_id]
@@ -124,24 +129,14 @@ class OffsetLedger:
             if key in self._position:
                 if offset > self._position[key]:
                     raise ValueError(f"commit {offset} of {key!r} passes {self._position[key]}")
-                self._committed[key] = offset
+                # Commits are acknowledged asynchronously: a late answer to an older one
+                # must not move the mark back.
+                self._committed[key] = max(offset, self._committed.get(key, offset))
 
     def committed(self, key: Key) -> int | None:
         return self._committed.get(key)
 
     # -- failures and rebalances -----------------------------------------------------------
-
-    def rewind(self) -> dict[Key, int]:
-        """Give up every open batch: returns, per partition, the offset to re-consume from
-        (the first record whose output is not acknowledged). Counts consecutive rewinds that
-        were not followed by any progress, so the caller can bound them."""
-        self._batches.clear()
-        for queue in self._queues.values():
-            queue.clear()
-        self.unacked_records = 0
-        self.unacked_bytes = 0
-        self.rewinds_without_progress += 1
-        return dict(self._position)
 
     def revoke(self, keys: Iterable[Key]) -> None:
         """Forget partitions that moved to another worker (after committing `committable`).
@@ -163,5 +158,5 @@ class OffsetLedger:
                 del self._batches[batch_id]
 
     def tracks(self, batch_id: int) -> bool:
-        """Whether the batch still counts (not dropped by a rewind or a revoke)."""
+        """Whether the batch still counts (not dropped by a revoke)."""
         return batch_id in self._batches

@@ -2,7 +2,7 @@
 batches, tying together hot reload (streams/model_watch.py), shadow scoring (streams/shadow.py)
 and drift monitoring (streams/drift.py). docs/lifecycle.md has the operator's view.
 
-The loop calls `observe` once per published batch with the serving model's results, and
+The loop calls `observe_batch` once per published batch with the serving model's results, and
 `take_swap` before it starts scoring a batch; when a new model is ready it publishes what it has
 in flight with the old model, swaps, and calls `swapped`. So every batch, and every alert and
 score in it, is scored and judged by exactly one model version.
@@ -23,6 +23,7 @@ import numpy as np
 
 from detector import Detector, Scores
 from detector.config import IMAGE_PIXELS
+from streams.codec import DecodedBatch
 from streams.drift import DriftMonitor
 from streams.lifecycle_config import LifecycleConfig
 from streams.lifecycle_metrics import LifecycleMetrics
@@ -124,6 +125,16 @@ class ModelLifecycle:
         self._drift.observe(scores.scores)
         if self.shadow is not None:
             self.shadow.submit(images, scores, keys)
+
+    def observe_batch(self, records: Sequence[Any], decoded: DecodedBatch, scores: Scores) -> None:
+        """`observe` for a worker batch: its valid records' images, scores and, where the
+        shadow compares per record, their (topic, partition, offset)."""
+        keys = None
+        if self.needs_keys:
+            valid = decoded.valid.tolist()
+            pairs = zip(records, valid, strict=True)
+            keys = [(r.topic, r.partition, r.offset) for r, ok in pairs if ok]
+        self.observe(decoded.images, scores, keys)
 
     def take_swap(self) -> Candidate | None:
         return self.watcher.take() if self.watcher is not None else None

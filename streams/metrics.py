@@ -122,6 +122,16 @@ class WorkerMetrics:
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)
 
+    def observe_stages(self, *, produced: float | None, **stage_ends: float) -> None:
+        """A batch's way through the worker from the time.time() stamps at which each stage
+        ended, in order (polled=fetch, cut=batching, scored=score, sent=publish); `produced`
+        is its oldest record's timestamp, where it has one."""
+        previous = produced
+        for stage, end in zip(STAGES, stage_ends.values(), strict=False):
+            if previous is not None:
+                self.stage_seconds.labels(stage=stage).observe(end - previous)
+            previous = end
+
 
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:
     """Observe a whole array at once: one bincount instead of a locked Python call per value

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,13 +179,35 @@ def serve(
         state.group_joined = False
         restore_sighup()
         lifecycle.close()
-        if consumer is not None:
-            try:  # bounded, and never in the way of closing the producer (its thread)
-                consumer.close(autocommit=False, timeout_ms=int(stream.drain_timeout_s * 1000))
-            except KafkaError as exc:
-                logger.warning("closing the consumer: %s", exc)
-        if producer is not None:
-            producer.close(timeout=stream.drain_timeout_s)
+        deadline = getattr(worker, "shutdown_deadline", None)
+        close_clients(
+            consumer=consumer,
+            producer=producer,
+            deadline=deadline or time.monotonic() + stream.drain_timeout_s,
+        )
         (worker.scorer if worker is not None else scorer).close()
         server.stop()
         logger.info("worker stopped")
+
+
+def close_clients(*, consumer: Any, producer: Any, deadline: float) -> None:
+    """Close the Kafka clients by the time.monotonic() `deadline` (what is left of the
+    shutdown). Leaving the group runs the revoke listener, which keeps to the same deadline.
+    Neither close may raise: a producer whose sends are still outstanding when time is up is
+    closed by force (they were not committed, so their records are consumed again)."""
+
+    def left() -> float:
+        return max(0.0, deadline - time.monotonic())
+
+    if consumer is not None:
+        try:
+            consumer.close(autocommit=False, timeout_ms=int(left() * 1000))
+        except KafkaError as exc:
+            logger.warning("closing the consumer: %s", exc)
+    if producer is not None:
+        try:
+            producer.close(timeout=left())
+        except KafkaError as exc:  # flush() timed out: close again, now without waiting
+            logger.warning("closing the producer: %s; closing it by force", exc)
+            with contextlib.suppress(KafkaError):
+                producer._sender.force_close()  # what close() does after its own timeout

@@ -1,41 +1,41 @@
 """The worker loop: poll, decode, score, publish, commit, with at-least-once delivery.
 
 A record's way from poll to commit: `_fill_buffer` polls it into the buffer; `_start_batch` cuts
-a batch, decodes it, opens it in the ledger and hands it to the scorer; `_publish_oldest` waits
-for its scores and publishes its outputs; the outbox (streams.delivery) reports the batch once
-the broker has acknowledged every output, and the ledger (streams.ledger) then lets its offsets
-be committed, in order. Full batches are scored (in a child process on the CPU, on the CUDA
-stream on a GPU) while the next is being collected.
+a batch, decodes it, opens it with the ack tracker and submits it to the scorer;
+`_publish_oldest` takes its scores and publishes its outputs; the ack tracker (streams.acks)
+settles the batch once the broker has acknowledged every output, and its offset ledger then
+lets the offsets be committed, in order. Full batches are scored (in a child process on the
+CPU, on the CUDA stream on a GPU) while the next is being collected.
 
-Backpressure: while the ledger counts more unacknowledged records or bytes than allowed, or a
-send waits for its retry, the worker pauses its partitions and only services acks.
+Shutdown (and a send that fails for good) keeps to one deadline, `drain_timeout_s` from the
+moment the loop stops: publishing what is in hand, the acks, the commit, the revoke that leaving
+the group runs, and closing the clients (streams.serve) all share it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
 import numpy as np
-from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
 from detector import Scores
+from streams.acks import AckTracker
 from streams.codec import DECODE_ERROR, SCORING_ERROR, DecodedBatch, decode_batch
 from streams.config import StreamConfig
-from streams.delivery import Outbox, UnsendableError, unacked_bytes
-from streams.ledger import OffsetLedger
+from streams.delivery import UnsendableError
 from streams.lifecycle import ModelLifecycle
 from streams.metrics import WorkerMetrics
 from streams.publish import ResultPublisher
+from streams.rebalance import PartitionListener
 from streams.scoring import PendingBatch, Scorer
 from streams.worker_state import WorkerState
 
@@ -46,14 +46,12 @@ logger = logging.getLogger(__name__)
 _SERVICE_POLL_MS = 2  # poll timeout while a batch is being scored
 _ACK_POLL_MS = 10  # poll timeout while sends await their acks, or while paused
 _IDLE_POLL_MS = 100
-_LAG_INTERVAL_S = 0.5
 # With inline scoring, poll() takes up to this many batches at once: kafka-python sends the next
 # fetch only once its buffered fetch data has been handed over entirely, so taking all of it
 # keeps a fetch in flight while the worker decodes and scores. An overlapping scorer gets one
 # batch per poll instead, so that it is handed its next batch before it runs dry.
 _POLL_BATCHES = 8
 _SCORING_DEPTH = 2  # batches handed to an overlapping scorer: one being scored, one queued
-_TP_KEY = attrgetter("topic", "partition")
 
 
 @dataclass
@@ -62,31 +60,8 @@ class _Batch:
     records: list[Any]
     decoded: DecodedBatch
     scoring: PendingBatch | None
-    cut_at: float  # time.time() when it was cut from the buffer
     polled_at: float  # time.time() when poll() returned the oldest records of the buffer
-
-
-def _offset_ranges(records: list[Any]) -> dict[TopicPartition, tuple[int, int]]:
-    """(first offset, last offset + 1) per partition; offsets rise within a partition, and the
-    reversed pass leaves each partition's first record."""
-    keys = list(map(_TP_KEY, records))
-    last = {key: r.offset + 1 for key, r in zip(keys, records, strict=True)}
-    first = {key: r.offset for key, r in zip(reversed(keys), reversed(records), strict=True)}
-    return {TopicPartition(*key): (first[key], end) for key, end in last.items()}
-
-
-class _Rebalance(AsyncConsumerRebalanceListener):
-    """kafka-python 3 calls the listener on its I/O thread, where blocking consumer calls are
-    refused; the async variant may await the coordinator instead."""
-
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self._worker.on_revoked(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        self._worker.on_assigned(set(assigned))
+    cut_at: float  # time.time() when it was cut from the buffer
 
 
 class Worker:
@@ -105,19 +80,23 @@ class Worker:
         self._config = config
         self._lifecycle = lifecycle  # hot reload, shadow, drift (streams/lifecycle.py)
         self._consumer = consumer
-        self._producer = producer
         self._metrics = metrics
         self._state = state
-        self._ledger = OffsetLedger()
-        self._outbox = Outbox(publisher=publisher, config=config, on_error=self._error)
+        self._acks = AckTracker(
+            config=config,
+            consumer=consumer,
+            producer=producer,
+            publisher=publisher,
+            metrics=metrics,
+            state=state,
+            on_error=self._error,
+        )
         self._buffer: list[Any] = []
         self._scoring: deque[_Batch] = deque()
-        self._paused = False
         self._polled_at = 0.0
         self._swap: tuple[Scorer, ResultPublisher] | None = (scorer, publisher)
         self._swap_model()
-        self._sent_at: dict[int, float] = {}  # batch id -> when its outputs were sent
-        self._lag_at = self._commit_at = 0.0
+        self.shutdown_deadline: float | None = None  # time.monotonic() the shutdown must end by
         self.on_batch_scored: Callable[[int], None] | None = None  # for benchmarks
         state.liveness_timeout_s = config.liveness_timeout_s
 
@@ -128,14 +107,21 @@ class Worker:
         coordinator = getattr(self._consumer, "_coordinator", None)
         if coordinator is not None and hasattr(coordinator, "stable"):
             self._state.group_stable = coordinator.stable
-        self._consumer.subscribe([self._config.input_topic], listener=_Rebalance(self))
+        listener = PartitionListener(
+            acks=self._acks,
+            state=self._state,
+            publish_in_flight=self._publish_all,
+            drop_buffered=self._drop_buffered,
+            time_left=self._time_left,
+        )
+        self._consumer.subscribe([self._config.input_topic], listener=listener)
         try:
             while not stop.is_set():
                 self._fill_buffer(stop)
                 if self._swap is not None:
                     self._swap_model()
                 self._publish_scored()
-                if self._buffer and not self._held_back():
+                if self._buffer and not self._acks.held_back():
                     if len(self._scoring) >= self._depth:  # the scorer has enough: wait
                         self._publish_oldest()
                     full = self._start_batch() == self._config.max_batch_size
@@ -143,10 +129,12 @@ class Worker:
                         # Inline scoring is done already; a batch cut by its deadline means the
                         # worker has caught up, and publishing it now spares its alerts a poll.
                         self._publish_all()
+            self.shutdown_deadline = time.monotonic() + self._config.drain_timeout_s
             return self._drain()
         except UnsendableError as exc:
             logger.error("%s", exc)
-            self._commit(sync=True)  # what precedes the unsendable record only
+            self.shutdown_deadline = time.monotonic() + self._config.drain_timeout_s
+            self._acks.commit(timeout_s=self._time_left())  # what precedes the record only
             return False
 
     def swap_model(self, scorer: Scorer, publisher: ResultPublisher) -> None:
@@ -156,7 +144,6 @@ class Worker:
         self._swap = (scorer, publisher)
 
     def _swap_model(self) -> None:
-        """Take the scorer and publisher of `swap_model` (or of the constructor)."""
         self._publish_all()
         assert self._swap is not None
         (self._scorer, self._publisher), self._swap = self._swap, None
@@ -173,25 +160,15 @@ class Worker:
         """A new model the lifecycle has loaded, verified and warmed up takes over, between two
         batches (also while idle, so the gauges follow at once)."""
         candidate = self._lifecycle.take_swap() if self._lifecycle is not None else None
-        if candidate is None:
-            return
-        old = self._scorer
-        self.swap_model(candidate.prepared, self._lifecycle.publisher_for(candidate.detector))
-        self._swap_model()
-        self._lifecycle.swapped(candidate, old_scorer=old)
+        if candidate is not None:
+            old = self._scorer
+            self.swap_model(candidate.prepared, self._lifecycle.publisher_for(candidate.detector))
+            self._swap_model()
+            self._lifecycle.swapped(candidate, old_scorer=old)
 
-    def _observe(self, records: list[Any], decoded: DecodedBatch, scores: Scores) -> None:
-        """The lifecycle's turn after a batch is published: counts, drift, the shadow."""
-        keys = None
-        if self._lifecycle.needs_keys:
-            valid = decoded.valid.tolist()
-            pairs = zip(records, valid, strict=True)
-            keys = [(r.topic, r.partition, r.offset) for r, ok in pairs if ok]
-        self._lifecycle.observe(decoded.images, scores, keys)
-
-    def _poll(self, timeout_ms: int, max_records: int) -> dict:
+    def _poll(self, timeout_ms: int) -> dict:
         try:
-            polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+            polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=self._poll_records)
         except KafkaError as exc:
             self._error("broker", exc)
             self._state.broker_connected = False
@@ -217,7 +194,7 @@ class Worker:
             # done) or while sends await acks; every poll costs a round trip to kafka-python.
             if self._scoring:
                 timeout_ms = _SERVICE_POLL_MS
-            elif held or (len(self._outbox) and not self._buffer):
+            elif held or (self._acks.sending and not self._buffer):
                 timeout_ms = _ACK_POLL_MS
             else:
                 timeout_ms = _IDLE_POLL_MS
@@ -226,11 +203,11 @@ class Worker:
                 if left_ms <= 0:
                     return
                 timeout_ms = max(0, min(timeout_ms, int(left_ms)))
-            polled = self._poll(timeout_ms, self._poll_records)
+            polled = self._poll(timeout_ms)
             if polled and not self._buffer:
                 self._polled_at = time.time()
             for tp, records in polled.items():
-                self._ledger.consumed_from(tp, records[0].offset)
+                self._acks.ledger.consumed_from(tp, records[0].offset)
                 self._buffer.extend(records)
             if self._buffer and first_at is None:
                 first_at = time.monotonic()
@@ -239,8 +216,8 @@ class Worker:
                 return
 
     def _start_batch(self) -> int:
-        """Cut the next batch from the buffer, decode it, open it in the ledger and hand it
-        to the scorer; returns its size."""
+        """Cut the next batch from the buffer, decode it, open it with the ack tracker and
+        submit it to the scorer; returns its size."""
         size = self._config.max_batch_size
         records, self._buffer = self._buffer[:size], self._buffer[size:]
         try:
@@ -251,14 +228,13 @@ class Worker:
             self._error("decode", exc)
             decoded = _all_invalid(len(records), DECODE_ERROR, exc)
         self._metrics.batch_size.observe(len(records))
-        nbytes = sum(len(r.value or b"") for r in records)
-        batch_id = self._ledger.open(_offset_ranges(records), records=len(records), nbytes=nbytes)
+        batch_id = self._acks.open(records)
         caught_up = len(records) < size
         scoring = (
             self._scorer.submit(decoded.images, caught_up=caught_up) if decoded.n_valid else None
         )
         self._scoring.append(
-            _Batch(batch_id, records, decoded, scoring, time.time(), self._polled_at)
+            _Batch(batch_id, records, decoded, scoring, self._polled_at, time.time())
         )
         return len(records)
 
@@ -287,161 +263,57 @@ class Worker:
                 decoded = _all_invalid(len(batch.records), SCORING_ERROR, exc, decoded.errors)
         scored_at = time.time()
         published = self._publisher.publish(batch.records, decoded, scores)
-        sent_at = time.time()
+        self._acks.sent(batch.batch_id, published)
+        timestamps = published.timestamps_ms
+        self._metrics.observe_stages(
+            produced=timestamps.min() / 1e3 if len(timestamps) else None,
+            polled=batch.polled_at,
+            cut=batch.cut_at,
+            scored=scored_at,
+            sent=time.time(),
+        )
         if self._lifecycle is not None and scores is not None:
-            self._observe(batch.records, decoded, scores)
-        if self._ledger.tracks(batch.batch_id):  # not revoked while it was being scored
-            self._outbox.add(batch.batch_id, published)
-            self._ledger.unacked_bytes += unacked_bytes(published)
-            self._sent_at[batch.batch_id] = sent_at
-        stage = self._metrics.stage_seconds
-        if len(published.timestamps_ms):  # the oldest record: produced -> returned by poll()
-            stage.labels(stage="fetch").observe(
-                batch.polled_at - published.timestamps_ms.min() / 1e3
-            )
-        stage.labels(stage="batching").observe(batch.cut_at - batch.polled_at)
-        stage.labels(stage="score").observe(scored_at - batch.cut_at)
-        stage.labels(stage="publish").observe(sent_at - scored_at)
+            self._lifecycle.observe_batch(batch.records, decoded, scores)
         self._state.progressed(has_work=True)
         if self.on_batch_scored is not None:
             self.on_batch_scored(len(batch.records))
 
-    # -- acknowledgements, backpressure and commits ----------------------------------------
-
-    def _take_acks(self) -> None:
-        acked = self._outbox.reap()
-        for batch_id, published in acked:
-            self._ledger.unacked_bytes -= unacked_bytes(published)
-            self._ledger.acknowledge(batch_id)
-            sent_at = self._sent_at.pop(batch_id, None)
-            if sent_at is not None:
-                self._metrics.stage_seconds.labels(stage="ack").observe(time.time() - sent_at)
-            published.count(self._metrics)
-        busy = bool(self._buffer or self._scoring or self._ledger.has_work())
+    def _service(self) -> bool:
+        """Take acks, commit on the timer, pause or resume; returns whether consuming is held
+        back. Acks count as progress for /healthz; so does being idle."""
+        acked = self._acks.take_acks()
+        busy = bool(self._buffer or self._scoring or self._acks.has_work)
         if acked or not busy:
             self._state.progressed(has_work=busy)
         else:
             self._state.has_work = True
+        return self._acks.tick()
 
-    def _service(self) -> bool:
-        """Take acknowledged batches, commit on the timer, pause or resume consuming; returns
-        whether consuming is held back."""
-        self._take_acks()
-        now = time.monotonic()
-        if now - self._commit_at >= self._config.commit_interval_ms / 1000.0:
-            self._commit_at = now
-            self._commit(sync=False)
-        if now - self._lag_at >= _LAG_INTERVAL_S:
-            self._lag_at = now
-            self._update_lag()
-        held = self._held_back()
-        if held != self._paused and self._state.assigned:
-            (self._consumer.pause if held else self._consumer.resume)(*self._state.assigned)
-            self._paused = held
-            logger.info("consuming %s", "paused (backpressure)" if held else "resumed")
-        return held
+    # -- shutdown (and rebalances: streams.rebalance) --------------------------------------
 
-    def _held_back(self) -> bool:
-        ledger, config = self._ledger, self._config
-        return (
-            ledger.unacked_records >= config.max_unacked_records
-            or ledger.unacked_bytes >= config.max_unacked_bytes
-            or self._outbox.retrying
-        )
+    def _time_left(self) -> float:
+        """Seconds a blocking step may take: what is left of the shutdown, or (in a rebalance
+        while running) drain_timeout_s."""
+        if self.shutdown_deadline is None:
+            return self._config.drain_timeout_s
+        return max(0.0, self.shutdown_deadline - time.monotonic())
 
-    def _commit(self, *, sync: bool) -> bool:
-        offsets = {
-            tp: OffsetAndMetadata(offset, "", -1)
-            for tp, offset in self._ledger.committable(self._state.assigned).items()
-        }
-        if not offsets:
-            return True
-        try:
-            if sync:  # bounded: an unresponsive broker must not hold a shutdown forever
-                timeout_ms = int(self._config.drain_timeout_s * 1000)
-                self._consumer.commit(offsets=offsets, timeout_ms=timeout_ms)
-            else:
-                self._consumer.commit_async(offsets=offsets, callback=self._on_commit)
-        except KafkaError as exc:
-            self._error("commit", exc)  # committed with a later batch, or re-delivered
-            return False
-        self._ledger.mark_committed({tp: meta.offset for tp, meta in offsets.items()})
-        return True
-
-    def _on_commit(self, offsets: Any, response: Any) -> None:
-        if isinstance(response, Exception):
-            self._error("commit", response)
-
-    def _await_acks(self, timeout_s: float) -> None:
-        """Flush and take acks (with retries) until every sent batch is settled or time is up."""
-        deadline = time.monotonic() + timeout_s
-        while len(self._outbox) and time.monotonic() < deadline:
-            try:
-                self._producer.flush(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
-            except KafkaError as exc:
-                self._error("produce", exc)
-            self._take_acks()
-            if len(self._outbox):
-                time.sleep(0.01)
-
-    def _update_lag(self) -> None:
-        for tp in self._state.assigned:
-            end = self._consumer.highwater(tp)
-            done = self._ledger.position(tp)
-            if end is not None and done is not None:
-                labels = {"topic": tp.topic, "partition": str(tp.partition)}
-                self._metrics.consumer_lag.labels(**labels).set(max(0, end - done))
-
-    # -- rebalances and shutdown -----------------------------------------------------------
-
-    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Before partitions move: publish what is being scored, wait for acks, commit what
-        the ledger allows, forget the rest (the next owner consumes it again)."""
-        try:
-            self._publish_all()
-            self._await_acks(self._config.drain_timeout_s)
-        except UnsendableError:
-            logger.error("rebalance: an unsendable record; its batch is left uncommitted")
-        offsets = {
-            tp: OffsetAndMetadata(offset, "", -1)
-            for tp, offset in self._ledger.committable(revoked).items()
-        }
-        if offsets:
-            # The awaitable commit of kafka-python 3's coordinator (no public one exists yet);
-            # the blocking consumer.commit() is refused on the I/O thread.
-            coordinator = self._consumer._coordinator
-            try:
-                await coordinator._commit_offsets_sync_async(offsets)
-                self._ledger.mark_committed({tp: m.offset for tp, m in offsets.items()})
-            except KafkaError as exc:
-                self._error("commit", exc)
-        self._ledger.revoke(revoked)
-        self._outbox.keep_only(self._ledger.tracks)
-        self._buffer = [r for r in self._buffer if TopicPartition(*_TP_KEY(r)) not in revoked]
-        for tp in revoked:
-            with contextlib.suppress(KeyError):
-                self._metrics.consumer_lag.remove(tp.topic, str(tp.partition))
-        self._state.assigned = self._state.assigned - revoked
-        self._state.group_joined = bool(self._state.assigned)
-        self._paused = False
-        if revoked:
-            logger.info("partitions revoked: %s", sorted(str(tp) for tp in revoked))
-
-    def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._state.assigned = set(assigned)
-        self._state.group_joined = True
-        logger.info("partitions assigned: %s", sorted(str(tp) for tp in assigned))
+    def _drop_buffered(self, partitions: set[TopicPartition]) -> None:
+        """Records of partitions this worker no longer owns (streams.rebalance)."""
+        self._buffer = [r for r in self._buffer if (r.topic, r.partition) not in partitions]
 
     def _drain(self) -> bool:
-        """Score and publish what is in hand, wait for the acks, commit, leave the group.
-        True only when every record consumed was acknowledged and committed."""
+        """Score and publish what is in hand, wait for the acks, commit (all by the shutdown
+        deadline). True only when every record consumed was acknowledged and committed."""
         self._publish_all()
         while self._buffer:
             self._start_batch()
             self._publish_all()
-        self._await_acks(self._config.drain_timeout_s)
-        committed = self._commit(sync=True)
-        complete = committed and not self._ledger.has_work()
+        # The acks may take three quarters of what is left: the commit and closing the
+        # clients need the rest.
+        self._acks.await_acks(time.monotonic() + 0.75 * self._time_left())
+        committed = self._acks.commit(timeout_s=self._time_left())
+        complete = committed and not self._acks.has_work
         if not complete:
             logger.error("shutdown: some outputs were not acknowledged; not committed")
         return complete

@@ -296,14 +296,14 @@ def test_unacknowledged_records_stay_bounded_while_the_broker_does_not_answer(
     )
     stop = threading.Event()
     seen: list[int] = []
-    worker.on_batch_scored = lambda size: seen.append(worker._ledger.unacked_records)
+    worker.on_batch_scored = lambda size: seen.append(worker._acks.ledger.unacked_records)
     thread = threading.Thread(target=worker.run, args=(stop,))
     thread.start()
     try:
         read_topic(config, config.scores_topic, until=300)
         os.kill(kafka_broker.pid, signal.SIGSTOP)
         time.sleep(3)
-        held = worker._ledger.unacked_records
+        held = worker._acks.ledger.unacked_records
         during = list(seen)
         os.kill(kafka_broker.pid, signal.SIGCONT)
         assert len(read_topic(config, config.scores_topic, until=n)) >= n
@@ -316,3 +316,42 @@ def test_unacknowledged_records_stay_bounded_while_the_broker_does_not_answer(
     assert max(during) <= bound - 1 + batch, max(during)
     assert held <= bound - 1 + batch
     assert committed_offsets(config)[0] == n
+
+
+def test_a_shutdown_while_the_broker_does_not_answer_keeps_to_drain_timeout_and_loses_nothing(
+    kafka_broker, trained_bundle, tmp_path
+) -> None:
+    """SIGTERM while the broker is frozen (SIGSTOP) and sends are outstanding: the whole
+    shutdown (acks, commit, leaving the group, closing the clients) keeps to one
+    drain_timeout_s, the exit code says that not everything was committed, and a second worker
+    scores what the first could not confirm."""
+    topics = make_topics(kafka_broker)
+    n, drain_s = 6000, 4
+    _produce(topics, _images(n, seed=7))
+    extra = [*BATCH, "--set", f"stream.drain_timeout_s={drain_s}"]
+    worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=extra)
+    try:
+        read_topic(topics.config, topics.config.scores_topic, until=100)
+        os.kill(kafka_broker.pid, signal.SIGSTOP)
+        time.sleep(1.0)  # the worker goes on sending into a broker that does not answer
+        started = time.monotonic()
+        worker.process.send_signal(signal.SIGTERM)
+        code = worker.process.wait(timeout=90)
+        took = time.monotonic() - started
+    finally:
+        os.kill(kafka_broker.pid, signal.SIGCONT)
+        if worker.process.poll() is None:
+            worker.process.kill()
+    log = worker.log()
+    assert code == 1, log[-3000:]
+    assert took <= drain_s + 4, (took, log[-3000:])
+    assert "Traceback" not in log, log[-3000:]
+    committed = committed_offsets(topics.config)[0] or 0
+    assert committed < n
+    second = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=BATCH)
+    try:
+        assert _wait_committed(topics, n, timeout_s=90) == n
+    finally:
+        assert second.stop() == 0, second.log()
+    scores = read_json(read_topic(topics.config, topics.config.scores_topic, until=n))
+    assert {s["offset"] for s in scores} == set(range(n))
