@@ -94,8 +94,7 @@ class Worker:
         self._buffer: list[Any] = []
         self._scoring: deque[_Batch] = deque()
         self._polled_at = 0.0
-        self._swap: tuple[Scorer, ResultPublisher] | None = (scorer, publisher)
-        self._swap_model()
+        self._use(scorer, publisher)
         self.shutdown_deadline: float | None = None  # time.monotonic() the shutdown must end by
         self.on_batch_scored: Callable[[int], None] | None = None  # for benchmarks
         state.liveness_timeout_s = config.liveness_timeout_s
@@ -118,8 +117,6 @@ class Worker:
         try:
             while not stop.is_set():
                 self._fill_buffer(stop)
-                if self._swap is not None:
-                    self._swap_model()
                 self._publish_scored()
                 if self._buffer and not self._acks.held_back():
                     if len(self._scoring) >= self._depth:  # the scorer has enough: wait
@@ -137,19 +134,14 @@ class Worker:
             self._acks.commit(timeout_s=self._time_left())  # what precedes the record only
             return False
 
-    def swap_model(self, scorer: Scorer, publisher: ResultPublisher) -> None:
-        """Score later batches with another model (any thread may call this). The loop applies
-        it between batches, once every batch the old scorer holds has been published with the
-        old publisher (so an output's model_version always names the model that scored it)."""
-        self._swap = (scorer, publisher)
-
-    def _swap_model(self) -> None:
+    def _use(self, scorer: Scorer, publisher: ResultPublisher) -> None:
+        """Score the next batches with `scorer`, once every batch the previous one holds has
+        been published with the previous publisher (so an output's model_version always names
+        the model that scored it)."""
         self._publish_all()
-        assert self._swap is not None
-        (self._scorer, self._publisher), self._swap = self._swap, None
-        overlap = self._scorer.overlaps
-        self._depth = _SCORING_DEPTH if overlap else 1
-        self._poll_records = self._config.max_batch_size * (1 if overlap else _POLL_BATCHES)
+        self._scorer, self._publisher = scorer, publisher
+        self._depth = _SCORING_DEPTH if scorer.overlaps else 1
+        self._poll_records = self._config.max_batch_size * (1 if scorer.overlaps else _POLL_BATCHES)
 
     @property
     def scorer(self) -> Scorer:
@@ -162,8 +154,7 @@ class Worker:
         candidate = self._lifecycle.take_swap() if self._lifecycle is not None else None
         if candidate is not None:
             old = self._scorer
-            self.swap_model(candidate.prepared, self._lifecycle.publisher_for(candidate.detector))
-            self._swap_model()
+            self._use(candidate.prepared, self._lifecycle.publisher_for(candidate.detector))
             self._lifecycle.swapped(candidate, old_scorer=old)
 
     def _poll(self, timeout_ms: int) -> dict:
