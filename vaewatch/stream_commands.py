@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -36,11 +37,17 @@ DEMO_MODEL = Path("models/demo")
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGTERM or SIGINT, so a loop can finish its work and exit cleanly."""
+def stop_on_signals(*, second_exits: bool = False) -> Iterator[threading.Event]:
+    """An event set by SIGTERM or SIGINT, so a loop can finish its work and exit cleanly. With
+    `second_exits` (the worker), a second signal exits at once (status 128 + signal): what was
+    not committed by then is consumed again after a restart, so only the drain is cut short."""
     stop = threading.Event()
 
     def handle(signum: int, frame: Any) -> None:
+        if stop.is_set() and second_exits:
+            logger.warning("signal %d again: exiting now, without draining", signum)
+            logging.shutdown()
+            os._exit(128 + signum)
         logger.info("signal %d: draining and stopping", signum)
         stop.set()
 
@@ -76,7 +83,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
             device=settings.detector.device,
             max_batch_size=settings.detector.max_batch_size,
         )
-    with stop_on_signals() as stop:
+    with stop_on_signals(second_exits=True) as stop:
         return serve(
             stream=settings.stream,
             metrics_config=settings.metrics,

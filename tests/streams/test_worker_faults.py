@@ -355,3 +355,41 @@ def test_a_shutdown_while_the_broker_does_not_answer_keeps_to_drain_timeout_and_
         assert second.stop() == 0, second.log()
     scores = read_json(read_topic(topics.config, topics.config.scores_topic, until=n))
     assert {s["offset"] for s in scores} == set(range(n))
+
+
+def test_a_second_signal_cuts_the_drain_short_and_a_restart_loses_nothing(
+    kafka_broker, trained_bundle, tmp_path
+) -> None:
+    """A long drain (the broker frozen, drain_timeout_s 60) is cut short by a second signal,
+    as an operator pressing Ctrl-C twice expects: exit 130 at once; nothing was committed past
+    what was acknowledged, so a restarted worker scores every record."""
+    topics = make_topics(kafka_broker)
+    n = 3000
+    _produce(topics, _images(n, seed=8))
+    extra = [*BATCH, "--set", "stream.drain_timeout_s=60"]
+    worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=extra)
+    try:
+        read_topic(topics.config, topics.config.scores_topic, until=100)
+        os.kill(kafka_broker.pid, signal.SIGSTOP)
+        time.sleep(1.0)
+        worker.process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert worker.process.poll() is None  # draining, waiting for the frozen broker
+        started = time.monotonic()
+        worker.process.send_signal(signal.SIGINT)
+        code = worker.process.wait(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        os.kill(kafka_broker.pid, signal.SIGCONT)
+        if worker.process.poll() is None:
+            worker.process.kill()
+    assert code == 128 + signal.SIGINT, worker.log()[-3000:]
+    assert took < 5, took
+    assert "exiting now, without draining" in worker.log()
+    second = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=BATCH)
+    try:
+        assert _wait_committed(topics, n, timeout_s=90) == n
+    finally:
+        assert second.stop() == 0, second.log()
+    scores = read_json(read_topic(topics.config, topics.config.scores_topic, until=n))
+    assert {s["offset"] for s in scores} == set(range(n))
