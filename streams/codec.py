@@ -122,7 +122,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _check_id(record_id: Any) -> str | None:
+def check_id(record_id: Any) -> str | None:
     """None when the id can be copied into an alert as JSON, else why not. The common ids
     (short ASCII strings, small numbers) are decided without writing them out."""
     kind = type(record_id)
@@ -172,7 +172,8 @@ def _parse_json(value: bytes | None) -> tuple[Any, Any, str | None, str]:
     try:
         obj = json.loads(value, object_pairs_hook=_unique_keys)
     except _DuplicateKeyError as exc:
-        return None, None, BAD_SCHEMA, f"duplicate key {str(exc)[:_DETAIL_CHARS]!r}"
+        # repr() escapes control characters and surrogates (up to 10 characters each): cut after.
+        return None, None, BAD_SCHEMA, f"duplicate key {str(exc)[:_DETAIL_CHARS]!r}"[:_DETAIL_CHARS]
     except RecursionError:
         return None, None, BAD_JSON, "nested too deeply"
     except (ValueError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
@@ -180,7 +181,7 @@ def _parse_json(value: bytes | None) -> tuple[Any, Any, str | None, str]:
     if not isinstance(obj, dict):
         return None, None, BAD_SCHEMA, f"expected a JSON object, got {type(obj).__name__}"
     record_id = obj.get("id")
-    id_problem = _check_id(record_id)
+    id_problem = check_id(record_id)
     if id_problem is not None:
         return None, None, BAD_ID, id_problem
     pixels = obj.get("pixels")
@@ -251,8 +252,9 @@ def _pixel_lists_to_rows(lists: list[list[Any]]) -> list[tuple[np.ndarray | None
         if row.ndim != 1:
             out.append((None, (BAD_SCHEMA, "pixels must be a flat list of numbers")))
             continue
-        if row.dtype == object and all(type(v) is int for v in pixels):
-            out.append((None, (OUT_OF_RANGE, "pixels must lie in 0..255")))  # beyond int64
+        if row.dtype == object and all(type(v) in _NUMBER_TYPES for v in pixels):
+            # numpy keeps an int beyond int64 (with or without floats beside it) as an object
+            out.append((None, (OUT_OF_RANGE, "pixels must lie in 0..255")))
             continue
         check = _check_pixel_rows(row.reshape(1, -1))[0]
         out.append((row if check is None else None, check))

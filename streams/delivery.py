@@ -7,7 +7,8 @@ classifies each failure:
 - temporary (a Kafka error marked retriable: timeouts, leader moves): sent again after a backoff
   that doubles, up to `send_retries` times; `retrying` tells the worker to pause consuming;
 - permanent (too large, invalid, not authorized, or retries used up): the input record goes to
-  the dead-letter topic as a trimmed copy with reason `unsendable`;
+  the dead-letter topic as a trimmed copy with reason `unsendable`, once, even when its alert
+  and its score both fail;
 - a trimmed copy that fails as well: `on_unsendable` decides: `fail` raises `UnsendableError`
   (the worker stops without committing the record), `skip` counts it and lets the batch go.
 
@@ -58,6 +59,7 @@ class _Batch:
     attempts: dict[int, int] = field(default_factory=dict)
     retry_at: dict[int, float] = field(default_factory=dict)
     copies: set[int] = field(default_factory=set)  # sends that are already unsendable copies
+    copied: set[int] = field(default_factory=set)  # records (batch index) that have a copy
 
 
 class Outbox:
@@ -149,9 +151,15 @@ class Outbox:
         first_reason = dict(message.headers or ()).get(H_ERROR) if message.topic == dlq else None
         if first_reason is not None and first_reason.decode() in published.dead_letter_reasons:
             published.dead_letter_reasons.remove(first_reason.decode())
+        # An anomaly's alert and score are the same size: when both fail, one copy is enough.
+        sources = [j for j in message.sources if j not in batch.copied]
+        batch.copied.update(sources)
+        if not sources:
+            published.futures[i] = _Skipped()  # its record is dead-lettered already
+            return
         copies = [
             self._publisher.unsendable_copy(published.records[j], exc, first_reason)
-            for j in message.sources
+            for j in sources
         ]
         for n, (copy, future) in enumerate(copies):
             k = i if n == 0 else len(published.futures)

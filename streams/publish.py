@@ -4,6 +4,11 @@ Alerts and scores are JSON objects keyed `topic/partition/offset` (so subscriber
 duplicates that at-least-once delivery allows); the input record's headers pass through. An
 output record goes to partition (input partition mod output partitions), which keeps the input
 order per partition and spares kafka-python's pure-Python key hash on every send.
+
+A record that decoded and was scored can still be unfit to publish as it is: a score that JSON
+cannot hold (NaN, infinity) makes it a `scoring_error` dead letter (one check on the whole
+batch), an `id` header that its alert or score would carry and that is over MAX_ID_BYTES as
+JSON a `bad_id` one (checked where the id is looked up, for the records that have output).
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import compress
 from operator import attrgetter
 from typing import Any, NamedTuple
 
@@ -20,7 +26,7 @@ from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 
 from detector import Scores
-from streams.codec import DecodedBatch
+from streams.codec import BAD_ID, MAX_ID_BYTES, SCORING_ERROR, DecodedBatch, check_id
 from streams.metrics import UNSENDABLE, WorkerMetrics, observe_many
 
 # Dead-letter headers (values are UTF-8 text).
@@ -36,7 +42,24 @@ _COPY_HEADROOM = 16 * 1024  # room left for headers and framing in a trimmed cop
 _KEPT_HEADER_BYTES = 4 * 1024  # input headers kept on a trimmed copy, at most
 _FRAME_BYTES = 256 * 1024  # largest batch-framed scores message
 _TIMESTAMP = attrgetter("timestamp")
+_NO_TIMESTAMP = -1  # Kafka's; kafka-python gives None for records of message format v0
 ID_HEADER = "id"  # with the raw codec, an `id` header stands in for the JSON `id` field
+# An id header this long (in characters) or shorter fits in MAX_ID_BYTES as JSON, whatever its
+# characters (at most 12 bytes each: \ud83d\ude00).
+_SHORT_ID_CHARS = (MAX_ID_BYTES - 2) // 12
+# Headers the worker sets on dead letters: an input's own (a dead letter replayed into the input
+# topic) are dropped from its dead letter, which would otherwise carry two reasons.
+_DEAD_LETTER_HEADERS = frozenset(
+    (
+        H_ERROR,
+        H_ERROR_DETAIL,
+        H_SOURCE_TOPIC,
+        H_SOURCE_PARTITION,
+        H_SOURCE_OFFSET,
+        H_SOURCE_TIMESTAMP,
+        H_ORIGINAL_SIZE,
+    )
+)
 
 
 def _json_text(value: Any) -> str:
@@ -54,6 +77,10 @@ def usable_headers(headers: Sequence[Any] | None) -> list[tuple[str, bytes]] | N
         return None
     kept = [h for h in headers if isinstance(h[1], bytes) and isinstance(h[0], str)]
     return kept or None
+
+
+def _input_headers_for_dead_letter(headers: Sequence[Any] | None) -> list[tuple[str, bytes]]:
+    return [h for h in usable_headers(headers) or () if h[0] not in _DEAD_LETTER_HEADERS]
 
 
 def _unsendable_detail(exc: BaseException, first_reason: bytes | None) -> bytes:
@@ -93,6 +120,43 @@ def _header_id(headers: Sequence[tuple[str, bytes]]) -> Any:
     return None
 
 
+def _non_finite(decoded: DecodedBatch, scores: Scores) -> dict[int, tuple[str, str]]:
+    """Scored records (by batch index) whose score or p-value JSON cannot hold."""
+    if np.isfinite(scores.scores).all() and np.isfinite(scores.p_values).all():
+        return {}
+    positions = np.flatnonzero(decoded.valid)
+    finite = np.isfinite(scores.scores) & np.isfinite(scores.p_values)
+    return {
+        int(positions[j]): (
+            SCORING_ERROR,
+            f"score {float(scores.scores[j])!r}, p-value {float(scores.p_values[j])!r}: not finite",
+        )
+        for j in np.flatnonzero(~finite).tolist()
+    }
+
+
+def _without(
+    decoded: DecodedBatch, scores: Scores, errors: dict[int, tuple[str, str]]
+) -> tuple[DecodedBatch, Scores]:
+    """The batch with the records in `errors` moved from the scored ones to the invalid ones."""
+    rejected = np.zeros(len(decoded.valid), dtype=bool)
+    rejected[list(errors)] = True
+    kept = ~rejected[decoded.valid]  # over the scored records, in order
+    decoded = DecodedBatch(
+        images=decoded.images[kept],
+        valid=decoded.valid & ~rejected,
+        errors={**decoded.errors, **errors},
+        ids=None if decoded.ids is None else list(compress(decoded.ids, kept)),
+    )
+    scores = replace(
+        scores,
+        scores=scores.scores[kept],
+        p_values=scores.p_values[kept],
+        anomalous=scores.anomalous[kept],
+    )
+    return decoded, scores
+
+
 @dataclass
 class PublishedBatch:
     """The sends of one batch and what to count once the broker has acknowledged them all."""
@@ -104,7 +168,9 @@ class PublishedBatch:
     n_anomaly: int
     n_alerts: int
     dead_letter_reasons: list[str]
-    timestamps_ms: np.ndarray  # of the valid records, for the end-to-end latency
+    # of the scored records whose timestamp can give a latency: not "none" (negative), not in
+    # the future; for the end-to-end latency
+    timestamps_ms: np.ndarray
     scores: np.ndarray
 
     def count(self, metrics: WorkerMetrics) -> None:
@@ -187,11 +253,11 @@ class ResultPublisher:
         and the original size in headers."""
         value = record.value or b""
         kept, size = [], 0
-        for name, header_value in usable_headers(record.headers) or ():
-            size += len(name) + len(header_value)
-            if size > _KEPT_HEADER_BYTES:
-                break
-            kept.append((name, header_value))
+        for name, header_value in _input_headers_for_dead_letter(record.headers):
+            header_size = len(name.encode("utf-8", "surrogatepass")) + len(header_value)
+            if size + header_size <= _KEPT_HEADER_BYTES:
+                kept.append((name, header_value))
+                size += header_size
         key = record.key if record.key is not None and len(record.key) <= 1024 else None
         headers = [
             *kept,
@@ -217,7 +283,10 @@ class ResultPublisher:
             (H_SOURCE_TOPIC, record.topic.encode()),
             (H_SOURCE_PARTITION, str(record.partition).encode()),
             (H_SOURCE_OFFSET, str(record.offset).encode()),
-            (H_SOURCE_TIMESTAMP, str(record.timestamp).encode()),
+            (
+                H_SOURCE_TIMESTAMP,
+                str(_NO_TIMESTAMP if record.timestamp is None else record.timestamp).encode(),
+            ),
         ]
 
     def _send_framed(
@@ -257,12 +326,29 @@ class ResultPublisher:
         messages: list[Outgoing] = []
         send = self._send
         now_ms = int(time.time() * 1000)
+        if scores is not None and decoded.n_valid:
+            late = _non_finite(decoded, scores)
+            if late:
+                decoded, scores = _without(decoded, scores, late)
+        # scored records found unfit while their outputs are built: index -> (reason, detail)
+        bad_ids: dict[int, tuple[str, str]] = {}
+        bad_rows: list[int] = []
         if decoded.errors:
             positions = np.flatnonzero(decoded.valid).tolist()
             valid_records = [records[i] for i in positions]
         else:  # the common case: every record decoded, no copy
             positions = None
             valid_records = records if isinstance(records, list) else list(records)
+        try:
+            timestamps = np.fromiter(
+                map(_TIMESTAMP, valid_records), dtype=np.int64, count=len(valid_records)
+            )
+        except TypeError:  # None: message format v0 has no timestamp
+            timestamps = np.fromiter(
+                (_NO_TIMESTAMP if r.timestamp is None else r.timestamp for r in valid_records),
+                dtype=np.int64,
+                count=len(valid_records),
+            )
         n_anomaly = 0
         if valid_records and scores is not None:
             anomalous = scores.anomalous
@@ -279,6 +365,7 @@ class ResultPublisher:
                 else np.flatnonzero(anomalous).tolist()
             )
             flags = anomalous.tolist()
+            stamps = timestamps.tolist()
             score_list = scores.scores.tolist()
             p_list = scores.p_values.tolist()
             # input partition -> (record index, JSON line) (batch format)
@@ -291,13 +378,21 @@ class ResultPublisher:
                 record_id = ids[j] if ids is not None else None
                 if record_id is None and record.headers:
                     record_id = _header_id(record.headers)
+                    if (
+                        record_id is not None
+                        and len(record_id) > _SHORT_ID_CHARS
+                        and (problem := check_id(record_id)) is not None
+                    ):
+                        bad_ids[source[0]] = (BAD_ID, f"id header: {problem}")
+                        bad_rows.append(j)
+                        continue
                 topic_json = topic_texts.get(record.topic)
                 if topic_json is None:
                     topic_json = topic_texts[record.topic] = json.dumps(record.topic)
                 body = (
                     f'{{"topic":{topic_json},"partition":{record.partition},'
                     f'"offset":{record.offset},"key":{_key_text(record.key)},'
-                    f'"id":{_json_text(record_id)},"timestamp_ms":{record.timestamp},'
+                    f'"id":{_json_text(record_id)},"timestamp_ms":{stamps[j]},'
                     f'"score":{score_list[j]!r},"threshold":{self._threshold},'
                     f'"p_value":{p_list[j]!r},"model_version":{self._version},'
                     f'"scored_at_ms":{now_ms},"anomaly":{"true" if is_anomaly else "false"}}}'
@@ -324,35 +419,49 @@ class ResultPublisher:
                 elif self.scores_topic:
                     framed.setdefault(record.partition, []).append((source[0], body))
             self._send_framed(futures, messages, valid_records[0].topic, framed, score_parts)
+        n_scored = len(valid_records)
+        score_values = scores.scores if scores is not None else np.empty(0, np.float32)
+        errors = decoded.errors
+        if bad_rows:
+            n_anomaly -= int(np.count_nonzero(anomalous[bad_rows]))
+            n_scored -= len(bad_rows)
+            kept = np.ones(len(valid_records), dtype=bool)
+            kept[bad_rows] = False
+            score_values, timestamps = score_values[kept], timestamps[kept]
+            errors = {**errors, **bad_ids}
         reasons = []
-        if decoded.errors:
+        if errors:
             dlq_parts = self._partition_count(self.dlq_topic)
-            for i, (reason, detail) in sorted(decoded.errors.items()):
+            for i, (reason, detail) in sorted(errors.items()):
                 record = records[i]
                 headers = [
-                    *(usable_headers(record.headers) or ()),
+                    *_input_headers_for_dead_letter(record.headers),
                     (H_ERROR, reason.encode()),
                     (H_ERROR_DETAIL, detail.encode("utf-8", "backslashreplace")),
                     *self._source_headers(record),
                 ]
                 part = record.partition % dlq_parts
+                value = record.value
+                if value is None and record.key is None:
+                    value = b""  # kafka-python sends no record without both key and value
                 send(
                     futures,
                     messages,
-                    Outgoing(self.dlq_topic, record.value, record.key, headers, part, (i,)),
+                    Outgoing(self.dlq_topic, value, record.key, headers, part, (i,)),
                 )
                 reasons.append(reason)
-        timestamps = np.fromiter(
-            map(_TIMESTAMP, valid_records), dtype=np.int64, count=len(valid_records)
-        )
+        if len(timestamps) and not (
+            timestamps.min() >= 0 and timestamps.max() <= now_ms  # the common case: no copy
+        ):
+            timestamps = timestamps[(timestamps >= 0) & (timestamps <= now_ms)]
         return PublishedBatch(
             records=records,
             futures=futures,
             messages=messages,
-            n_normal=len(valid_records) - n_anomaly,
+            n_normal=n_scored - n_anomaly,
             n_anomaly=n_anomaly,
             n_alerts=n_anomaly,
             dead_letter_reasons=reasons,
             timestamps_ms=timestamps,
-            scores=scores.scores if scores is not None else np.empty(0, np.float32),
+            scores=score_values,
         )

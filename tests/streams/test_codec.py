@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 
 import numpy as np
 import pytest
@@ -203,6 +204,30 @@ def test_numbers_beyond_every_type_are_out_of_range() -> None:
     }
 
 
+def test_huge_integers_beside_floats_are_out_of_range_not_bad_schema() -> None:
+    """numpy keeps an int beyond int64 as an object when floats share its list: still a number
+    outside 0..255, not a non-number."""
+    zeros = ",".join(["0"] * 782)
+    values = [
+        f'{{"pixels": [{big}, {other}, {zeros}]}}'.encode()
+        for big, other in [(10**30, 1.0), (10**400, 0.5), (-(10**30), 1.0)]
+    ]
+    assert _reasons([_good(), *values]) == {1: "out_of_range", 2: "out_of_range", 3: "out_of_range"}
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["x" * 1000, "\\u0001" * 300, "\U0001f600" * 300, "\\ud800" * 100],
+)
+def test_a_duplicate_key_detail_stays_within_200_characters(key: str) -> None:
+    value = f'{{"{key}": 1, "{key}": 2}}'.encode()
+    decoded = decode_batch([value], codec="json")
+    reason, detail = decoded.errors[0]
+    assert reason == "bad_schema" and detail.startswith("duplicate key")
+    assert len(detail) <= 200
+    detail.encode("utf-8")  # a header value: no lone surrogates
+
+
 def test_a_huge_string_among_the_pixels_is_rejected_without_a_huge_array() -> None:
     value = _json({"pixels": ["x" * 1_000_000, *[0] * 783]})
     # numpy would widen all 100 x 784 cells to a million characters (300+ GB) in one batch array.
@@ -287,12 +312,9 @@ def _id_is_usable(record_id: object) -> bool:
 
 
 def _pixel_is_usable(pixel: object) -> bool:
-    return (
-        type(pixel) in (int, float)
-        and np.isfinite(pixel)
-        and 0 <= pixel <= 255
-        and pixel == int(pixel)
-    )
+    if type(pixel) is int:  # np.isfinite refuses ints beyond int64
+        return 0 <= pixel <= 255
+    return type(pixel) is float and math.isfinite(pixel) and 0 <= pixel <= 255 and pixel % 1 == 0
 
 
 @st.composite
@@ -347,6 +369,7 @@ def test_decode_batch_never_raises_and_accounts_for_every_record(
     assert decoded.valid.shape == (n,)
     assert set(decoded.errors) == set(np.flatnonzero(~decoded.valid).tolist())
     assert all(reason in REASONS and detail for reason, detail in decoded.errors.values())
+    assert all(len(detail) <= 200 for _, detail in decoded.errors.values())
     assert decoded.images.shape == (int(decoded.valid.sum()), 784)
     assert decoded.images.dtype == np.uint8
     if codec == "json" and n:
