@@ -45,6 +45,7 @@ BAD_ID = "bad_id"
 BAD_KEY = "bad_key"
 DECODE_ERROR = "decode_error"  # the decoder itself failed on the batch (a bug)
 SCORING_ERROR = "scoring_error"  # the detector raised on the batch
+UNREADABLE = "unreadable"  # kafka-python could not parse the record itself
 REASONS = (
     NULL_VALUE,
     WRONG_LENGTH,
@@ -57,7 +58,7 @@ REASONS = (
     BAD_ID,
     BAD_KEY,
 )
-DEAD_LETTER_REASONS = (*REASONS, DECODE_ERROR, SCORING_ERROR)
+DEAD_LETTER_REASONS = (*REASONS, DECODE_ERROR, SCORING_ERROR, UNREADABLE)
 
 # Bounds on what a record copies into its alert: a UUID-like id is ~40 bytes, a Kafka key rarely
 # more than a few hundred. Far below the producer's 1 MiB request size, whatever the headers.

@@ -24,14 +24,15 @@ from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
 from kafka.structs import TopicPartition
 
 from detector import Scores
 from streams.acks import AckTracker
-from streams.codec import DECODE_ERROR, SCORING_ERROR, DecodedBatch, decode_batch
+from streams.codec import DECODE_ERROR, SCORING_ERROR, UNREADABLE, DecodedBatch, decode_batch
 from streams.config import StreamConfig
 from streams.delivery import UnsendableError
+from streams.kafka_io import unreadable_record
 from streams.lifecycle import ModelLifecycle
 from streams.metrics import WorkerMetrics
 from streams.publish import ResultPublisher
@@ -160,6 +161,9 @@ class Worker:
     def _poll(self, timeout_ms: int) -> dict:
         try:
             polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=self._poll_records)
+        except (CorruptRecordError, UnsupportedCodecError) as exc:
+            self._skip_unreadable(exc)
+            return {}
         except KafkaError as exc:
             self._error("broker", exc)
             self._state.broker_connected = False
@@ -169,6 +173,23 @@ class Worker:
         unknown = getattr(coordinator, "coordinator_unknown", None)
         self._state.broker_connected = not unknown() if unknown is not None else True
         return polled
+
+    def _skip_unreadable(self, exc: KafkaError) -> None:
+        """kafka-python could not parse the record at a partition's position, and polled again
+        it would spin on it for ever: dead-letter it (coordinates and error) and seek past it.
+        What is in hand goes first: the ledger takes a partition's batches in offset order."""
+        self._error("decode", exc)
+        record = unreadable_record(self._consumer)
+        if record is None:  # cannot tell which: stop, committing nothing past it
+            raise exc
+        logger.error(
+            "%s:%d:%d unreadable, dead-lettered", record.topic, record.partition, record.offset
+        )
+        self._score_buffered()
+        batch_id = self._acks.open([record])
+        decoded = _all_invalid(1, UNREADABLE, exc)
+        self._acks.sent(batch_id, self._publisher.publish([record], decoded, None))
+        self._consumer.seek(TopicPartition(record.topic, record.partition), record.offset + 1)
 
     def _fill_buffer(self, stop: threading.Event) -> None:
         """Poll until the buffer holds max_batch_size records or its first record has waited
@@ -293,13 +314,17 @@ class Worker:
         """Records of partitions this worker no longer owns (streams.rebalance)."""
         self._buffer = [r for r in self._buffer if (r.topic, r.partition) not in partitions]
 
-    def _drain(self) -> bool:
-        """Score and publish what is in hand, wait for the acks, commit (all by the shutdown
-        deadline). True only when every record consumed was acknowledged and committed."""
+    def _score_buffered(self) -> None:
+        """Score and publish everything in hand."""
         self._publish_all()
         while self._buffer:
             self._start_batch()
             self._publish_all()
+
+    def _drain(self) -> bool:
+        """Score and publish what is in hand, wait for the acks, commit (all by the shutdown
+        deadline). True only when every record consumed was acknowledged and committed."""
+        self._score_buffered()
         # The acks may take three quarters of what is left: the commit and closing the
         # clients need the rest.
         self._acks.await_acks(time.monotonic() + 0.75 * self._time_left())
