@@ -205,7 +205,9 @@ class StreamConfig(BaseModel):
         120.0,
         gt=0,
         description="/healthz answers 503 when the worker has had work (records in hand or "
-        "sends outstanding) but made no progress for this long.",
+        "sends outstanding) but made no progress for this long, or its loop has not come round "
+        "for this long (stuck inside a call). Keep it above scoring_timeout_s and "
+        "drain_timeout_s, which a healthy loop may wait out.",
     )
     reconnect_backoff_max_ms: int = Field(
         5000,

@@ -115,6 +115,8 @@ class Worker:
             time_left=self._time_left,
         )
         self._consumer.subscribe([self._config.input_topic], listener=listener)
+        self._state.progressed(has_work=False)
+        self._state.loop_running = True
         try:
             while not stop.is_set():
                 self._fill_buffer(stop)
@@ -134,6 +136,8 @@ class Worker:
             self.shutdown_deadline = time.monotonic() + self._config.drain_timeout_s
             self._acks.commit(timeout_s=self._time_left())  # what precedes the record only
             return False
+        finally:
+            self._state.loop_running = False
 
     def _use(self, scorer: Scorer, publisher: ResultPublisher) -> None:
         """Score the next batches with `scorer`, once every batch the previous one holds has

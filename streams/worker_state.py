@@ -2,7 +2,9 @@
 thread. Ready: the model is loaded, the broker reachable, the group joined and stable (an
 eviction for a stalled poll loop clears it at once) and the loop making progress. Alive: unless
 the loop has had work (records in hand, batches being scored or sends outstanding) and made no
-progress (a batch published or acknowledged) for liveness_timeout_s."""
+progress (a batch published or acknowledged) for liveness_timeout_s, or, while it runs, has not
+come round at all for that long (an idle loop counts every turn as progress: one that stopped
+turning is stuck inside a call)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class WorkerState:
     assigned: set[Any] = field(default_factory=set)  # the TopicPartitions it owns
     liveness_timeout_s: float = 120.0
     has_work: bool = False
+    loop_running: bool = False  # set by Worker.run; not before it (connecting) nor after it
     progress_at: float = field(default_factory=time.monotonic)
 
     def readiness(self) -> tuple[bool, dict[str, bool]]:
@@ -35,8 +38,9 @@ class WorkerState:
         return all(checks.values()), checks
 
     def liveness(self) -> tuple[bool, dict[str, float]]:
-        """Alive unless the loop has had work and made no progress for liveness_timeout_s."""
-        stalled_s = time.monotonic() - self.progress_at if self.has_work else 0.0
+        """Alive unless no progress for liveness_timeout_s with work in hand or a running loop."""
+        judged = self.has_work or self.loop_running
+        stalled_s = time.monotonic() - self.progress_at if judged else 0.0
         return stalled_s <= self.liveness_timeout_s, {"stalled_s": round(stalled_s, 1)}
 
     def progressed(self, *, has_work: bool) -> None:

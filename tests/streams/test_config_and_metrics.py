@@ -172,6 +172,27 @@ def test_worker_state_is_unhealthy_only_when_stalled_with_work_and_unready_when_
     )
 
 
+def test_a_running_loop_that_stops_turning_is_unhealthy_even_without_work() -> None:
+    """Stuck inside a call (a poll that never returns) with nothing in hand: an idle loop
+    counts each turn as progress, so the missing turns show; before the loop starts
+    (connecting to the broker) nothing is judged."""
+    import time
+
+    from streams.worker import WorkerState
+
+    state = WorkerState(model_loaded=lambda: True, liveness_timeout_s=0.05)
+    time.sleep(0.1)
+    assert state.liveness()[0]  # not started yet
+    state.loop_running = True
+    state.progressed(has_work=False)  # a turn of the idle loop
+    assert state.liveness()[0]
+    time.sleep(0.1)  # no more turns
+    alive, details = state.liveness()
+    assert not alive and details["stalled_s"] >= 0.1
+    state.loop_running = False  # the loop ended (draining, stopped)
+    assert state.liveness()[0]
+
+
 def test_config_yaml_names_and_documents_every_stream_and_metrics_key() -> None:
     import yaml
 
