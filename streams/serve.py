@@ -207,7 +207,7 @@ def close_clients(*, consumer: Any, producer: Any, deadline: float) -> None:
     if producer is not None:
         try:
             producer.close(timeout=left())
-        except KafkaError as exc:  # flush() timed out: close again, now without waiting
+        except KafkaError as exc:  # its flush() timed out: stop the sender without waiting
             logger.warning("closing the producer: %s; closing it by force", exc)
             with contextlib.suppress(KafkaError):
                 producer._sender.force_close()  # what close() does after its own timeout
