@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from kafka.errors import KafkaError
 
 from streams.config import StreamConfig
+from streams.dead_letters import H_ERROR
 from streams.metrics import UNSENDABLE
-from streams.publish import H_ERROR, Outgoing, PublishedBatch, ResultPublisher
+from streams.publish import Outgoing, PublishedBatch, ResultPublisher
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 Alerts and scores are JSON objects keyed `topic/partition/offset` (so subscribers can drop the
 duplicates that at-least-once delivery allows); the input record's headers pass through. An
 output record goes to partition (input partition mod output partitions), which keeps the input
-order per partition and spares kafka-python's pure-Python key hash on every send.
+order per partition and spares kafka-python's pure-Python key hash on every send. What a dead
+letter carries is in streams/dead_letters.py.
 
 A record that decoded and was scored can still be unfit to publish as it is: a score that JSON
 cannot hold (NaN, infinity) makes it a `scoring_error` dead letter (one check on the whole
@@ -27,39 +28,16 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from detector import Scores
 from streams.codec import BAD_ID, MAX_ID_BYTES, SCORING_ERROR, DecodedBatch, check_id
-from streams.metrics import UNSENDABLE, WorkerMetrics, observe_many
+from streams.dead_letters import NO_TIMESTAMP, dead_letter_headers, trimmed_copy, usable_headers
+from streams.metrics import WorkerMetrics, observe_many
 
-# Dead-letter headers (values are UTF-8 text).
-H_ERROR = "vaewatch.error"
-H_ERROR_DETAIL = "vaewatch.error.detail"
-H_SOURCE_TOPIC = "vaewatch.source.topic"
-H_SOURCE_PARTITION = "vaewatch.source.partition"
-H_SOURCE_OFFSET = "vaewatch.source.offset"
-H_SOURCE_TIMESTAMP = "vaewatch.source.timestamp_ms"
 H_SCORES_FORMAT = "vaewatch.format"  # "jsonl" on batch-framed scores messages
-H_ORIGINAL_SIZE = "vaewatch.original.size"  # on unsendable copies: the input value's bytes
-_COPY_HEADROOM = 16 * 1024  # room left for headers and framing in a trimmed copy
-_KEPT_HEADER_BYTES = 4 * 1024  # input headers kept on a trimmed copy, at most
 _FRAME_BYTES = 256 * 1024  # largest batch-framed scores message
 _TIMESTAMP = attrgetter("timestamp")
-_NO_TIMESTAMP = -1  # Kafka's; kafka-python gives None for records of message format v0
 ID_HEADER = "id"  # with the raw codec, an `id` header stands in for the JSON `id` field
 # An id header this long (in characters) or shorter fits in MAX_ID_BYTES as JSON, whatever its
 # characters (at most 12 bytes each: \ud83d\ude00).
 _SHORT_ID_CHARS = (MAX_ID_BYTES - 2) // 12
-# Headers the worker sets on dead letters: an input's own (a dead letter replayed into the input
-# topic) are dropped from its dead letter, which would otherwise carry two reasons.
-_DEAD_LETTER_HEADERS = frozenset(
-    (
-        H_ERROR,
-        H_ERROR_DETAIL,
-        H_SOURCE_TOPIC,
-        H_SOURCE_PARTITION,
-        H_SOURCE_OFFSET,
-        H_SOURCE_TIMESTAMP,
-        H_ORIGINAL_SIZE,
-    )
-)
 
 
 def _json_text(value: Any) -> str:
@@ -68,25 +46,6 @@ def _json_text(value: Any) -> str:
 
 def _key_text(key: bytes | None) -> str:
     return "null" if key is None else json.dumps(key.decode("utf-8", "backslashreplace"))
-
-
-def usable_headers(headers: Sequence[Any] | None) -> list[tuple[str, bytes]] | None:
-    """Input headers fit to send again: Kafka allows a null header value, which the producer
-    refuses, so such headers (and anything not (str, bytes)) are dropped."""
-    if not headers:
-        return None
-    kept = [h for h in headers if isinstance(h[1], bytes) and isinstance(h[0], str)]
-    return kept or None
-
-
-def _input_headers_for_dead_letter(headers: Sequence[Any] | None) -> list[tuple[str, bytes]]:
-    return [h for h in usable_headers(headers) or () if h[0] not in _DEAD_LETTER_HEADERS]
-
-
-def _unsendable_detail(exc: BaseException, first_reason: bytes | None) -> bytes:
-    """The send's error, after the dead-letter reason the record had first, if any."""
-    prefix = f"{first_reason.decode()}, then " if first_reason else ""
-    return f"{prefix}{type(exc).__name__}: {exc}"[:200].encode("utf-8", "replace")
 
 
 class Outgoing(NamedTuple):
@@ -248,46 +207,13 @@ class ResultPublisher:
     def unsendable_copy(
         self, record: ConsumerRecord, exc: BaseException, first_reason: bytes | None = None
     ) -> tuple[Outgoing, Any]:
-        """A dead letter that fits: the input value cut to max_request_size, input headers
-        only when usable and small, an over-long key dropped; reason `unsendable`, the error
-        and the original size in headers."""
-        value = record.value or b""
-        kept, size = [], 0
-        for name, header_value in _input_headers_for_dead_letter(record.headers):
-            header_size = len(name.encode("utf-8", "surrogatepass")) + len(header_value)
-            if size + header_size <= _KEPT_HEADER_BYTES:
-                kept.append((name, header_value))
-                size += header_size
-        key = record.key if record.key is not None and len(record.key) <= 1024 else None
-        headers = [
-            *kept,
-            (H_ERROR, UNSENDABLE.encode()),
-            (H_ERROR_DETAIL, _unsendable_detail(exc, first_reason)),
-            (H_ORIGINAL_SIZE, str(len(value)).encode()),
-            *self._source_headers(record),
-        ]
-        budget = max(0, self._max_request_size - _COPY_HEADROOM - size)
-        message = Outgoing(
-            topic=self.dlq_topic,
-            value=value[:budget],
-            key=key,
-            headers=headers,
-            partition=record.partition % self._partition_count(self.dlq_topic),
-            sources=(),  # already the last resort: no copy of a copy
+        """The record's dead letter with reason `unsendable`, cut to fit (trimmed_copy)."""
+        value, key, headers = trimmed_copy(
+            record, exc, first_reason, max_request_size=self._max_request_size
         )
+        part = record.partition % self._partition_count(self.dlq_topic)
+        message = Outgoing(self.dlq_topic, value, key, headers, part, ())  # no copy of a copy
         return message, self.resend(message)
-
-    @staticmethod
-    def _source_headers(record: ConsumerRecord) -> list[tuple[str, bytes]]:
-        return [
-            (H_SOURCE_TOPIC, record.topic.encode()),
-            (H_SOURCE_PARTITION, str(record.partition).encode()),
-            (H_SOURCE_OFFSET, str(record.offset).encode()),
-            (
-                H_SOURCE_TIMESTAMP,
-                str(_NO_TIMESTAMP if record.timestamp is None else record.timestamp).encode(),
-            ),
-        ]
 
     def _send_framed(
         self,
@@ -345,7 +271,7 @@ class ResultPublisher:
             )
         except TypeError:  # None: message format v0 has no timestamp
             timestamps = np.fromiter(
-                (_NO_TIMESTAMP if r.timestamp is None else r.timestamp for r in valid_records),
+                (NO_TIMESTAMP if r.timestamp is None else r.timestamp for r in valid_records),
                 dtype=np.int64,
                 count=len(valid_records),
             )
@@ -434,12 +360,7 @@ class ResultPublisher:
             dlq_parts = self._partition_count(self.dlq_topic)
             for i, (reason, detail) in sorted(errors.items()):
                 record = records[i]
-                headers = [
-                    *_input_headers_for_dead_letter(record.headers),
-                    (H_ERROR, reason.encode()),
-                    (H_ERROR_DETAIL, detail.encode("utf-8", "backslashreplace")),
-                    *self._source_headers(record),
-                ]
+                headers = dead_letter_headers(record, reason, detail)
                 part = record.partition % dlq_parts
                 value = record.value
                 if value is None and record.key is None:
