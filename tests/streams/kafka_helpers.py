@@ -86,6 +86,17 @@ def committed_offsets(config: StreamConfig, *, partitions: int = 1) -> dict[int,
         consumer.close(autocommit=False)
 
 
+def wait_committed(config: StreamConfig, offset: int, *, timeout_s: float = 60.0) -> int | None:
+    """Wait until the group has committed `offset` on input partition 0; returns what it has
+    committed by then."""
+    deadline = time.monotonic() + timeout_s
+    committed = committed_offsets(config)[0]
+    while committed != offset and time.monotonic() < deadline:
+        time.sleep(0.3)
+        committed = committed_offsets(config)[0]
+    return committed
+
+
 def end_offsets(config: StreamConfig, *, partitions: int = 1) -> dict[int, int]:
     """Last offset + 1 per input partition, found by reading the partition to its end (Tansu
     0.6.0's ListOffsets answers the base offset of the last batch, not the log end)."""

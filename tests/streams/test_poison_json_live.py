@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 
 import numpy as np
 import pytest
 
 from streams.codec import MAX_ID_BYTES, MAX_KEY_BYTES
 from tests.fixtures_broker import make_topics, start_worker
-from tests.streams.kafka_helpers import committed_offsets, produce_values, read_topic
+from tests.streams.kafka_helpers import (
+    produce_values,
+    read_topic,
+    wait_committed,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -64,10 +67,7 @@ def test_poison_json_records_are_dead_letters_and_their_batch_is_scored(
         scores = read_topic(
             topics.config, topics.config.scores_topic, until=n - len(expected), timeout_s=60
         )
-        deadline = time.monotonic() + 30
-        while committed_offsets(topics.config)[0] != n and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert committed_offsets(topics.config)[0] == n
+        assert wait_committed(topics.config, n, timeout_s=30) == n
         assert worker.process.poll() is None, worker.log()
         alerts = read_topic(topics.config, topics.config.alert_topic, until=0, timeout_s=2)
     finally:

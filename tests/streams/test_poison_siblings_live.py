@@ -14,7 +14,7 @@ import pytest
 from kafka import KafkaProducer, TopicPartition
 
 from tests.fixtures_broker import StreamTopics, make_topics, start_worker
-from tests.streams.kafka_helpers import committed_offsets, read_topic
+from tests.streams.kafka_helpers import read_topic, wait_committed
 
 pytestmark = pytest.mark.slow
 
@@ -96,10 +96,7 @@ def test_poison_siblings_end_as_one_score_or_one_dead_letter(
     try:
         dead = read_topic(topics.config, topics.config.dlq_topic, until=len(expected))
         scores = read_topic(topics.config, topics.config.scores_topic, until=n - len(expected))
-        deadline = time.monotonic() + 30
-        while committed_offsets(topics.config)[0] != n and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert committed_offsets(topics.config)[0] == n
+        assert wait_committed(topics.config, n, timeout_s=30) == n
         assert worker.process.poll() is None, worker.log()
         text = worker.metrics_text()
         alerts = read_topic(topics.config, topics.config.alert_topic, until=1, timeout_s=10)

@@ -15,7 +15,7 @@ import pytest
 from kafka import KafkaProducer, TopicPartition
 
 from tests.fixtures_broker import make_topics, start_worker
-from tests.streams.kafka_helpers import committed_offsets, read_topic
+from tests.streams.kafka_helpers import read_topic, wait_committed
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +25,6 @@ class _NotUtf8(str):
 
     def encode(self, *args: object, **kwargs: object) -> bytes:
         return b"\xff\xfe-name"
-
-
-def _wait_committed(config, n: int, timeout_s: float = 60) -> int | None:
-    deadline = time.monotonic() + timeout_s
-    while committed_offsets(config)[0] != n and time.monotonic() < deadline:
-        time.sleep(0.3)
-    return committed_offsets(config)[0]
 
 
 def test_a_record_kafka_python_cannot_read_is_dead_lettered_and_skipped(
@@ -60,7 +53,7 @@ def test_a_record_kafka_python_cannot_read_is_dead_lettered_and_skipped(
         extra_args=["--set", "stream.max_batch_size=100"],
     )
     try:
-        assert _wait_committed(config, n) == n, worker.log()[-3000:]
+        assert wait_committed(config, n) == n, worker.log()[-3000:]
         scores = read_topic(config, config.scores_topic, until=n - 1)
         dead = read_topic(config, config.dlq_topic, until=1)
         text = worker.metrics_text()
@@ -96,7 +89,7 @@ def test_compressed_input_is_scored_and_outputs_compressed(
     extra = ["--set", f"stream.compression_type={codec}"]
     worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=extra)
     try:
-        assert _wait_committed(config, n) == n, worker.log()[-3000:]
+        assert wait_committed(config, n) == n, worker.log()[-3000:]
         scores = read_topic(config, config.scores_topic, until=n)
     finally:
         code = worker.stop()

@@ -34,7 +34,7 @@ from tests.fixtures_broker import (
     start_worker,
     wait_ready,
 )
-from tests.streams.kafka_helpers import committed_offsets, read_json, read_topic
+from tests.streams.kafka_helpers import committed_offsets, read_json, read_topic, wait_committed
 
 pytestmark = pytest.mark.slow
 
@@ -94,14 +94,7 @@ def _status(url: str) -> int:
 
 
 def _wait_committed(topics: StreamTopics, offset: int, timeout_s: float = 30.0) -> int | None:
-    deadline = time.monotonic() + timeout_s
-    committed = None
-    while time.monotonic() < deadline:
-        committed = committed_offsets(topics.config)[0]
-        if committed == offset:
-            break
-        time.sleep(0.3)
-    return committed
+    return wait_committed(topics.config, offset, timeout_s=timeout_s)
 
 
 def test_a_null_header_value_is_dropped_and_its_record_scored(
@@ -348,13 +341,7 @@ def test_a_shutdown_while_the_broker_does_not_answer_keeps_to_drain_timeout_and_
     assert "Traceback" not in log, log[-3000:]
     committed = committed_offsets(topics.config)[0] or 0
     assert committed < n
-    second = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=BATCH)
-    try:
-        assert _wait_committed(topics, n, timeout_s=90) == n
-    finally:
-        assert second.stop() == 0, second.log()
-    scores = read_json(read_topic(topics.config, topics.config.scores_topic, until=n))
-    assert {s["offset"] for s in scores} == set(range(n))
+    _a_second_worker_scores_every_record(topics, trained_bundle, tmp_path, n)
 
 
 def test_a_second_signal_cuts_the_drain_short_and_a_restart_loses_nothing(
@@ -386,7 +373,14 @@ def test_a_second_signal_cuts_the_drain_short_and_a_restart_loses_nothing(
     assert code == 128 + signal.SIGINT, worker.log()[-3000:]
     assert took < 5, took
     assert "exiting now, without draining" in worker.log()
-    second = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=BATCH)
+    _a_second_worker_scores_every_record(topics, trained_bundle, tmp_path, n)
+
+
+def _a_second_worker_scores_every_record(
+    topics: StreamTopics, bundle: Path, tmp_path: Path, n: int
+) -> None:
+    """What a stopped worker did not commit is consumed again: every offset gets its score."""
+    second = start_worker(model=bundle, topics=topics, log_dir=tmp_path, extra_args=BATCH)
     try:
         assert _wait_committed(topics, n, timeout_s=90) == n
     finally:
