@@ -133,7 +133,8 @@ class Worker:
             return self._drain()
         except UnsendableError as exc:
             logger.error("%s", exc)
-            self.shutdown_deadline = time.monotonic() + self._config.drain_timeout_s
+            if self.shutdown_deadline is None:  # not already draining
+                self.shutdown_deadline = time.monotonic() + self._config.drain_timeout_s
             self._acks.commit(timeout_s=self._time_left())  # what precedes the record only
             return False
         finally:
