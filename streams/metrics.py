@@ -122,6 +122,11 @@ class WorkerMetrics:
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)
 
+    def count_error(self, kind: str, exc: BaseException) -> None:
+        """The error callback of the worker's parts (scorer, lifecycle, clients): counted by
+        kind in vaewatch_errors_total; each part logs its own message."""
+        self.errors.labels(kind=kind).inc()
+
     def observe_stages(self, *, produced: float | None, **stage_ends: float) -> None:
         """A batch's way through the worker from the time.time() stamps at which each stage
         ended, in order (polled=fetch, cut=batching, scored=score, sent=publish); `produced`

@@ -60,11 +60,7 @@ def tune_interpreter(stream: StreamConfig, *, detector: Detector) -> None:
 
 def scorer_for(stream: StreamConfig, *, detector: Detector, metrics: WorkerMetrics) -> Scorer:
     """The worker's scorer (streams.scoring.build_scorer), its restarts counted as errors."""
-
-    def on_error(kind: str, exc: BaseException) -> None:
-        metrics.errors.labels(kind=kind).inc()
-
-    return build_scorer(stream, detector=detector, on_error=on_error)
+    return build_scorer(stream, detector=detector, on_error=metrics.count_error)
 
 
 def publisher_for(stream: StreamConfig, *, detector: Detector, producer: Any) -> ResultPublisher:
@@ -109,7 +105,7 @@ def serve(
         model_path=model_path,
         shadow=shadow,
         make_scorer=lambda new: scorer_for(stream, detector=new, metrics=metrics),
-        on_error=lambda kind, exc: metrics.errors.labels(kind=kind).inc(),
+        on_error=metrics.count_error,
     )
     restore_sighup = reload_on_sighup(lifecycle)
 
@@ -124,9 +120,6 @@ def serve(
         admin=lifecycle.admin if lifecycle_config.admin_reload else None,
     ).start()
 
-    def on_error(kind: str, exc: BaseException) -> None:
-        metrics.errors.labels(kind=kind).inc()
-
     backoff_s = stream.reconnect_backoff_max_ms / 1000.0
     consumer = producer = None
     worker: Worker | None = None
@@ -135,14 +128,14 @@ def serve(
             lambda: create_producer(config=stream),
             what="producer",
             should_stop=stop.is_set,
-            on_error=on_error,
+            on_error=metrics.count_error,
             max_backoff_s=backoff_s,
         )
         consumer = connect_with_backoff(
             lambda: create_consumer(config=stream),
             what="consumer",
             should_stop=stop.is_set,
-            on_error=on_error,
+            on_error=metrics.count_error,
             max_backoff_s=backoff_s,
         )
         if consumer is None or producer is None:

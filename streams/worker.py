@@ -340,7 +340,7 @@ class Worker:
         return complete
 
     def _error(self, kind: str, exc: BaseException) -> None:
-        self._metrics.errors.labels(kind=kind).inc()
+        self._metrics.count_error(kind, exc)
         logger.warning("%s error: %s", kind, exc)
 
 

@@ -174,6 +174,26 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def metric(self, series: str) -> float:
+        """The value of one series on /metrics, e.g. 'vaewatch_errors_total{kind="decode"}'."""
+        return metric_value(self.metrics_text(), series)
+
+    def scoring_child(self) -> int:
+        """The pid of the worker's scoring process (multiprocessing's spawned child)."""
+        pid = self.process.pid
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+        raise AssertionError("no scoring process")
+
+
+def metric_value(text: str, series: str) -> float:
+    """The value of one series in a Prometheus text exposition; absent is a failure."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{series} not in the metrics")
+
 
 def start_worker(
     *,

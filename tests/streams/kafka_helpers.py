@@ -7,8 +7,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from streams.codec import encode_images
 from streams.config import StreamConfig
 
 
@@ -65,6 +67,12 @@ def read_topic(
         records.extend(batch)
     consumer.close()
     return records
+
+
+def raw_images(n: int, seed: int = 0) -> list[bytes]:
+    """`n` random images as raw-codec record values."""
+    images = np.random.default_rng(seed).integers(0, 256, (n, 784), dtype=np.uint8)
+    return encode_images(images, codec="raw")
 
 
 def read_json(records: Sequence[Any]) -> list[dict]:

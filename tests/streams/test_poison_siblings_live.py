@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer, TopicPartition
 
-from tests.fixtures_broker import StreamTopics, make_topics, start_worker
+from tests.fixtures_broker import StreamTopics, make_topics, metric_value, start_worker
 from tests.streams.kafka_helpers import read_topic, wait_committed
 
 pytestmark = pytest.mark.slow
@@ -56,13 +56,6 @@ def _produce(topics: StreamTopics, records: list[dict]) -> None:
     for future in futures:
         future.get(timeout=20)
     producer.close()
-
-
-def _metric(text: str, series: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_poison_siblings_end_as_one_score_or_one_dead_letter(
@@ -135,8 +128,10 @@ def test_poison_siblings_end_as_one_score_or_one_dead_letter(
     assert 104 in alerted and not {101, 102, 107} & set(alerted)
 
     for reason, count in {"null_value": 1, "bad_id": 2, "wrong_length": 1, "unsendable": 1}.items():
-        assert _metric(text, f'vaewatch_dead_letters_total{{reason="{reason}"}}') == count, reason
-    latency_sum = _metric(text, "vaewatch_end_to_end_latency_seconds_sum")
-    latency_count = _metric(text, "vaewatch_end_to_end_latency_seconds_count")
+        assert metric_value(text, f'vaewatch_dead_letters_total{{reason="{reason}"}}') == count, (
+            reason
+        )
+    latency_sum = metric_value(text, "vaewatch_end_to_end_latency_seconds_sum")
+    latency_count = metric_value(text, "vaewatch_end_to_end_latency_seconds_count")
     assert latency_count >= n - len(expected) - 2
     assert 0 <= latency_sum <= 600 * latency_count, (latency_sum, latency_count)

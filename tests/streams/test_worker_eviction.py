@@ -24,8 +24,7 @@ import pytest
 from kafka import KafkaProducer
 
 from tests.fixtures_broker import StreamTopics, make_topics, start_worker, wait_ready
-from tests.streams.kafka_helpers import committed_offsets, read_topic
-from tests.streams.test_worker_faults import _images, _metric, _scoring_child
+from tests.streams.kafka_helpers import committed_offsets, raw_images, read_topic
 
 pytestmark = pytest.mark.slow
 
@@ -105,10 +104,10 @@ def test_an_evicted_worker_is_unready_until_it_rejoins_and_loses_nothing(
         # Ready on an empty topic: joined, stable, the scoring process has loaded the model.
         status, body = _readyz(worker.url)
         assert status == 200 and body is not None and body["ready"], (status, body)
-        frozen = _scoring_child(worker.process.pid)
+        frozen = worker.scoring_child()
         os.kill(frozen, signal.SIGSTOP)
 
-        _produce_one_batch(topics, _images(N, seed=11))
+        _produce_one_batch(topics, raw_images(N, seed=11))
         produced_at = time.time()
 
         # The loop hands two full batches to the frozen child and blocks on the first one's
@@ -123,7 +122,7 @@ def test_an_evicted_worker_is_unready_until_it_rejoins_and_loses_nothing(
         unready_at = time.time()
         assert status == 503, f"/readyz still {status} {body}; log:\n{worker.log()}"
         # The loop is still blocked (the child is frozen): the gauge reads the same state.
-        assert _metric(worker.metrics_text(), "vaewatch_ready") == 0
+        assert worker.metric("vaewatch_ready") == 0
         assert body == {
             "ready": False,
             "checks": {
@@ -149,7 +148,7 @@ def test_an_evicted_worker_is_unready_until_it_rejoins_and_loses_nothing(
         assert worker.log().count("partitions assigned") >= 2, worker.log()  # it rejoined
         # Lost, not revoked: the group gave them away, so the worker commits nothing for them.
         assert "partitions lost (evicted from the group)" in worker.log(), worker.log()
-        assert _metric(worker.metrics_text(), "vaewatch_ready") == 1
+        assert worker.metric("vaewatch_ready") == 1
 
         # Nothing lost: every input offset has a score or a dead letter, and all is committed.
         scored, lettered = _source_offsets(topics, N)

@@ -17,13 +17,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 from kafka import KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from detector import Detector
-from streams.codec import encode_images
 from streams.kafka_io import create_consumer, create_producer
 from streams.serve import build_metrics, publisher_for, scorer_for
 from streams.worker import Worker, WorkerState
@@ -31,10 +29,17 @@ from tests.fixtures_broker import (
     StreamTopics,
     WorkerProcess,
     make_topics,
+    metric_value,
     start_worker,
     wait_ready,
 )
-from tests.streams.kafka_helpers import committed_offsets, read_json, read_topic, wait_committed
+from tests.streams.kafka_helpers import (
+    committed_offsets,
+    raw_images,
+    read_json,
+    read_topic,
+    wait_committed,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -71,18 +76,6 @@ def _produce(topics: StreamTopics, values: list[bytes], headers=None) -> None:
     producer.close()
 
 
-def _images(n: int, seed: int = 0) -> list[bytes]:
-    images = np.random.default_rng(seed).integers(0, 256, (n, 784), dtype=np.uint8)
-    return encode_images(images, codec="raw")
-
-
-def _metric(text: str, series: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{series} not in the metrics")
-
-
 def _status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -104,7 +97,7 @@ def test_a_null_header_value_is_dropped_and_its_record_scored(
     n = 300
     headers = [[("trace", b"t")] for _ in range(n)]
     headers[250] = [("trace", None), ("kept", b"yes")]
-    _produce(topics, _images(n), headers)
+    _produce(topics, raw_images(n), headers)
     worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=BATCH)
     try:
         scores = read_topic(topics.config, topics.config.scores_topic, until=n)
@@ -123,7 +116,7 @@ def test_a_record_too_large_to_dead_letter_goes_there_trimmed(
 ) -> None:
     topics = make_topics(kafka_broker)
     n = 300
-    values = _images(n)
+    values = raw_images(n)
     big = bytes(range(256)) * (1100 * 1024 // 256)  # 1.1 MB: its DLQ copy exceeds 1 MiB
     values[250], values[260] = big, b"short"
     _produce(topics, values)
@@ -144,8 +137,8 @@ def test_a_record_too_large_to_dead_letter_goes_there_trimmed(
     assert int(trimmed["vaewatch.original.size"]) == len(big)
     assert b"MessageSizeTooLarge" in trimmed["vaewatch.error.detail"]
     assert 0 < len(letters[250].value) < 1024 * 1024 and big.startswith(letters[250].value)
-    assert _metric(text, 'vaewatch_dead_letters_total{reason="unsendable"}') == 1
-    assert _metric(text, 'vaewatch_dead_letters_total{reason="wrong_length"}') == 1
+    assert metric_value(text, 'vaewatch_dead_letters_total{reason="unsendable"}') == 1
+    assert metric_value(text, 'vaewatch_dead_letters_total{reason="wrong_length"}') == 1
 
 
 @pytest.mark.parametrize("policy", ["fail", "skip"])
@@ -156,7 +149,7 @@ def test_a_dead_letter_that_can_never_be_sent_ends_by_the_policy(
     # An invalid topic name: every dead-letter send fails at once (ValueError), forever.
     topics = StreamTopics(config=made.config.model_copy(update={"dlq_topic": "no such dlq!"}))
     n = 300
-    values = _images(n)
+    values = raw_images(n)
     values[150] = b"short"
     _produce(topics, values)
     worker = start_worker(
@@ -174,21 +167,14 @@ def test_a_dead_letter_that_can_never_be_sent_ends_by_the_policy(
         else:
             assert _wait_committed(topics, n) == n
             text = worker.metrics_text()
-            assert _metric(text, 'vaewatch_errors_total{kind="skipped"}') == 1
-            assert _metric(text, 'vaewatch_dead_letters_total{reason="wrong_length"}') == 0
+            assert metric_value(text, 'vaewatch_errors_total{kind="skipped"}') == 1
+            assert metric_value(text, 'vaewatch_dead_letters_total{reason="wrong_length"}') == 0
             assert worker.stop() == 0, worker.log()
     finally:
         if worker.process.poll() is None:
             worker.process.kill()
     # Bounded: one failed dead letter and one failed trimmed copy, not a loop of rewinds.
     assert worker.log().count("cannot be sent") == 1
-
-
-def _scoring_child(worker_pid: int) -> int:
-    for child in Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split():
-        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-            return int(child)
-    raise AssertionError("no scoring process")
 
 
 def _worker_with_frozen_scorer(
@@ -203,7 +189,7 @@ def _worker_with_frozen_scorer(
     while "scoring process" not in worker.log() and time.monotonic() < deadline:
         assert worker.process.poll() is None, worker.log()
         time.sleep(0.05)
-    child = _scoring_child(worker.process.pid)
+    child = worker.scoring_child()
     # Full batches wait for the child to be ready (ScoringProcess.submit), so the first full
     # batch is handed to it frozen, however the group join and the model load race.
     os.kill(child, signal.SIGSTOP)
@@ -216,7 +202,7 @@ def test_a_frozen_scoring_process_is_restarted_and_its_batch_scored_again(
 ) -> None:
     topics = make_topics(kafka_broker)
     n = 4000
-    _produce(topics, _images(n, seed=3))
+    _produce(topics, raw_images(n, seed=3))
     worker, frozen = _worker_with_frozen_scorer(
         trained_bundle, topics, tmp_path, ["--set", "stream.scoring_timeout_s=2"]
     )
@@ -229,7 +215,7 @@ def test_a_frozen_scoring_process_is_restarted_and_its_batch_scored_again(
         assert worker.stop() == 0, worker.log()
     assert {r["offset"] for r in results} == set(range(n))
     assert read_topic(topics.config, topics.config.dlq_topic, until=1, timeout_s=2) == []
-    assert _metric(text, 'vaewatch_errors_total{kind="scoring"}') >= 1
+    assert metric_value(text, 'vaewatch_errors_total{kind="scoring"}') >= 1
     assert "did not answer in 2 s" in worker.log()
 
 
@@ -238,7 +224,7 @@ def test_a_frozen_scoring_process_makes_healthz_fail_until_it_recovers(
 ) -> None:
     topics = make_topics(kafka_broker)
     n = 4000
-    _produce(topics, _images(n, seed=4))
+    _produce(topics, raw_images(n, seed=4))
     settings = ["--set", "stream.scoring_timeout_s=120", "--set", "stream.liveness_timeout_s=2"]
     worker, frozen = _worker_with_frozen_scorer(trained_bundle, topics, tmp_path, settings)
     try:
@@ -247,7 +233,7 @@ def test_a_frozen_scoring_process_makes_healthz_fail_until_it_recovers(
             time.sleep(0.2)
         assert _status(f"{worker.url}/healthz") == 503
         assert _status(f"{worker.url}/readyz") == 503
-        assert _metric(worker.metrics_text(), "vaewatch_ready") == 0
+        assert metric_value(worker.metrics_text(), "vaewatch_ready") == 0
         os.kill(frozen, signal.SIGCONT)
         assert len(read_topic(topics.config, topics.config.scores_topic, until=n)) >= n
         assert _wait_committed(topics, n) == n
@@ -272,7 +258,7 @@ def test_unacknowledged_records_stay_bounded_while_the_broker_does_not_answer(
         cpu_scoring="inline",
     )
     n = 6000
-    _produce(topics, _images(n, seed=5))
+    _produce(topics, raw_images(n, seed=5))
     config = topics.config
     detector = Detector.from_bundle(trained_bundle, device="cpu")
     metrics = build_metrics(detector=detector, registry=CollectorRegistry())
@@ -320,7 +306,7 @@ def test_a_shutdown_while_the_broker_does_not_answer_keeps_to_drain_timeout_and_
     scores what the first could not confirm."""
     topics = make_topics(kafka_broker)
     n, drain_s = 6000, 4
-    _produce(topics, _images(n, seed=7))
+    _produce(topics, raw_images(n, seed=7))
     extra = [*BATCH, "--set", f"stream.drain_timeout_s={drain_s}"]
     worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=extra)
     try:
@@ -352,7 +338,7 @@ def test_a_second_signal_cuts_the_drain_short_and_a_restart_loses_nothing(
     what was acknowledged, so a restarted worker scores every record."""
     topics = make_topics(kafka_broker)
     n = 3000
-    _produce(topics, _images(n, seed=8))
+    _produce(topics, raw_images(n, seed=8))
     extra = [*BATCH, "--set", "stream.drain_timeout_s=60"]
     worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=extra)
     try:
