@@ -191,12 +191,24 @@ class AckTracker:
         """Drop partitions this worker no longer owns: revoked (after `revoke` committed what
         it could) or lost in an eviction, where the group has given them away already and a
         commit would be refused. Their records not committed are consumed again."""
+        # kafka-python 3.0 keeps a partition's position and paused flag when an eager rebalance
+        # gives it back to the same member (Java's consumer starts it again from the committed
+        # offset). The records past the acknowledged prefix are dropped here, so the consumer
+        # goes back to that prefix: were it to go on from its position, the next commit of
+        # the partition would pass them unscored (issue 17).
+        for tp in partitions:
+            position = self.ledger.position(tp)
+            if position is not None:
+                with contextlib.suppress(ValueError):  # no longer assigned: nothing to reset
+                    self._consumer.seek(tp, position)
+        if self._paused:  # resume them all; the next tick pauses what is still held back
+            self._consumer.resume(*self._state.assigned)
+            self._paused = False
         self.ledger.revoke(partitions)
         self._outbox.keep_only(self.ledger.tracks)
         for tp in partitions:
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(tp.topic, str(tp.partition))
-        self._paused = False
 
     def _update_lag(self) -> None:
         for tp in self._state.assigned:

@@ -164,6 +164,10 @@ class WorkerModel(RuleBasedStateMachine):
 
     @rule(partition=st.sampled_from(PARTITIONS))
     def assign(self, partition: str) -> None:
+        """A partition assigned again starts at the committed offset. That holds for the real
+        worker only because it seeks a forgotten partition back to its acknowledged prefix
+        (kafka-python keeps the position of a partition an eager rebalance gives back): the
+        property test of tests/streams/test_worker_rebalance.py checks it on the real loop."""
         if partition not in self.assigned:
             self.assigned.add(partition)
             self.fetch[partition] = self.broker_committed[partition]

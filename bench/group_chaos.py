@@ -1,0 +1,95 @@
+"""A consumer group under chaos, repeated: how many runs lose records, and the duplicates per kill.
+
+    .venv/bin/python bench/group_chaos.py --runs 20                       # issue 17's run
+    .venv/bin/python bench/group_chaos.py --runs 5 --mode rolling         # SIGTERM restarts
+    .venv/bin/python bench/group_chaos.py --runs 3 --kill-every 15 --records 200000 --rate 1000
+
+Each run: three `vaewatch worker` processes (MLP bundle B of bench/worker_throughput.py,
+batch-framed scores, scoring in a child process) share a 6-partition input topic on a fresh
+embedded broker; real Fashion-MNIST test images are produced at --rate; every --kill-every
+seconds a ready member is SIGKILLed and restarted at once (tests/streams/group_chaos.py does
+the run and the accounting). The table gives per run: lost records, duplicates (and those no
+kill explains), kills, assignments, the longest any record waited for its score, and the
+maximum lag. It exits non-zero when any run lost a record or produced an unexplained duplicate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from worker_throughput import fashion_images, make_bundle  # noqa: E402
+
+from streams.broker import EmbeddedBroker  # noqa: E402
+from tests.streams.group_chaos import run_chaos  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--mode", choices=["kill", "rolling"], default="kill")
+    parser.add_argument("--records", type=int, default=30_000)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--kill-every", type=float, default=5.0)
+    parser.add_argument("--kills", type=int, default=6)
+    parser.add_argument("--scoring", choices=["process", "inline"], default="process")
+    args = parser.parse_args()
+
+    images = fashion_images()
+    worker_args = [
+        "--set",
+        'stream.scores_format="batch"',
+        "--set",
+        f'stream.cpu_scoring="{args.scoring}"',
+    ]
+    print(
+        f"{args.runs} runs, mode {args.mode}: {args.records} records at {args.rate:.0f} rec/s, "
+        f"3 workers, 6 partitions, a {'kill' if args.mode == 'kill' else 'SIGTERM restart'} "
+        f"every {args.kill_every:.0f} s, scoring {args.scoring}"
+    )
+    print("| run | lost | duplicates (unexplained) | per kill | kills | assignments "
+          "| longest wait s | max lag | s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    failed = 0
+    with tempfile.TemporaryDirectory() as scratch:
+        bundle = make_bundle("mlp", Path(scratch) / "bundle", images)
+        for run in range(1, args.runs + 1):
+            logs = Path(scratch) / f"run{run}"
+            logs.mkdir()
+            with EmbeddedBroker(log_path=logs / "broker.log") as broker:
+                report = run_chaos(
+                    broker=broker,
+                    model=bundle,
+                    log_dir=logs,
+                    images=images,
+                    mode=args.mode,
+                    records=args.records,
+                    rate=args.rate,
+                    kill_every_s=args.kill_every,
+                    kills=args.kills,
+                    worker_args=worker_args,
+                    seed=run,
+                )
+            failed += not report.passed
+            print(
+                f"| {run} | {len(report.lost)} | {report.duplicates} "
+                f"({len(report.unexplained_duplicates)}) | {report.duplicates_per_kill} "
+                f"| {report.kills} | {report.rebalances} | {report.longest_wait_s:.1f} "
+                f"| {report.max_lag} | {report.seconds:.0f} |",
+                flush=True,
+            )
+            if report.lost:
+                print(f"    lost (partition, offset): {report.lost[:12]}", flush=True)
+    print(
+        f"{args.runs - failed} of {args.runs} runs passed (nothing lost, no unexplained duplicate)"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
