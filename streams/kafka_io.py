@@ -112,10 +112,11 @@ def ensure_topics(
     config: StreamConfig,
     topics: Sequence[str],
     partitions: int = 1,
+    configs: dict[str, str] | None = None,
     timeout_s: float = 10.0,
 ) -> None:
-    """Create topics that do not exist yet (for the embedded broker, the demo and tests;
-    production topics are created by their owners)."""
+    """Create topics that do not exist yet, with the topic-level `configs` (for the local
+    brokers, the demo and tests; production topics are created by their owners)."""
     options = {**_common_options(config), "request_timeout_ms": int(timeout_s * 1000)}
     admin = KafkaAdminClient(**options)
     try:
@@ -125,7 +126,12 @@ def ensure_topics(
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(
                     [
-                        NewTopic(name=t, num_partitions=partitions, replication_factor=1)
+                        NewTopic(
+                            name=t,
+                            num_partitions=partitions,
+                            replication_factor=1,
+                            topic_configs=dict(configs or {}),
+                        )
                         for t in wanted
                     ]
                 )

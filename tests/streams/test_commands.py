@@ -52,11 +52,14 @@ def test_produce_replays_labelled_images_with_headers(kafka_broker, fashion_mnis
         assert json.loads(record.value)["id"] == headers["id"].decode() == f"test-{i}"
 
 
-def test_demo_runs_end_to_end_and_stops_cleanly(trained_bundle) -> None:
+@pytest.mark.parametrize("engine", ["tansu", "kafka"])
+def test_demo_runs_end_to_end_and_stops_cleanly(trained_bundle, engine: str) -> None:
     done = _vaewatch(
         "--set",
         "detector.device=cpu",
         "demo",
+        "--engine",
+        engine,
         "--model",
         str(trained_bundle),
         "--count",

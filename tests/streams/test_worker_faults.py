@@ -34,6 +34,7 @@ from tests.fixtures_broker import (
     wait_ready,
 )
 from tests.streams.kafka_helpers import (
+    LENIENT_INPUT_TOPIC,
     committed_offsets,
     raw_images,
     read_json,
@@ -114,7 +115,7 @@ def test_a_null_header_value_is_dropped_and_its_record_scored(
 def test_a_record_too_large_to_dead_letter_goes_there_trimmed(
     kafka_broker, trained_bundle, tmp_path
 ) -> None:
-    topics = make_topics(kafka_broker)
+    topics = make_topics(kafka_broker, input_configs=LENIENT_INPUT_TOPIC)
     n = 300
     values = raw_images(n)
     big = bytes(range(256)) * (1100 * 1024 // 256)  # 1.1 MB: its DLQ copy exceeds 1 MiB
