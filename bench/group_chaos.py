@@ -2,15 +2,17 @@
 
     .venv/bin/python bench/group_chaos.py --runs 20                       # issue 17's run
     .venv/bin/python bench/group_chaos.py --runs 5 --mode rolling         # SIGTERM restarts
-    .venv/bin/python bench/group_chaos.py --runs 3 --kill-every 15 --records 200000 --rate 1000
+    .venv/bin/python bench/group_chaos.py --runs 3 --engine kafka --kill-every 15 --kills 12 \
+        --records 200000 --rate 1000                                      # >= 3 minutes each
 
 Each run: three `vaewatch worker` processes (MLP bundle B of bench/worker_throughput.py,
 batch-framed scores, scoring in a child process) share a 6-partition input topic on a fresh
-embedded broker; real Fashion-MNIST test images are produced at --rate; every --kill-every
-seconds a ready member is SIGKILLed and restarted at once (tests/streams/group_chaos.py does
-the run and the accounting). The table gives per run: lost records, duplicates (and those no
-kill explains), kills, assignments, the longest any record waited for its score, and the
-maximum lag. It exits non-zero when any run lost a record or produced an unexplained duplicate.
+broker (--engine: the embedded Tansu, or Apache Kafka); real Fashion-MNIST test images are
+produced at --rate; every --kill-every seconds a ready member is SIGKILLed and restarted at
+once (tests/streams/group_chaos.py does the run and the accounting). The table gives per run:
+lost records, duplicates (and those no kill explains), kills, assignments, the longest any
+record waited for its score, and the maximum lag. It exits non-zero when any run lost a record
+or produced an unexplained duplicate.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from worker_throughput import fashion_images, make_bundle  # noqa: E402
 
-from streams.broker import EmbeddedBroker  # noqa: E402
+from streams.broker import ENGINES, create_broker  # noqa: E402
 from tests.streams.group_chaos import run_chaos  # noqa: E402
 
 
@@ -38,6 +40,7 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=5.0)
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--scoring", choices=["process", "inline"], default="process")
+    parser.add_argument("--engine", choices=ENGINES, default="tansu", help="the broker")
     args = parser.parse_args()
 
     images = fashion_images()
@@ -50,7 +53,7 @@ def main() -> int:
     print(
         f"{args.runs} runs, mode {args.mode}: {args.records} records at {args.rate:.0f} rec/s, "
         f"3 workers, 6 partitions, a {'kill' if args.mode == 'kill' else 'SIGTERM restart'} "
-        f"every {args.kill_every:.0f} s, scoring {args.scoring}"
+        f"every {args.kill_every:.0f} s, scoring {args.scoring}, broker {args.engine}"
     )
     print("| run | lost | duplicates (unexplained) | per kill | kills | assignments "
           "| longest wait s | max lag | s |")  # fmt: skip
@@ -61,7 +64,7 @@ def main() -> int:
         for run in range(1, args.runs + 1):
             logs = Path(scratch) / f"run{run}"
             logs.mkdir()
-            with EmbeddedBroker(log_path=logs / "broker.log") as broker:
+            with create_broker(args.engine, log_path=logs / "broker.log") as broker:
                 report = run_chaos(
                     broker=broker,
                     model=bundle,

@@ -5,6 +5,13 @@
     .venv/bin/python bench/worker_latency.py --rate 5000 --duration 30 --relay    # baseline
     .venv/bin/python bench/worker_latency.py --rate 2000 --duration 60 --scores-format batch
     .venv/bin/python bench/worker_latency.py --rate 5000 --tree /tmp/base   # another checkout
+    .venv/bin/python bench/worker_latency.py --rate 5000 --duration 30 --engine both --repeats 2
+
+--engine picks the broker (bench/brokers.py): the embedded Tansu (default), a real Apache Kafka,
+or both alternating in one invocation, each run on a fresh broker; with more than one run a
+side-by-side table (medians, ratio kafka / tansu) follows the runs' results. The worker, the
+relay and the subscriber use stream.fetch_max_wait_ms 10 ms on Tansu and 500 ms on Kafka unless
+--set stream.fetch_max_wait_ms=... says otherwise.
 
 --tree runs the worker from another checkout of vaewatch (its cwd and PYTHONPATH), so that two
 versions are measured by the same script. The worker's per-stage timings
@@ -18,8 +25,8 @@ RSS of the worker and of its scoring process is sampled from /proc every 5 s.
 
 --relay replaces the worker by the baseline: a bare kafka-python consumer that re-produces every
 10th record at once as an alert (no batching wait, no decoding, no scoring, no commits), with
-the worker's producer settings. Its latency is the floor of two Kafka hops through the embedded
-broker with everything on this machine; what the worker adds is the difference.
+the worker's producer settings. Its latency is the floor of two Kafka hops through the broker
+with everything on this machine; what the worker adds is the difference.
 """
 
 from __future__ import annotations
@@ -40,9 +47,17 @@ import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from brokers import (
+    FETCH_MAX_WAIT_MS,
+    add_engine_options,
+    process_cpu_s,
+    run_order,
+    side_by_side,
+    started_broker,
+)
 from worker_throughput import fashion_images, make_bundle
 
-from streams.broker import EmbeddedBroker, free_port
+from streams.broker import free_port
 from streams.config import StreamConfig
 from streams.kafka_io import create_producer, ensure_topics
 from streams.replay import plan_replay, replay
@@ -62,12 +77,6 @@ def machine_busy() -> tuple[float, float]:
     return sum(fields) - idle, sum(fields)
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
@@ -77,23 +86,29 @@ def tree_rss_mib(pid: int) -> float:
     return rss_mib(pid) + sum(rss_mib(child) for child in children(pid))
 
 
-def partition_reader(bootstrap: str, topic: str, *, start: str) -> KafkaConsumer:
+def partition_reader(
+    bootstrap: str, topic: str, *, start: str, fetch_wait_ms: int
+) -> KafkaConsumer:
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         auto_offset_reset=start,
         enable_auto_commit=False,
-        # the worker's default: Tansu holds an empty fetch for up to half of it
-        fetch_max_wait_ms=StreamConfig().fetch_max_wait_ms,
+        # the worker's: Tansu holds an empty fetch for up to half of it, Kafka until data comes
+        fetch_max_wait_ms=fetch_wait_ms,
     )
     consumer.assign([TopicPartition(topic, 0)])
     return consumer
 
 
-def read_alerts(bootstrap: str, ready: mp.Event, stop: mp.Event, out: mp.Queue) -> None:
+def read_alerts(
+    bootstrap: str, fetch_wait_ms: int, ready: mp.Event, stop: mp.Event, out: mp.Queue
+) -> None:
     """The subscriber: (arrival, latency s, record -> scored_at s) per alert. The split shows
     whether the time is spent before scoring (fetch, batching) or after (publish, the
     subscriber's own fetch)."""
-    consumer = partition_reader(bootstrap, "lat.alerts", start="earliest")
+    consumer = partition_reader(
+        bootstrap, "lat.alerts", start="earliest", fetch_wait_ms=fetch_wait_ms
+    )
     latencies: list[tuple[float, float, float]] = []
     ready.set()
     while not stop.is_set():
@@ -107,9 +122,11 @@ def read_alerts(bootstrap: str, ready: mp.Event, stop: mp.Event, out: mp.Queue) 
     out.put(latencies)
 
 
-def relay_records(bootstrap: str, ready: mp.Event, stop: mp.Event) -> None:
+def relay_records(bootstrap: str, fetch_wait_ms: int, ready: mp.Event, stop: mp.Event) -> None:
     """The --relay baseline (see the module docstring)."""
-    consumer = partition_reader(bootstrap, "lat.images", start="latest")
+    consumer = partition_reader(
+        bootstrap, "lat.images", start="latest", fetch_wait_ms=fetch_wait_ms
+    )
     consumer.poll(timeout_ms=100)  # resolves the position before the load starts
     producer = create_producer(config=StreamConfig(bootstrap_servers=bootstrap))
     ready.set()
@@ -168,34 +185,35 @@ def wait_ready(url: str, timeout_s: float = 60) -> None:
     raise TimeoutError("worker not ready")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rate", type=float, default=5000)
-    parser.add_argument("--duration", type=float, default=30)
-    parser.add_argument("--warmup", type=float, default=5, help="seconds not counted")
-    parser.add_argument("--model-kind", default="mlp", choices=["mlp", "conv"])
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--relay", action="store_true", help="the baseline instead of a worker")
-    parser.add_argument("--tree", type=Path, default=None, help="run the worker from this checkout")
-    parser.add_argument(
-        "--model", type=Path, default=None, help="a bundle (default: an untrained one, made here)"
+def fetch_wait_for(engine: str, overrides: list[str]) -> int:
+    """stream.fetch_max_wait_ms for the engine, unless a --set gives it."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("stream.fetch_max_wait_ms=")]
+    return int(given[-1]) if given else FETCH_MAX_WAIT_MS[engine]
+
+
+def worker_log_for(args: argparse.Namespace, engine: str, number: int, runs: int) -> Path | None:
+    """--worker-log, or with several runs one file per run beside it (W.kafka.2.log)."""
+    if args.worker_log is None or runs == 1:
+        return args.worker_log
+    return args.worker_log.with_name(
+        f"{args.worker_log.stem}.{engine}.{number}{args.worker_log.suffix}"
     )
-    parser.add_argument(
-        "--worker-log",
-        type=Path,
-        default=None,
-        help="write the worker's INFO log here and count its rebalances (partitions assigned)",
-    )
-    parser.add_argument(
-        "--scores-format",
-        default="",
-        choices=["", "record", "batch"],
-        help="also write scores (to lat.scores) in this format; default: alerts only",
-    )
-    args = parser.parse_args()
-    images = fashion_images()
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
-        bundle = args.model or make_bundle(args.model_kind, Path(tmp) / "bundle", images)
+
+
+def measure(
+    args: argparse.Namespace,
+    engine: str,
+    bundle: Path,
+    images: np.ndarray,
+    *,
+    label: str,
+    worker_log: Path | None,
+) -> dict[str, Any]:
+    """One run on a fresh broker of `engine`: its result."""
+    fetch_wait_ms = fetch_wait_for(engine, args.overrides)
+    detail = f", stream.fetch_max_wait_ms {fetch_wait_ms}"
+    with started_broker(engine, label=label, detail=detail) as broker:
+        description = broker.description
         config = StreamConfig(
             bootstrap_servers=broker.bootstrap_servers,
             input_topic="lat.images",
@@ -212,6 +230,7 @@ def main() -> None:
             "stream.dlq_topic=lat.dlq",
             "stream.group_id=lat",
             "stream.max_batch_delay_ms=10",
+            f"stream.fetch_max_wait_ms={fetch_wait_ms}",
             "metrics.host=127.0.0.1",
             f"metrics.port={port}",
             "detector.device=cpu",
@@ -225,20 +244,21 @@ def main() -> None:
         command = [sys.executable, "-m", "vaewatch.cli"]
         for item in sets:
             command += ["--set", item]
-        level = "INFO" if args.worker_log else "WARNING"
+        level = "INFO" if worker_log else "WARNING"
         command += ["--log-level", level, "worker", "--model", str(bundle)]
         ctx = mp.get_context("spawn")
         relay_ready, relay_stop = ctx.Event(), ctx.Event()
         if args.relay:
             worker: Any = ctx.Process(
-                target=relay_records, args=(broker.bootstrap_servers, relay_ready, relay_stop)
+                target=relay_records,
+                args=(broker.bootstrap_servers, fetch_wait_ms, relay_ready, relay_stop),
             )
             worker.start()
         else:
             env = dict(os.environ)
             if args.tree is not None:
                 env["PYTHONPATH"] = str(args.tree.resolve())
-            log = open(args.worker_log, "wb") if args.worker_log else None  # noqa: SIM115
+            log = open(worker_log, "wb") if worker_log else None  # noqa: SIM115
             worker = subprocess.Popen(
                 command, cwd=args.tree or None, env=env, stdout=log, stderr=log
             )
@@ -250,7 +270,7 @@ def main() -> None:
             subscriber_ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
             reader = ctx.Process(
                 target=read_alerts,
-                args=(broker.bootstrap_servers, subscriber_ready, stop, results),
+                args=(broker.bootstrap_servers, fetch_wait_ms, subscriber_ready, stop, results),
             )
             reader.start()
             subscriber_ready.wait(60)
@@ -270,14 +290,18 @@ def main() -> None:
             # starving the worker on 2 cores. The record timestamp is taken at send(), so the
             # linger is counted in the latency (conservative).
             producer = create_producer(config=config.model_copy(update={"linger_ms": 5}))
+            measured = "relay" if args.relay else "worker"
             processes = {
                 "generator (this process)": os.getpid(),
                 "broker": broker.pid,
-                "worker": worker.pid,
-                **{f"worker's child {pid}": pid for pid in children(worker.pid)},
+                measured: worker.pid,
+                **{
+                    f"{measured}'s child {number}": pid
+                    for number, pid in enumerate(children(worker.pid), 1)
+                },
                 "subscriber": reader.pid,
             }
-            cpu_before = {name: cpu_s(pid) for name, pid in processes.items()}
+            cpu_before = {name: process_cpu_s(pid) for name, pid in processes.items()}
             started = time.time()
             busy_before = machine_busy()
             replay(
@@ -292,7 +316,7 @@ def main() -> None:
             produced_s = time.time() - started
             busy_after = machine_busy()
             cpu_used = {
-                name: round((cpu_s(pid) - cpu_before[name]) / produced_s, 3)
+                name: round((process_cpu_s(pid) - cpu_before[name]) / produced_s, 3)
                 for name, pid in processes.items()
             }
             time.sleep(2)
@@ -314,7 +338,9 @@ def main() -> None:
     counted = np.array([lat for lat, _ in kept])
     to_scored = np.array([to_score for _, to_score in kept])
     rss_after_warmup = [m for at, m in rss if at >= started + args.warmup]
-    result = {
+    return {
+        "broker": description,
+        "fetch_max_wait_ms": fetch_wait_ms,
         "rate_target_per_s": args.rate,
         "rate_produced_per_s": round(count / produced_s),
         "duration_s": args.duration,
@@ -340,6 +366,7 @@ def main() -> None:
         "machine_cpu_busy": round(
             (busy_after[0] - busy_before[0]) / (busy_after[1] - busy_before[1]), 3
         ),
+        # CPU seconds per second of producing; the broker is the Tansu process or Kafka's JVM
         "cores_used_by": cpu_used,
         "worker_exit_code": code,
         "overrides": args.overrides,
@@ -349,13 +376,61 @@ def main() -> None:
         # included): bucket upper bounds that hold the 50th / 99th percentile and the maximum
         "stage_seconds": stages,
         "group_assignments": (
-            args.worker_log.read_text(errors="replace").count("partitions assigned")
-            if args.worker_log
+            worker_log.read_text(errors="replace").count("partitions assigned")
+            if worker_log
             else None
         ),
         "measured": "relay baseline" if args.relay else "vaewatch worker",
     }
-    print(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rate", type=float, default=5000)
+    parser.add_argument("--duration", type=float, default=30)
+    parser.add_argument("--warmup", type=float, default=5, help="seconds not counted")
+    parser.add_argument("--model-kind", default="mlp", choices=["mlp", "conv"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--relay", action="store_true", help="the baseline instead of a worker")
+    parser.add_argument("--tree", type=Path, default=None, help="run the worker from this checkout")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="a bundle (default: an untrained one, made here)"
+    )
+    parser.add_argument(
+        "--worker-log",
+        type=Path,
+        default=None,
+        help="write the worker's INFO log here and count its rebalances (partitions assigned); "
+        "with several runs, one file per run beside it (W.tansu.1.log, W.kafka.2.log, ...)",
+    )
+    parser.add_argument(
+        "--scores-format",
+        default="",
+        choices=["", "record", "batch"],
+        help="also write scores (to lat.scores) in this format; default: alerts only",
+    )
+    add_engine_options(parser)
+    args = parser.parse_args()
+    images = fashion_images()
+    order = run_order(args.engine, args.repeats)
+    runs: list[tuple[str, dict[str, Any]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.model or make_bundle(args.model_kind, Path(tmp) / "bundle", images)
+        for number, engine in enumerate(order, 1):
+            label = f"run {number}/{len(order)}, {engine}: " if len(order) > 1 else ""
+            worker_log = worker_log_for(args, engine, number, len(order))
+            result = measure(args, engine, bundle, images, label=label, worker_log=worker_log)
+            print(json.dumps(result, indent=2), flush=True)
+            runs.append((engine, result))
+    if len(runs) > 1:
+        what = "relay baseline" if args.relay else "vaewatch worker"
+        print(
+            f"\n{what} at {args.rate:,.0f} rec/s for {args.duration:g} s, runs in the order "
+            f"{', '.join(order)}:\n"
+        )
+        print(side_by_side(runs))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@ decode, score, produce scores and alerts, wait for acks, commit), against a plai
 consume of the same topic measured in the same run on the same broker.
 
     .venv/bin/python bench/worker_throughput.py --model-kind mlp [--records 50000] [--profile]
+    .venv/bin/python bench/worker_throughput.py --engine both --repeats 3 --no-scores-topic
+
+--engine picks the broker (bench/brokers.py): the embedded Tansu (default), a real Apache Kafka,
+or both alternating in one invocation, each run on a fresh broker; with more than one run a
+side-by-side table (medians, ratio kafka / tansu) follows the runs' summaries.
 
 Without --model, the bench builds an untrained VAE of the given kind with a calibration from real
 Fashion-MNIST images: the scoring cost depends on the architecture, not on the weights.
@@ -15,7 +20,6 @@ import argparse
 import cProfile
 import io
 import json
-import os
 import pstats
 import sys
 import tempfile
@@ -25,11 +29,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from brokers import (
+    FETCH_MAX_WAIT_MS,
+    add_engine_options,
+    broker_cpu_s,
+    process_cpu_s,
+    run_order,
+    side_by_side,
+    started_broker,
+)
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from detector import VAE, Calibration, Detector, ModelConfig, save_bundle
-from streams.broker import EmbeddedBroker
+from streams.broker import Broker
 from streams.codec import encode_images
 from streams.config import StreamConfig
 from streams.kafka_io import create_consumer, create_producer, ensure_topics
@@ -116,14 +129,8 @@ def time_stages(worker: Worker) -> dict[str, float]:
     return totals
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads) so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def worker_drain(
-    config: StreamConfig, detector: Detector, n: int, profile: bool, broker_pid: int
+    config: StreamConfig, detector: Detector, n: int, profile: bool, broker: Broker
 ) -> dict:
     registry = CollectorRegistry()
     metrics = build_metrics(detector=detector, registry=registry)
@@ -154,7 +161,7 @@ def worker_drain(
             marks["first"] = time.perf_counter()
             marks["cpu_first"] = time.process_time()
             marks["child_cpu_first"] = child_cpu_s()
-            marks["broker_cpu_first"] = process_cpu_s(broker_pid)
+            marks["broker_cpu_first"] = broker_cpu_s(broker)
             marks["first_size"] = size
             for key in stage_s:  # the group join before the first batch is not a stage cost
                 stage_s[key] = 0.0
@@ -189,7 +196,7 @@ def worker_drain(
     marks["acked"] = time.perf_counter()
     marks["cpu_acked"] = time.process_time()
     marks["child_cpu_acked"] = child_cpu_s()
-    marks["broker_cpu_acked"] = process_cpu_s(broker_pid)
+    marks["broker_cpu_acked"] = broker_cpu_s(broker)
     stop.set()
     thread.join()
     worker._consumer.close()
@@ -226,8 +233,79 @@ def worker_drain(
     return result
 
 
+def drain_run(
+    args: argparse.Namespace, engine: str, detector: Detector, images: np.ndarray, label: str
+) -> dict:
+    """One measurement on a fresh broker of `engine`: its summary."""
+    fetch_wait_ms = args.fetch_max_wait_ms
+    if fetch_wait_ms is None:
+        fetch_wait_ms = FETCH_MAX_WAIT_MS[engine]
+    detail = f", stream.fetch_max_wait_ms {fetch_wait_ms}"
+    with started_broker(engine, label=label, detail=detail) as broker:
+        config = StreamConfig(
+            bootstrap_servers=broker.bootstrap_servers,
+            input_topic="bench.images",
+            alert_topic="bench.alerts",
+            scores_topic="" if args.no_scores_topic else "bench.scores",
+            dlq_topic="bench.dlq",
+            group_id="bench",
+            max_batch_size=args.batch,
+            cpu_scoring=args.cpu_scoring,
+            cpu_threads=args.torch_threads,
+            scores_format=args.scores_format,
+            fetch_max_wait_ms=fetch_wait_ms,
+        )
+        tune_interpreter(config, detector=detector)  # as the worker does (threads, GIL)
+        if args.switch_interval:
+            sys.setswitchinterval(args.switch_interval)
+        ensure_topics(
+            config=config,
+            topics=["bench.images", "bench.alerts", "bench.scores", "bench.dlq"],
+        )
+        fill_topic(broker.bootstrap_servers, "bench.images", images, args.records)
+        batch = np.resize(images, (args.records, 784))
+        started = time.perf_counter()
+        for i in range(0, args.records, args.batch):
+            detector.score(batch[i : i + args.batch])
+        scoring_alone = args.records / (time.perf_counter() - started)
+        baseline = plain_consume(broker.bootstrap_servers, "bench.images", args.records, 1024)
+        result = worker_drain(config, detector, args.records, args.profile, broker)
+        baseline_after = plain_consume(broker.bootstrap_servers, "bench.images", args.records, 1024)
+        description = broker.description
+    plain = (baseline + baseline_after) / 2
+    summary = {
+        "broker": description,
+        "fetch_max_wait_ms": fetch_wait_ms,
+        "model": str(args.model or f"untrained {args.model_kind}"),
+        "device": str(detector.device),
+        "torch_threads": torch.get_num_threads(),
+        "records": args.records,
+        "max_batch_size": args.batch,
+        "scores_topic": not args.no_scores_topic,
+        "scores_format": args.scores_format,
+        "cpu_scoring": args.cpu_scoring,
+        "switch_interval_s": sys.getswitchinterval(),
+        "plain_consume_per_s": round(plain),
+        "scoring_alone_per_s": round(scoring_alone),
+        "worker_scored_per_s": round(result["scored_per_s"]),
+        "worker_acked_per_s": round(result["acked_per_s"]),
+        "ratio_to_plain_consume": round(result["acked_per_s"] / plain, 3),
+        "scorer_busy_share": round(result["inference_s"] / result["wall_s"], 3),
+        "batches": int(result["batches"]),
+        "scoring_s": round(result["inference_s"], 3),
+        "worker_wall_s": round(result["wall_s"], 3),
+        "stages_s": result["stages_s"],
+        "cpu_s": result["cpu_s"],
+    }
+    if "profile" in result:
+        summary["profile"] = result["profile"]
+    return summary
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, default=None, help="a bundle (default: untrained)")
     parser.add_argument("--model-kind", default="mlp", choices=["mlp", "conv"])
     parser.add_argument("--records", type=int, default=50000)
@@ -252,66 +330,32 @@ def main() -> None:
         default=None,
         help="sys.setswitchinterval (s); default: what the worker sets (streams.serve)",
     )
+    parser.add_argument(
+        "--fetch-max-wait-ms",
+        type=int,
+        default=None,
+        help="stream.fetch_max_wait_ms on every engine (default: per engine, see --engine)",
+    )
+    add_engine_options(parser)
     parser.add_argument("--profile", action="store_true", help="cProfile the worker thread")
     args = parser.parse_args()
     images = fashion_images()
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+    order = run_order(args.engine, args.repeats)
+    runs: list[tuple[str, dict]] = []
+    with tempfile.TemporaryDirectory() as tmp:
         bundle = args.model or make_bundle(args.model_kind, Path(tmp) / "bundle", images)
         detector = Detector.from_bundle(bundle, device="auto")
-        config = StreamConfig(
-            bootstrap_servers=broker.bootstrap_servers,
-            input_topic="bench.images",
-            alert_topic="bench.alerts",
-            scores_topic="" if args.no_scores_topic else "bench.scores",
-            dlq_topic="bench.dlq",
-            group_id="bench",
-            max_batch_size=args.batch,
-            cpu_scoring=args.cpu_scoring,
-            cpu_threads=args.torch_threads,
-            scores_format=args.scores_format,
-        )
-        tune_interpreter(config, detector=detector)  # as the worker does (threads, GIL)
-        if args.switch_interval:
-            sys.setswitchinterval(args.switch_interval)
-        ensure_topics(
-            config=config,
-            topics=["bench.images", "bench.alerts", "bench.scores", "bench.dlq"],
-        )
-        fill_topic(broker.bootstrap_servers, "bench.images", images, args.records)
-        batch = np.resize(images, (args.records, 784))
-        started = time.perf_counter()
-        for i in range(0, args.records, args.batch):
-            detector.score(batch[i : i + args.batch])
-        scoring_alone = args.records / (time.perf_counter() - started)
-        baseline = plain_consume(broker.bootstrap_servers, "bench.images", args.records, 1024)
-        result = worker_drain(config, detector, args.records, args.profile, broker.pid or 0)
-        baseline_after = plain_consume(broker.bootstrap_servers, "bench.images", args.records, 1024)
-    plain = (baseline + baseline_after) / 2
-    summary = {
-        "model": str(args.model or f"untrained {args.model_kind}"),
-        "device": str(detector.device),
-        "torch_threads": torch.get_num_threads(),
-        "records": args.records,
-        "max_batch_size": args.batch,
-        "scores_topic": not args.no_scores_topic,
-        "scores_format": args.scores_format,
-        "cpu_scoring": args.cpu_scoring,
-        "switch_interval_s": sys.getswitchinterval(),
-        "plain_consume_per_s": round(plain),
-        "scoring_alone_per_s": round(scoring_alone),
-        "worker_scored_per_s": round(result["scored_per_s"]),
-        "worker_acked_per_s": round(result["acked_per_s"]),
-        "ratio_to_plain_consume": round(result["acked_per_s"] / plain, 3),
-        "scorer_busy_share": round(result["inference_s"] / result["wall_s"], 3),
-        "batches": int(result["batches"]),
-        "scoring_s": round(result["inference_s"], 3),
-        "worker_wall_s": round(result["wall_s"], 3),
-        "stages_s": result["stages_s"],
-        "cpu_s": result["cpu_s"],
-    }
-    print(json.dumps(summary, indent=2))
-    if "profile" in result:
-        print(result["profile"])
+        for number, engine in enumerate(order, 1):
+            label = f"run {number}/{len(order)}, {engine}: " if len(order) > 1 else ""
+            summary = drain_run(args, engine, detector, images, label)
+            profile = summary.pop("profile", None)
+            print(json.dumps(summary, indent=2), flush=True)
+            if profile:
+                print(profile, flush=True)
+            runs.append((engine, summary))
+    if len(runs) > 1:
+        print(f"\nbacklog drain, {args.records:,} records, runs in the order {', '.join(order)}:\n")
+        print(side_by_side(runs))
 
 
 if __name__ == "__main__":
