@@ -10,9 +10,10 @@ import math
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from detector.config import IMAGE_PIXELS, IMAGE_SIDE
+from detector.png import PngError, png_pixels
 from serve.errors import InputError
 
 # A perceptual ramp from black through red to pale yellow (inferno-like), 256 entries, built
@@ -45,21 +46,11 @@ def check_count(n: int, limit: int) -> None:
 
 
 def decode_png(data: bytes, *, name: str) -> np.ndarray:
-    """A 28x28 PNG (any mode, converted to grey as `vaewatch score` does) -> 784 uint8."""
+    """A 28x28 PNG (any 8- or 16-bit mode, decoded as `vaewatch score` does) -> 784 uint8."""
     try:
-        with Image.open(io.BytesIO(data)) as picture:
-            if picture.format != "PNG":
-                raise _bad("not_png", f"{name}: a {picture.format} image, not a PNG")
-            if picture.size != (IMAGE_SIDE, IMAGE_SIDE):
-                width, height = picture.size
-                raise _bad(
-                    "wrong_size", f"{name}: image is {width}x{height}, expected 28x28 pixels"
-                )
-            return np.array(picture.convert("L"), dtype=np.uint8).reshape(IMAGE_PIXELS)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise _bad("not_an_image", f"{name}: not a readable PNG image") from None
+        return png_pixels(data)
+    except PngError as exc:
+        raise _bad(exc.code, f"{name}: {exc}") from None
 
 
 def decode_base64(text: str, *, name: str) -> np.ndarray:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from detector.config import IMAGE_PIXELS, IMAGE_SIDE
+from detector.png import PngError, png_pixels
 from trainer.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -296,44 +297,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-# Pillow's modes of 16-bit grayscale PNGs. PNG's own rule for a smaller sample depth is
-# v8 = round(v16 * 255 / 65535); Pillow's convert("L") clips at 255 instead, which turns
-# almost every pixel white.
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
-
-
-def _gray_pixels(picture: Any, file: Path) -> np.ndarray:
-    """784 uint8 gray values of a 28x28 picture of any 8- or 16-bit mode."""
-    if picture.mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(picture, dtype=np.uint32)
-        return ((wide * 255 + 32767) // 65535).astype(np.uint8).ravel()
-    if picture.mode in ("I", "F"):
-        raise DataError(
-            f"{file}: {picture.mode!r} pixels (32-bit) have no agreed 0..255 scale; save it as an "
-            "8-bit or 16-bit grayscale PNG"
-        )
-    return np.asarray(picture.convert("L"), dtype=np.uint8).ravel()
-
-
 def _read_png_folder(folder: Path) -> ImageSet:
-    from PIL import Image, UnidentifiedImageError  # only this input form needs Pillow
-
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and p.is_file())
     if not files:
         raise DataError(f"{folder}: no .png files in this folder")
     images = np.empty((len(files), IMAGE_PIXELS), dtype=np.uint8)
     for i, file in enumerate(files):
         try:
-            with Image.open(file) as picture:
-                if picture.size != (IMAGE_SIDE, IMAGE_SIDE):
-                    raise DataError(
-                        f"{file}: image is {picture.size[0]}x{picture.size[1]}, not 28x28"
-                    )
-                images[i] = _gray_pixels(picture, file)
-        except Image.DecompressionBombError as exc:  # refused before decoding anything
-            raise DataError(f"{file}: not 28x28 ({_first_line(exc)})") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise DataError(f"{file}: not a readable PNG ({_first_line(exc)})") from None
+            images[i] = png_pixels(file)
+        except PngError as exc:
+            raise DataError(f"{file}: {exc}") from None
     return ImageSet(images, None, [f.name for f in files])
 
 

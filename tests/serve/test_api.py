@@ -74,6 +74,36 @@ def test_scores_equal_vaewatch_score_for_png_json_and_base64(
     assert any(flagged) and not all(flagged), "real data should give both verdicts"
 
 
+def _png16(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image.reshape(28, 28).astype(np.uint16) * 257).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_16_bit_png_scores_the_same_over_http_as_with_vaewatch_score(
+    service_url: str, trained_bundle: Path, test_images: np.ndarray, tmp_path: Path
+) -> None:
+    """One decoder (detector/png.py): HTTP once clipped 16-bit samples at 255 (nearly white)
+    while `vaewatch score` scaled them, so the same file got two scores."""
+    images = test_images[:6]
+    files = [(f"img{i:03d}.png", _png16(image)) for i, image in enumerate(images)]
+    folder = tmp_path / "pngs16"
+    folder.mkdir()
+    for name, data in files:
+        (folder / name).write_bytes(data)
+    from vaewatch.cli import main as vaewatch
+
+    out = tmp_path / "scores16.csv"
+    argv = ["--set", "detector.device=cpu", "score", "--model", str(trained_bundle)]
+    assert vaewatch([*argv, str(folder), "--out", str(out)]) == 0
+    from_cli = [float(row["score"]) for row in csv.DictReader(out.open())]
+    answer = post_files(service_url, "/v1/score", files)
+    assert answer.status == 200, answer.body
+    over_http = [row["score"] for row in answer.json()["results"]]
+    as_8_bit = post_json(service_url, "/v1/score", {"images": images.tolist()}).json()
+    assert over_http == from_cli == [row["score"] for row in as_8_bit["results"]]
+
+
 def test_explain_maps_have_the_image_shape_and_sum_to_the_reconstruction_term(
     service_url: str, trained_bundle: Path, test_images: np.ndarray
 ) -> None:

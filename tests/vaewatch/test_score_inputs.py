@@ -135,7 +135,7 @@ def _write(tmp_path: Path, case: str) -> Path:
         ("truncated-images-idx3-ubyte.gz", "cannot read IDX file"),
         ("corrupt-images-idx3-ubyte.gz", "IDX"),  # the header or the data fails to inflate
         ("bomb", "not 28x28"),
-        ("float-png", "32-bit"),
+        ("float-png", "TIFF image, not a PNG"),
         ("truncated-png", "not a readable PNG"),
     ],
 )
