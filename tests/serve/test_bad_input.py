@@ -4,6 +4,7 @@ of concurrent requests gets 503s with Retry-After, not a crash or unbounded memo
 from __future__ import annotations
 
 import base64
+import io
 import json
 import resource
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.serve.conftest import LIMITS
 from tests.serve.http_helpers import Answer, get, multipart, png, post_json, request
@@ -22,6 +24,19 @@ BLANK = [0] * 784
 
 def _json(payload: object) -> tuple[bytes, str]:
     return json.dumps(payload).encode(), "application/json"
+
+
+def _bomb() -> bytes:
+    """A PNG whose header claims 400 million pixels: Pillow refuses to decode it."""
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _tiff() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.float32)).save(buffer, format="TIFF")
+    return buffer.getvalue()
 
 
 def _files(*files: tuple[str, bytes]) -> tuple[bytes, str]:
@@ -34,6 +49,8 @@ CASES = {
     "a JPEG, not a PNG": ("/v1/score", None, 400, "not_png"),
     "wrong size PNG": ("/v1/score", _files(("big.png", png(np.zeros(32 * 32), size=32))), 400,
                        "wrong_size"),
+    "decompression bomb": ("/v1/score", _files(("bomb.png", _bomb())), 400, "wrong_size"),
+    "a float TIFF named .png": ("/v1/score", _files(("f.png", _tiff())), 400, "not_png"),
     "wrong number of pixels": ("/v1/score", _json({"images": [[0] * 783]}), 400, "wrong_size"),
     "too many images": ("/v1/score", _json({"images": [BLANK] * 65}), 413, "too_many_images"),
     "too many files": ("/v1/explain", _files(*[(f"{i}.png", png(np.zeros(784))) for i in
