@@ -10,6 +10,17 @@ one fix: inputs stay in [0, 1] (ToTensor only), because BCE rejects the article'
 
 Prints images/s per epoch of each and the ratio of medians (target: >= 3x). The first batch size
 is the seed's (128), the like-for-like comparison; others show vaewatch with larger batches.
+
+With --whole it times whole processes instead (issue 21): the seed's loop for --epochs epochs as a
+fresh Python process (its start-up, torchvision dataset and DataLoader included; the IDX files
+are decompressed for torchvision beforehand, as the article's download is), then `vaewatch train`
+as a fresh process (same model, likelihood, batch 128 and Adam settings, all ten classes,
+--epochs epochs without early stopping, the default latent mixture, fused score, conformal
+calibration, bundle and report, to a temporary folder), one after the other, --rounds times.
+Prints each one's wall seconds, the ratio, and vaewatch's phases from its "train phases" log
+line (start-up = the rest: interpreter, imports, settings):
+
+    .venv/bin/python bench/train_throughput.py --whole [--epochs 5] [--threads 2] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -17,8 +28,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import logging
+import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,10 +43,9 @@ from torch import nn, optim
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from detector.config import ModelConfig
-from trainer.config import DataConfig, TrainConfig
-from trainer.data import DEBIAN_FASHION_MNIST, load_images
-from trainer.fit import fit_vae
+# vaewatch's modules are imported where used, so that the --whole seed process imports what the
+# seed's script does (torch, torchvision) and no more.
+REPO = Path(__file__).resolve().parent.parent
 
 
 class SeedVAE(nn.Module):
@@ -72,6 +85,8 @@ def seed_loss(recon_x, x, mu, logvar):
 
 def torchvision_root(folder: Path) -> Path:
     """torchvision wants uncompressed IDX files under ROOT/FashionMNIST/raw."""
+    from trainer.data import DEBIAN_FASHION_MNIST
+
     raw = folder / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
@@ -99,18 +114,110 @@ def seed_epoch(model, optimizer, loader, device) -> float:
     return seen / (time.perf_counter() - started)
 
 
+def seed_process(root: Path, epochs: int, device: torch.device) -> None:
+    """The seed's script as one process: dataset, loader, model, `epochs` epochs."""
+    dataset = datasets.FashionMNIST(
+        str(root), train=True, transform=transforms.ToTensor(), download=False
+    )
+    loader = DataLoader(dataset=dataset, batch_size=128, shuffle=True)
+    model = SeedVAE().to(device)
+    optimizer = optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        seed_epoch(model, optimizer, loader, device)
+
+
+# `vaewatch train` configured as the seed's model and optimiser, on all ten classes.
+WHOLE_SETTINGS = [
+    "data.normal_classes=[0,1,2,3,4,5,6,7,8,9]",
+    "data.download=false",
+    "model.kind=mlp",
+    "model.mlp_hidden=[400,400]",
+    "model.latent_dim=20",
+    "model.likelihood=bernoulli",
+    "train.batch_size=128",
+    "train.lr=0.001",
+    "train.weight_decay=0",
+    "train.early_stopping_patience=0",
+    "train.progress=false",
+]
+_PHASES = re.compile(r"train phases \(s\): (.*)$", re.MULTILINE)
+
+
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """Wall seconds of a whole process, and its stderr."""
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"{command[:4]} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return seconds, done.stderr
+
+
+def whole(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    if args.threads:  # both processes: torch's and OpenMP's threads
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    temp = Path(tempfile.mkdtemp())
+    root = torchvision_root(temp / "seed")
+    here = [sys.executable, __file__, "--epochs", str(args.epochs), "--device", args.device]
+    seed_command = [*here, "--seed-process", str(root)]
+    if args.threads:
+        seed_command += ["--threads", str(args.threads)]
+    settings = [*WHOLE_SETTINGS, f"train.epochs={args.epochs}", f"train.device={args.device}"]
+    ours_command = [sys.executable, "-m", "vaewatch.cli", "--log-level", "INFO"]
+    for setting in settings:
+        ours_command += ["--set", setting]
+    seed_seconds, ours_seconds = [], []
+    for round_ in range(1, args.rounds + 1):
+        seconds, _ = timed(seed_command, env)
+        seed_seconds.append(seconds)
+        seconds, log = timed([*ours_command, "train", "--out", str(temp / f"b{round_}")], env)
+        ours_seconds.append(seconds)
+        found = _PHASES.search(log)
+        phases = dict(part.rsplit(" ", 1) for part in found.group(1).split(", ")) if found else {}
+        phases = {name: float(value) for name, value in phases.items()}
+        rest = seconds - sum(phases.values())
+        breakdown = ", ".join(f"{name} {value:.1f}" for name, value in phases.items())
+        print(
+            f"round {round_}: seed loop {seed_seconds[-1]:.1f} s, vaewatch train {seconds:.1f} s "
+            f"({seed_seconds[-1] / seconds:.2f}x); vaewatch phases (s): {breakdown}, "
+            f"start-up and the rest {rest:.1f}",
+            flush=True,
+        )
+    shutil.rmtree(temp)
+    seed, ours = statistics.median(seed_seconds), statistics.median(ours_seconds)
+    print(
+        f"\nwhole processes, {args.epochs} epochs, device {args.device}, threads "
+        f"{args.threads or 'default'}, median of {args.rounds}: seed loop {seed:.1f} s, "
+        f"vaewatch train {ours:.1f} s, ratio {seed / ours:.2f}x"
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--whole", action="store_true", help="whole processes side by side")
+    parser.add_argument("--rounds", type=int, default=1, help="with --whole: repetitions")
+    parser.add_argument("--seed-process", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
+    if args.seed_process:
+        seed_process(args.seed_process, args.epochs, device)
+        return 0
+    if args.whole:
+        return whole(args)
+    from detector.config import ModelConfig
+    from trainer.config import DataConfig, TrainConfig
+    from trainer.data import load_images
+    from trainer.fit import fit_vae
 
     temp = Path(tempfile.mkdtemp())
     dataset = datasets.FashionMNIST(

@@ -55,6 +55,9 @@ class FitResult:
     history: list[EpochRecord] = field(default_factory=list)
     best_epoch: int = 0
     stopped_early: bool = False
+    # Wall seconds of "epochs" (optimisation and validation passes) and "score statistics"
+    # (trainer.latent); train_bundle adds its own phases and logs them all.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def score_images(
@@ -160,6 +163,7 @@ def fit_vae(
         device,
         ", bf16 autocast" if use_amp else "",
     )
+    epochs_started = time.perf_counter()
     for epoch in range(1, train.epochs + 1):
         model.train()
         order = torch.randperm(n, generator=shuffle).to(device)
@@ -203,10 +207,13 @@ def fit_vae(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    statistics_started = time.perf_counter()
+    result.phase_seconds["epochs"] = statistics_started - epochs_started
     try:
         fit_score_statistics(model, train_images, device=device, seed=train.seed)
     except ValueError as exc:  # e.g. too few images for the latent mixture
         raise TrainingError(f"{exc} (lower model.latent_components)") from None
+    result.phase_seconds["score statistics"] = time.perf_counter() - statistics_started
     return result
 
 
@@ -251,13 +258,18 @@ def train_bundle(
     calibration: CalibrationConfig,
     out: Path,
 ) -> Bundle:
-    """Load data, fit, calibrate on validation scores, and write bundle + report into `out`."""
-    from trainer.report import write_training_report  # matplotlib only when a bundle is written
+    """Load data, fit, calibrate on validation scores, and write bundle + report into `out`.
 
+    Logs the wall seconds of each phase at the end (bench/train_throughput.py --whole reads it).
+    """
     out = Path(out)
+    clock = time.perf_counter()
     images = load_images(data, split="train")
     split = split_normal(images, data, seed=train.seed)
+    phases = {"data": time.perf_counter() - clock}
     fitted = fit_vae(split.train, split.val, model_config=model, train=train)
+    phases.update(fitted.phase_seconds)
+    clock = time.perf_counter()
     device = resolve_device(train.device)
     fitted.model.to(device)
     val_scores = score_images(fitted.model, split.val, device=device)
@@ -284,12 +296,21 @@ def train_bundle(
         "python": platform.python_version(),
     }
     fitted.model.cpu()
+    phases["calibration"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     bundle = save_bundle(out, model=fitted.model, calibration=calib, metadata=metadata)
+    phases["bundle"] = time.perf_counter() - clock
     log.info(
         "bundle %s written to %s: threshold %.2f (%s, target FPR %.3g, n=%d)",
         bundle.version, out, calib.threshold, calib.method, calib.target_fpr, calib.n,
     )  # fmt: skip
+    clock = time.perf_counter()
+    from trainer.report import write_training_report  # matplotlib only when a report is drawn
+
     write_training_report(
         out, model=fitted.model, calibration=calib, val_images=split.val, history=history
     )
+    phases["report"] = time.perf_counter() - clock
+    breakdown = ", ".join(f"{name} {seconds:.2f}" for name, seconds in phases.items())
+    log.info("train phases (s): %s", breakdown)
     return bundle

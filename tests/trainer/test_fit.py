@@ -4,6 +4,7 @@ real Fashion-MNIST (the `trained_bundle` fixture): AUROC well above chance, FPR 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,8 @@ def test_history_and_best_epoch_weights(tiny_data) -> None:
     result = fit_vae(*tiny_data, model_config=TINY, train=_train(epochs=6, lr=0.02))
     assert [r.epoch for r in result.history] == list(range(1, 7))
     assert all(r.seconds > 0 and r.images_per_s > 0 for r in result.history)
+    assert set(result.phase_seconds) == {"epochs", "score statistics"}
+    assert result.phase_seconds["epochs"] >= sum(r.seconds for r in result.history)
     best = min(result.history, key=lambda r: r.val_loss)
     assert result.best_epoch == best.epoch
     val_scores = score_images(
@@ -115,7 +118,8 @@ def test_bundle_holds_history_and_report(trained_bundle: Path) -> None:
     assert history[0]["epoch"] == 1 and "val_loss" in history[0]
 
 
-def test_f1_calibration(tmp_path: Path, fashion_mnist) -> None:
+def test_f1_calibration(tmp_path: Path, fashion_mnist, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="trainer.fit")
     train = fashion_mnist.train
     pick = np.r_[np.flatnonzero(train.labels == 1)[:600], np.flatnonzero(train.labels == 3)[:200]]
     np.savez(tmp_path / "d.npz", x=train.images[pick], y=train.labels[pick])
@@ -128,6 +132,10 @@ def test_f1_calibration(tmp_path: Path, fashion_mnist) -> None:
     )
     assert bundle.calibration.method == "f1"
     assert bundle.calibration.n == 120
+    # The phases' wall seconds, for bench/train_throughput.py --whole.
+    (phases,) = [r.getMessage() for r in caplog.records if "train phases" in r.getMessage()]
+    for name in ("data", "epochs", "score statistics", "calibration", "bundle", "report"):
+        assert f"{name} " in phases
 
 
 def test_too_few_images_for_the_latent_mixture_is_a_one_line_training_error(tiny_data) -> None:

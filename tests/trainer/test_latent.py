@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+import trainer.latent
 from detector import Detector, load_bundle
 from detector.config import ModelConfig
 from trainer.config import DataConfig, TrainConfig
 from trainer.data import load_images, split_normal
 from trainer.fit import fit_vae, score_images
-from trainer.latent import fit_gaussian_mixture, latent_means, score_terms
+from trainer.latent import fit_gaussian_mixture, fit_sample, latent_means, score_terms
 
 
 def test_one_component_is_the_sample_mean_and_covariance() -> None:
@@ -38,6 +39,84 @@ def test_em_recovers_two_separated_clusters() -> None:
 def test_too_few_points_for_the_mixture_is_an_error() -> None:
     with pytest.raises(ValueError, match="too few"):
         fit_gaussian_mixture(np.zeros((10, 4)), 2, seed=0)
+
+
+def _mean_log_likelihood(points: np.ndarray, fit: tuple) -> float:
+    means, trils, weights = fit
+    reference = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(probs=torch.as_tensor(weights)),
+        torch.distributions.MultivariateNormal(
+            torch.as_tensor(means), scale_tril=torch.as_tensor(trils)
+        ),
+    )
+    return float(reference.log_prob(torch.as_tensor(points)).mean())
+
+
+def test_em_stops_at_convergence_with_the_likelihood_of_the_full_run(
+    fashion_mnist, monkeypatch
+) -> None:
+    """Real, clustered points (class 7's images on their first 4 principal axes): EM with the
+    tolerance stops well before the iteration cap, and its log-likelihood (checked against
+    torch.distributions) is within a hundredth of a nat of EM run to the cap."""
+    images = fashion_mnist.train.images[fashion_mnist.train.labels == 7][:3000] / 255.0
+    centred = images - images.mean(0)
+    points = centred @ np.linalg.svd(centred, full_matrices=False)[2][:4].T
+    iterations = []
+
+    def counted(fit_tolerance: float) -> tuple:
+        calls = 0
+        original = trainer.latent._log_gaussians
+
+        def counting(*args):
+            nonlocal calls
+            calls += 1
+            return original(*args)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(trainer.latent, "_EM_TOLERANCE", fit_tolerance)
+            patch.setattr(trainer.latent, "_log_gaussians", counting)
+            fit = fit_gaussian_mixture(points, 4, seed=0)
+        iterations.append(calls)
+        return fit
+
+    early = counted(trainer.latent._EM_TOLERANCE)
+    full = counted(-np.inf)  # never converged: every iteration up to the cap
+    assert iterations[1] == trainer.latent._EM_MAX_ITERATIONS
+    assert iterations[0] < iterations[1] / 2
+    assert _mean_log_likelihood(points, early) == pytest.approx(
+        _mean_log_likelihood(points, full), abs=0.01
+    )
+
+
+def test_fit_sample_is_a_seeded_subset_above_the_limit() -> None:
+    images = np.arange(1000 * 3).reshape(1000, 3)
+    assert fit_sample(images, seed=0, limit=1000) is images
+    picked = fit_sample(images, seed=0, limit=300)
+    assert picked.shape == (300, 3)
+    rows = [tuple(row) for row in images.tolist()]
+    indices = [rows.index(tuple(row)) for row in picked.tolist()]
+    assert indices == sorted(set(indices))  # distinct images, in their original order
+    np.testing.assert_array_equal(fit_sample(images, seed=0, limit=300), picked)
+    assert not np.array_equal(fit_sample(images, seed=1, limit=300), picked)
+
+
+def test_score_statistics_are_fitted_on_the_subset_above_the_limit(
+    fashion_mnist, monkeypatch
+) -> None:
+    normal = fashion_mnist.train.images[fashion_mnist.train.labels == 1]
+    train_images, val_images = normal[:600], normal[600:700]
+    monkeypatch.setattr(trainer.latent, "_FIT_IMAGES", 400)
+    config = ModelConfig(kind="mlp", mlp_hidden=(32,), latent_dim=4, latent_components=2)
+    train = TrainConfig(epochs=1, batch_size=50, progress=False, device="cpu")
+    model = fit_vae(train_images, val_images, model_config=config, train=train).model
+    subset = fit_sample(train_images, seed=train.seed, limit=400)
+    mu = latent_means(model, subset, device=torch.device("cpu"))
+    refit = fit_gaussian_mixture(mu, 2, seed=train.seed)
+    np.testing.assert_allclose(model.latent.means.numpy(), refit[0], rtol=1e-5, atol=1e-5)
+    terms = score_terms(model, subset, device=torch.device("cpu"))
+    np.testing.assert_allclose(
+        model.score_normalisation.numpy(), np.stack([terms.mean(0), terms.std(0)], 1), rtol=1e-4
+    )
 
 
 def test_fit_normalises_on_the_training_images(fashion_mnist) -> None:
