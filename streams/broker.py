@@ -109,7 +109,42 @@ def broker_binary() -> str:
         raise BrokerError(f"no Tansu broker binary: {exc}") from None
 
 
-class EmbeddedBroker:
+class BrokerProcess:
+    """What both engines' brokers share: one process listening on host:port, whose pid the
+    benchmarks read CPU time from (for Apache Kafka, the JVM itself). Subclasses set `host`,
+    `port` and `_process` and give start() and stop()."""
+
+    host: str
+    port: int
+    _process: subprocess.Popen[bytes] | None
+
+    def start(self, *, timeout_s: float) -> BrokerProcess:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def __enter__(self) -> BrokerProcess:
+        return self.start() if not self.running else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EmbeddedBroker(BrokerProcess):
     """One Tansu broker process listening on host:port. Use as a context manager or call
     start() and stop(). `port=0` picks a free port."""
 
@@ -123,19 +158,6 @@ class EmbeddedBroker:
     @property
     def description(self) -> str:
         return "embedded broker (Tansu, in memory)"
-
-    @property
-    def bootstrap_servers(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """The broker process's id while it runs (benchmarks read its CPU time)."""
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def start(self, *, timeout_s: float = 10.0) -> EmbeddedBroker:
         if port_accepts(self.host, self.port):
@@ -189,9 +211,3 @@ class EmbeddedBroker:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-
-    def __enter__(self) -> EmbeddedBroker:
-        return self.start() if not self.running else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -24,7 +24,7 @@ from pathlib import Path
 from subprocess import DEVNULL
 from typing import IO
 
-from streams.broker import BrokerError, free_port, port_in_use
+from streams.broker import BrokerError, BrokerProcess, free_port, port_in_use
 from streams.kafka_files import (
     last_error,
     log4j_properties,
@@ -65,7 +65,7 @@ def _die_with_parent() -> None:
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
-class KafkaBroker:
+class KafkaBroker(BrokerProcess):
     """One Apache Kafka JVM listening on host:port (`port=0`: a free one). Use as a context
     manager or call start() and stop(). `kafka_home` or KAFKA_HOME points at an unpacked
     release; otherwise the pinned jars are fetched into the user's cache on first use."""
@@ -103,19 +103,6 @@ class KafkaBroker:
     def work_dir(self) -> Path | None:
         """The folder of its configuration and data (and log) while it runs."""
         return self._work_dir
-
-    @property
-    def bootstrap_servers(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """The JVM's process id while it runs."""
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def start(self, *, timeout_s: float = 90.0) -> KafkaBroker:
         """Format the log dir and start the JVM; return once it answers Kafka requests.
@@ -303,12 +290,6 @@ class KafkaBroker:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-
-    def __enter__(self) -> KafkaBroker:
-        return self.start() if not self.running else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _kill_group(pid: int) -> None:
