@@ -36,6 +36,7 @@ def test_a_group_under_kills_and_rolling_restarts_loses_nothing(
     )
     print(report.summary())
     assert not report.lost, f"{report.summary()}; lost {report.lost[:20]}"
+    assert not report.unfinished, f"{report.summary()}; not reached {report.unfinished[:20]}"
     assert not report.unexplained_duplicates, report.summary()
     assert all(code == 0 for code in report.exit_codes), report.exit_codes
     if mode == "kill":
