@@ -26,7 +26,11 @@ class WorkerState:
     liveness_timeout_s: float = 120.0
     has_work: bool = False
     loop_running: bool = False  # set by Worker.run; not before it (connecting) nor after it
-    progress_at: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic  # tests give their own
+    progress_at: float = field(init=False)  # the clock's time of the last progress
+
+    def __post_init__(self) -> None:
+        self.progress_at = self.clock()
 
     def readiness(self) -> tuple[bool, dict[str, bool]]:
         checks = {
@@ -40,9 +44,9 @@ class WorkerState:
     def liveness(self) -> tuple[bool, dict[str, float]]:
         """Alive unless no progress for liveness_timeout_s with work in hand or a running loop."""
         judged = self.has_work or self.loop_running
-        stalled_s = time.monotonic() - self.progress_at if judged else 0.0
+        stalled_s = self.clock() - self.progress_at if judged else 0.0
         return stalled_s <= self.liveness_timeout_s, {"stalled_s": round(stalled_s, 1)}
 
     def progressed(self, *, has_work: bool) -> None:
         self.has_work = has_work
-        self.progress_at = time.monotonic()
+        self.progress_at = self.clock()

@@ -141,19 +141,30 @@ def test_healthz_answers_503_with_details_when_the_liveness_probe_says_stalled()
         server.stop()
 
 
-def test_worker_state_is_unhealthy_only_when_stalled_with_work_and_unready_when_evicted() -> None:
-    import time
+class _Clock:
+    """An injected clock: the liveness rules are about time passing, not about how fast this
+    machine runs the test."""
 
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_worker_state_is_unhealthy_only_when_stalled_with_work_and_unready_when_evicted() -> None:
     from streams.worker import WorkerState
 
-    state = WorkerState(model_loaded=lambda: True, liveness_timeout_s=0.05)
+    clock = _Clock()
+    state = WorkerState(model_loaded=lambda: True, liveness_timeout_s=5.0, clock=clock)
     state.broker_connected = state.group_joined = True
     state.progressed(has_work=False)
-    time.sleep(0.1)
+    clock.now += 10
     assert state.liveness()[0] and state.readiness()[0]  # idle is not stalled
     state.progressed(has_work=True)
+    clock.now += 4.9
     assert state.liveness()[0]
-    time.sleep(0.1)
+    clock.now += 0.2
     assert not state.liveness()[0]
     assert state.readiness()[1]["making_progress"] is False
     state.progressed(has_work=True)
@@ -176,19 +187,19 @@ def test_a_running_loop_that_stops_turning_is_unhealthy_even_without_work() -> N
     """Stuck inside a call (a poll that never returns) with nothing in hand: an idle loop
     counts each turn as progress, so the missing turns show; before the loop starts
     (connecting to the broker) nothing is judged."""
-    import time
-
     from streams.worker import WorkerState
 
-    state = WorkerState(model_loaded=lambda: True, liveness_timeout_s=0.05)
-    time.sleep(0.1)
+    clock = _Clock()
+    state = WorkerState(model_loaded=lambda: True, liveness_timeout_s=5.0, clock=clock)
+    clock.now += 10
     assert state.liveness()[0]  # not started yet
     state.loop_running = True
     state.progressed(has_work=False)  # a turn of the idle loop
+    clock.now += 4.9
     assert state.liveness()[0]
-    time.sleep(0.1)  # no more turns
+    clock.now += 0.2  # no more turns
     alive, details = state.liveness()
-    assert not alive and details["stalled_s"] >= 0.1
+    assert not alive and details["stalled_s"] == 5.1
     state.loop_running = False  # the loop ended (draining, stopped)
     assert state.liveness()[0]
 
