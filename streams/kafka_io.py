@@ -116,7 +116,10 @@ def ensure_topics(
     timeout_s: float = 10.0,
 ) -> None:
     """Create topics that do not exist yet, with the topic-level `configs` (for the local
-    brokers, the demo and tests; production topics are created by their owners)."""
+    brokers, the demo and tests; production topics are created by their owners), and return
+    once the broker's metadata names a leader for each of their partitions: a consumer that
+    joins its group before that is assigned nothing (Apache Kafka answers CreateTopics before
+    its metadata cache has the topic)."""
     options = {**_common_options(config), "request_timeout_ms": int(timeout_s * 1000)}
     admin = KafkaAdminClient(**options)
     try:
@@ -135,8 +138,29 @@ def ensure_topics(
                         for t in wanted
                     ]
                 )
+            _wait_for_leaders(admin, wanted, timeout_s=timeout_s)
     finally:
         admin.close()
+
+
+def _wait_for_leaders(admin: KafkaAdminClient, topics: list[str], *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        waiting = [
+            t["name"]
+            for t in admin.describe_topics(topics)
+            if t["error_code"]
+            or not t["partitions"]
+            or any(p["error_code"] or p["leader_id"] < 0 for p in t["partitions"])
+        ]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"topics {', '.join(waiting)} have no partition leader {timeout_s:g} s after "
+                "they were created"
+            )
+        time.sleep(0.05)
 
 
 def unreadable_record(consumer: KafkaConsumer) -> ConsumerRecord | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
@@ -71,14 +72,19 @@ def _serve(
     images = np.frombuffer(inputs, dtype=np.uint8).reshape(_SLOTS, capacity, IMAGE_PIXELS)
     scores = np.frombuffer(outputs, dtype=np.float32).reshape(_SLOTS, capacity)
     device = torch.device("cpu")
-    conn.send("ready")
+    try:
+        conn.send("ready")
+    except OSError:  # closed by the worker while the model loaded
+        os._exit(0)
     while True:
         try:
             request = conn.recv()
         except (EOFError, OSError):  # the worker closed the pipe or died
-            return
+            request = None
         if request is None:
-            return
+            # Nothing to flush or save: skip the interpreter's teardown of torch, which takes
+            # seconds on a loaded machine and would count against the worker's shutdown.
+            os._exit(0)
         slot, n = request
         started = time.perf_counter()
         try:
@@ -201,8 +207,9 @@ class ScoringProcess:
             elif (message := conn.recv()) != "ready":
                 start.error = f"sent {message!r} instead of ready"
         except (EOFError, OSError):
-            process.join(1.0)
-            start.error = f"exited at start (exit code {process.exitcode})"
+            # No join here: two threads reaping one child race (one gets ECHILD and the
+            # Process object then reads as alive); wait_ready() adds the exit code.
+            start.error = "exited at start"
         start.done.set()
         if start.error is None:
             logger.info("scoring process %s ready", process.pid)
@@ -222,7 +229,10 @@ class ScoringProcess:
         start = self._start
         start.done.wait()
         if start.error is not None:
-            raise ScoringProcessError(f"scoring process {start.error}")
+            self._process.join(1.0)
+            raise ScoringProcessError(
+                f"scoring process {start.error} (exit code {self._process.exitcode})"
+            )
 
     def submit(self, images: np.ndarray) -> PendingProcessScores:
         images = as_image_batch(images)
@@ -316,7 +326,7 @@ class ScoringProcess:
             self._process.join(timeout_s)
             if self._process.is_alive():
                 self._process.kill()
-                self._process.join(timeout_s)
+                self._process.join()  # SIGKILL cannot be refused: this returns
 
     def close(self) -> None:
         self._stop(timeout_s=10.0)

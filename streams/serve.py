@@ -178,6 +178,13 @@ def serve(
             producer=producer,
             deadline=deadline or time.monotonic() + stream.drain_timeout_s,
         )
+        if deadline is not None:
+            took = time.monotonic() - (deadline - stream.drain_timeout_s)
+            logger.info(
+                "shutdown: drained and closed the clients in %.2f s (drain_timeout_s %g)",
+                took,
+                stream.drain_timeout_s,
+            )
         (worker.scorer if worker is not None else scorer).close()
         server.stop()
         logger.info("worker stopped")

@@ -114,6 +114,7 @@ class Worker:
             drop_buffered=self._drop_buffered,
             time_left=self._time_left,
         )
+        self._await_input_metadata()
         self._consumer.subscribe([self._config.input_topic], listener=listener)
         self._state.progressed(has_work=False)
         self._state.loop_running = True
@@ -139,6 +140,23 @@ class Worker:
             return False
         finally:
             self._state.loop_running = False
+
+    def _await_input_metadata(self) -> None:
+        """Fetch the input topic's partitions before joining the group: kafka-python's leader
+        assigns from the metadata it holds at the join, and when a topic created a moment ago
+        is missing there, it can keep an empty assignment until the metadata next changes."""
+        topic = self._config.input_topic
+        try:
+            partitions = self._consumer.partitions_for_topic(topic)
+        except KafkaError as exc:
+            self._error("broker", exc)
+            partitions = None
+        if not partitions:
+            logger.warning(
+                "input topic %s has no partitions in the broker's metadata (not created yet?); "
+                "they are assigned once it exists",
+                topic,
+            )
 
     def _use(self, scorer: Scorer, publisher: ResultPublisher) -> None:
         """Score the next batches with `scorer`, once every batch the previous one holds has

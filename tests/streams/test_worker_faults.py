@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -327,7 +328,12 @@ def test_a_shutdown_while_the_broker_does_not_answer_keeps_to_drain_timeout_and_
             worker.process.kill()
     log = worker.log()
     assert code == 1, log[-3000:]
-    assert took <= drain_s + 4, (took, log[-3000:])
+    # The shutdown proper (acks, commit, leaving the group, closing the clients) as the worker
+    # timed it; the wall clock adds the process's own exit, slow on a loaded machine but bounded.
+    drained = re.search(r"closed the clients in ([0-9.]+) s", log)
+    assert drained is not None, log[-3000:]
+    assert float(drained.group(1)) <= drain_s + 0.5, log[-3000:]
+    assert took <= drain_s + 10, (took, log[-3000:])
     assert "Traceback" not in log, log[-3000:]
     committed = committed_offsets(topics.config)[0] or 0
     assert committed < n
@@ -372,7 +378,8 @@ def _a_second_worker_scores_every_record(
     """What a stopped worker did not commit is consumed again: every offset gets its score."""
     second = start_worker(model=bundle, topics=topics, log_dir=tmp_path, extra_args=BATCH)
     try:
-        assert _wait_committed(topics, n, timeout_s=90) == n
+        committed = _wait_committed(topics, n, timeout_s=90)
+        assert committed == n, (committed, second.log()[-6000:])
     finally:
         assert second.stop() == 0, second.log()
     scores = read_json(read_topic(topics.config, topics.config.scores_topic, until=n))
