@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# The Apache Kafka jars (streams/kafka_dist/pom.xml) fetched once with Maven into
+# The Apache Kafka jars (streams/brokers/kafka_dist/pom.xml) fetched once with Maven into
 # ~/.cache/vaewatch/kafka-VERSION, so that no test pays for it inside its timeout: about 10 s
 # (55 MB) from an empty ~/.m2 on a fast link; 3 s, mostly the command's imports, once cached.
 # Not fatal: only the Kafka engine and its tests need the jars.

@@ -5,8 +5,8 @@
 For each engine, on a fresh broker (bench/brokers.py), one topic of one partition:
 
 1. Kafka's producer perf tool (org.apache.kafka.tools.ProducerPerformance, from the jars cached
-   for the Kafka broker, streams/kafka_jars.py) writes N records of 784 bytes (the size of one
-   raw Fashion-MNIST image), acks=all, no throttle: the rate it reports.
+   for the Kafka broker, streams/brokers/kafka_jars.py) writes N records of 784 bytes (the size
+   of one raw Fashion-MNIST image), acks=all, no throttle: the rate it reports.
 2. Kafka's consumer perf tool (ConsumerPerformance) reads the N records in a consumer group: its
    fetch rate, which leaves out the group join.
 3. kafka-python, the client the worker uses: a bare KafkaConsumer assigned the partition (no
@@ -36,11 +36,11 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.record import util as record_util
 
-from streams.broker import Broker, BrokerError
+from streams.brokers.kafka_files import last_error, log4j_properties
+from streams.brokers.kafka_jars import KafkaJars, find_jars, find_java
+from streams.brokers.local import Broker, BrokerError
 from streams.config import StreamConfig
-from streams.kafka_files import last_error, log4j_properties
 from streams.kafka_io import ensure_topics
-from streams.kafka_jars import KafkaJars, find_jars, find_java
 
 TOPIC = "floor.records"
 RECORD_SIZE = 784

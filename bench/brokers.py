@@ -1,7 +1,7 @@
 """The broker a benchmark runs against (--engine) and the side-by-side table of its runs.
 
     --engine tansu   the embedded Tansu, in memory (the default)
-    --engine kafka   a real Apache Kafka (KRaft, one JVM; streams/kafka_broker.py)
+    --engine kafka   a real Apache Kafka (KRaft, one JVM; streams/brokers/apache_kafka.py)
     --engine both    both in the same invocation, alternating: tansu, kafka, tansu, kafka, ...
 
 Every run gets a fresh broker, stopped at its end, so that no run measures what an earlier one
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from streams.broker import ENGINES, Broker, create_broker
+from streams.brokers.local import ENGINES, Broker, create_broker
 from streams.config import StreamConfig
 
 ENGINE_CHOICES = (*ENGINES, "both")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from worker_throughput import fashion_images, make_bundle  # noqa: E402
 
-from streams.broker import ENGINES, create_broker  # noqa: E402
+from streams.brokers.local import ENGINES, create_broker  # noqa: E402
 from tests.streams.group_chaos import run_chaos  # noqa: E402
 
 

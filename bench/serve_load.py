@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from worker_throughput import fashion_images, make_bundle
 
 from detector import Detector
-from streams.broker import free_port
+from streams.brokers.local import free_port
 
 
 def detector_rates(bundle: Path, images: np.ndarray, *, batch: int) -> tuple[float, float]:

@@ -57,7 +57,7 @@ from brokers import (
 )
 from worker_throughput import fashion_images, make_bundle
 
-from streams.broker import free_port
+from streams.brokers.local import free_port
 from streams.config import StreamConfig
 from streams.kafka_io import create_producer, ensure_topics
 from streams.replay import plan_replay, replay

@@ -36,7 +36,7 @@ from worker_latency import partition_reader, wait_ready
 from worker_throughput import fashion_images, make_bundle
 
 from detector import Calibration, Detector, load_bundle, save_bundle
-from streams.broker import EmbeddedBroker, free_port
+from streams.brokers.local import EmbeddedBroker, free_port
 from streams.config import StreamConfig
 from streams.kafka_io import create_producer, ensure_topics
 from streams.replay import plan_replay, replay

@@ -42,12 +42,12 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from detector import VAE, Calibration, Detector, ModelConfig, save_bundle
-from streams.broker import Broker
+from streams.brokers.local import Broker
 from streams.codec import encode_images
 from streams.config import StreamConfig
 from streams.kafka_io import create_consumer, create_producer, ensure_topics
-from streams.serve import build_metrics, publisher_for, scorer_for, tune_interpreter
-from streams.worker import Worker, WorkerState
+from streams.worker.loop import Worker, WorkerState
+from streams.worker_process import build_metrics, publisher_for, scorer_for, tune_interpreter
 
 FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
@@ -328,7 +328,7 @@ def main() -> None:
         "--switch-interval",
         type=float,
         default=None,
-        help="sys.setswitchinterval (s); default: what the worker sets (streams.serve)",
+        help="sys.setswitchinterval (s); default: what the worker sets (streams.worker_process)",
     )
     parser.add_argument(
         "--fetch-max-wait-ms",

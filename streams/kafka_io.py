@@ -14,9 +14,7 @@ from typing import Any, Literal
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, TopicAlreadyExistsError
-from kafka.structs import TopicPartition
 
 from streams.config import StreamConfig
 
@@ -161,18 +159,3 @@ def _wait_for_leaders(admin: KafkaAdminClient, topics: list[str], *, timeout_s: 
                 "they were created"
             )
         time.sleep(0.05)
-
-
-def unreadable_record(consumer: KafkaConsumer) -> ConsumerRecord | None:
-    """The record kafka-python's poll() just failed to parse (corrupt, a header name that is
-    not UTF-8, a compression codec it lacks), as a record with its coordinates only: its bytes
-    cannot be had. Read from the consumer's fetcher, which has no public way to tell (Java's
-    client names them in the exception); None when it cannot be told."""
-    part = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
-    tp = getattr(part, "topic_partition", None)
-    offset = getattr(part, "next_fetch_offset", None)
-    if not isinstance(tp, TopicPartition) or not isinstance(offset, int):
-        return None
-    return ConsumerRecord(
-        tp.topic, tp.partition, -1, offset, None, 0, None, None, [], None, -1, -1, -1
-    )

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.broker import Broker, create_broker, free_port
+from streams.brokers.local import Broker, create_broker, free_port
 from streams.config import StreamConfig
 from streams.kafka_io import ensure_topics
 

@@ -158,9 +158,9 @@ def _anchors(page: Path) -> set[str]:
 
 
 def test_wire_contract_names_every_dead_letter_reason_and_header() -> None:
-    from streams import publish
     from streams.codec import DEAD_LETTER_REASONS
-    from streams.metrics import UNSENDABLE
+    from streams.worker import publish
+    from streams.worker.metrics import UNSENDABLE
 
     page = (REPO / "docs" / "wire-contract.md").read_text()
     headers = [v for k, v in vars(publish).items() if k.startswith("H_") and isinstance(v, str)]

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr, Valid
 from detector.config import DetectorSettings, ModelConfig
 from serve.config import ServeConfig
 from streams.config import MetricsConfig, StreamConfig
-from streams.lifecycle_config import LifecycleConfig
+from streams.lifecycle.config import LifecycleConfig
 from trainer.config import CalibrationConfig, DataConfig, TrainConfig
 
 ENV_PREFIX = "VAEWATCH_"

@@ -19,14 +19,14 @@ from prometheus_client import CollectorRegistry
 
 from detector import Detector
 from detector.bundle import MANIFEST
-from streams.broker import ENGINES, BrokerError, create_broker, free_port
+from streams.brokers.local import ENGINES, BrokerError, create_broker, free_port
 from streams.kafka_io import create_producer, ensure_topics
 from streams.replay import plan_replay, replay
-from streams.serve import serve
-from streams.tally import ScoresReader, Tally
+from streams.worker_process import run_worker_process
 from trainer.data import DataError, load_images
 from vaewatch.config import Settings
 from vaewatch.serve_commands import start_console
+from vaewatch.tally import ScoresReader, Tally
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
             max_batch_size=settings.detector.max_batch_size,
         )
     with stop_on_signals(second_exits=True) as stop:
-        return serve(
+        return run_worker_process(
             stream=settings.stream,
             metrics_config=settings.metrics,
             detector=detector,
@@ -122,13 +122,13 @@ def run_broker(args: argparse.Namespace, settings: Settings) -> int:
 def _prepare_broker(engine: str) -> int:
     """Fetch what the engine needs (Kafka's jars into the cache) without starting it."""
     if engine == "kafka":
-        from streams.kafka_jars import find_jars, find_java, kafka_version
+        from streams.brokers.kafka_jars import find_jars, find_java, kafka_version
 
         find_java()
         jars = find_jars()
         print(f"Apache Kafka {kafka_version()}: jars in {jars.libs}")
     else:
-        from streams.broker import broker_binary
+        from streams.brokers.local import broker_binary
 
         print(f"Tansu: {broker_binary()}")
     return 0
@@ -257,7 +257,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         registry = CollectorRegistry()
         worker = threading.Thread(
             target=lambda: outcome.append(
-                serve(
+                run_worker_process(
                     stream=stream,
                     metrics_config=metrics,
                     detector=detector,

@@ -277,7 +277,7 @@ def _recalibration_images(
 ) -> tuple[np.ndarray, dict]:
     """The images of --data and what to record about where they came from."""
     if args.data.startswith("kafka:"):
-        from streams.topic_range import TopicRangeError, parse_topic_range, read_topic_range
+        from vaewatch.topic_range import TopicRangeError, parse_topic_range, read_topic_range
 
         try:
             found = read_topic_range(parse_topic_range(args.data), config=settings.stream)

@@ -16,7 +16,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from serve.metrics import ServeMetrics
-from streams.metrics import WorkerMetrics
+from streams.lifecycle.metrics import LifecycleMetrics
+from streams.worker.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -63,10 +64,11 @@ def k8s_kind(kind: str) -> list[dict[str, Any]]:
 
 
 def exported_metric_families() -> dict[str, str]:
-    """{family name: type} of every metric WorkerMetrics declares (streams/metrics.py), and
-    the HTTP service's ServeMetrics (serve/metrics.py)."""
+    """{family name: type} of every metric the worker (streams/worker/metrics.py,
+    streams/lifecycle/metrics.py) and the HTTP service (serve/metrics.py) declare."""
     registry = CollectorRegistry()
     WorkerMetrics(registry=registry, score_buckets=(1.0, 2.0, 3.0))
+    LifecycleMetrics(registry=registry)
     ServeMetrics(registry=registry)
     return {family.name: family.type for family in registry.collect()}
 

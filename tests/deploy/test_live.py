@@ -28,7 +28,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from streams.broker import free_port
+from streams.brokers.local import free_port
 from streams.kafka_io import create_producer
 from tests.deploy.deploy_files import (
     JOB,

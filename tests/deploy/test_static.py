@@ -1,7 +1,7 @@
 """Static checks of deploy/: every file parses; every VAEWATCH_* variable is a real settings key;
 compose, Kubernetes, the Dockerfile and the Prometheus scrape config agree with the worker on
 ports, probes, topics, groups and paths; the dashboard and the rules only use metrics the worker
-exports (streams/metrics.py) or recording rules from rules.yml."""
+exports (streams/worker/metrics.py) or recording rules from rules.yml."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
-from streams.broker import free_port
+from streams.brokers.local import free_port
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """A broker-free stand-in for kafka-python 3.0's consumer and producer, for deterministic tests of
 the worker's delivery bookkeeping (a poll, a rebalance, an ack at a chosen moment). Live tests
 run the same paths against a real broker; what these fakes promise is checked against the real
-library in tests/streams/test_rebalance_live.py.
+library in tests/streams/worker/test_rebalance_live.py.
 
 What they copy from kafka-python 3.0.12 on purpose, because the worker's correctness depends on
 it:
@@ -26,7 +26,7 @@ from typing import Any
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
-from streams.dead_letters import H_SOURCE_OFFSET, H_SOURCE_PARTITION
+from streams.worker.dead_letters import H_SOURCE_OFFSET, H_SOURCE_PARTITION
 
 
 @dataclass

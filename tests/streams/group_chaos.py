@@ -4,7 +4,7 @@ produced at a steady rate; every `kill_every_s` one member that is ready is SIGK
 restarted at once (mode "kill"), or every member in turn is stopped with SIGTERM and restarted
 (mode "rolling"). Then every input offset is looked up in the scores and dead-letter topics.
 
-Used by tests/streams/test_group_chaos_live.py (short runs) and bench/group_chaos.py (long,
+Used by tests/streams/worker/test_group_chaos_live.py (short runs) and bench/group_chaos.py (long,
 repeated runs). The report says what at-least-once promises: nothing lost; a duplicate only
 where a kill left work uncommitted (its offset at or past the group's committed offset just
 before some kill of a member); none at all from SIGTERM.
