@@ -1,197 +1,318 @@
-"""The production error policy: what happens to a send that fails.
+"""The one owner of the worker's batches, from the moment they are cut until their offsets are
+committed: it publishes them once scored, sends, retries and dead-letters their outputs
+(streams/worker/batch.py), acknowledges them in the offset ledger and commits what the ledger
+allows. Commits go out on a timer, on a revoke and at shutdown, all taken from that one ledger,
+so no path can commit past a batch whose outputs are outstanding. While the ledger counts more
+unacknowledged records or bytes than allowed, or a send waits for its retry, consuming is held
+back: the partitions are paused until the acks catch up.
 
-Every send goes through `ResultPublisher`, which turns an exception raised by `send()` itself
-into a failed send like any other. The `Outbox` watches the sends of every published batch and
-classifies each failure:
-
-- temporary (a Kafka error marked retriable: timeouts, leader moves): sent again after a backoff
-  that doubles, up to `send_retries` times; `retrying` tells the worker to pause consuming;
-- permanent (too large, invalid, not authorized, or retries used up): the input record goes to
-  the dead-letter topic as a trimmed copy with reason `unsendable`, once, even when its alert
-  and its score both fail;
-- a trimmed copy that fails as well: `on_unsendable` decides: `fail` raises `UnsendableError`
-  (the worker stops without committing the record), `skip` counts it and lets the batch go.
-
-A batch comes out of `reap()` once every one of its sends is acknowledged (or skipped); only
-then does the ledger let its offsets be committed.
+A revoke is handled here too (kafka-python calls the listener on its I/O thread while the
+worker's thread waits in poll()): publish what is being scored, wait for the acks, commit the
+acknowledged prefix, forget the rest. The worker learns which partitions were forgotten from
+`take_forgotten()` when poll() returns, and drops their buffered records itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any
 
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from detector import Scores
+from streams.client_internals import commit_in_listener
+from streams.codec import SCORING_ERROR, DecodedBatch
 from streams.config import StreamConfig
-from streams.worker.dead_letters import H_ERROR
-from streams.worker.metrics import UNSENDABLE
-from streams.worker.publish import Outgoing, PublishedBatch, ResultPublisher
+from streams.worker.batch import InFlightBatch, UnsendableError, all_invalid
+from streams.worker.ledger import OffsetLedger
+from streams.worker.metrics import WorkerMetrics
+from streams.worker.publish import ResultPublisher
+from streams.worker.scoring import PendingBatch
+from streams.worker.state import WorkerState
 
 logger = logging.getLogger(__name__)
 
-_MAX_BACKOFF_S = 10.0
+_LAG_INTERVAL_S = 0.5
+_TP_KEY = attrgetter("topic", "partition")
+
+Published = Callable[[InFlightBatch, DecodedBatch, Scores | None], None]
 
 
-class UnsendableError(RuntimeError):
-    """A record whose outputs and dead-letter copy both failed, under on_unsendable: fail."""
+def offset_ranges(records: list[Any]) -> dict[TopicPartition, tuple[int, int]]:
+    """(first offset, last offset + 1) per partition; offsets rise within a partition, and the
+    reversed pass leaves each partition's first record."""
+    keys = list(map(_TP_KEY, records))
+    last = {key: r.offset + 1 for key, r in zip(keys, records, strict=True)}
+    first = {key: r.offset for key, r in zip(reversed(keys), reversed(records), strict=True)}
+    return {TopicPartition(*key): (first[key], end) for key, end in last.items()}
 
 
-def is_temporary(exc: BaseException) -> bool:
-    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
-
-
-class _Skipped:
-    """Stands in for a send given up under on_unsendable: skip."""
-
-    is_done = True
-
-    def failed(self) -> bool:
-        return False
-
-
-@dataclass
-class _Batch:
-    batch_id: int
-    published: PublishedBatch
-    checked: int = 0
-    attempts: dict[int, int] = field(default_factory=dict)
-    retry_at: dict[int, float] = field(default_factory=dict)
-    copies: set[int] = field(default_factory=set)  # sends that are already unsendable copies
-    copied: set[int] = field(default_factory=set)  # records (batch index) that have a copy
-
-
-class Outbox:
+class Delivery:
     def __init__(
         self,
         *,
-        publisher: ResultPublisher,
         config: StreamConfig,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        metrics: WorkerMetrics,
+        state: WorkerState,
         on_error: Callable[[str, BaseException], None],
+        on_published: Published | None = None,
     ) -> None:
-        self._publisher = publisher
         self._config = config
+        self._consumer = consumer
+        self._producer = producer
+        self._metrics = metrics
+        self._state = state
         self._on_error = on_error
-        self._batches: dict[int, _Batch] = {}
+        self._on_published = on_published
+        self.ledger = OffsetLedger()
+        self._scoring: deque[InFlightBatch] = deque()  # cut, being scored, oldest first
+        self._sending: dict[int, InFlightBatch] = {}  # sent, awaiting acknowledgements
+        self._forgotten: set[TopicPartition] = set()
+        self.unsendable: UnsendableError | None = None  # set: the worker stops
+        self.shutdown_deadline: float | None = None  # time.monotonic() the shutdown ends by
+        self._commit_at = self._lag_at = 0.0
+        self._paused = False
 
-    def add(self, batch_id: int, published: PublishedBatch) -> None:
-        self._batches[batch_id] = _Batch(batch_id, published)
+    # -- from cut to sent ------------------------------------------------------------------
 
-    def keep_only(self, tracked: Callable[[int], bool]) -> None:
-        """Forget batches the ledger no longer tracks (their partitions were revoked)."""
-        self._batches = {i: b for i, b in self._batches.items() if tracked(i)}
+    def consumed(self, polled: dict[TopicPartition, list[Any]]) -> None:
+        for tp, records in polled.items():
+            self.ledger.consumed_from(tp, records[0].offset)
 
-    def __len__(self) -> int:
-        return len(self._batches)
+    def open(
+        self,
+        records: list[Any],
+        decoded: DecodedBatch,
+        scoring: PendingBatch | None,
+        *,
+        publisher: ResultPublisher,
+        polled_at: float,
+    ) -> InFlightBatch:
+        """A batch cut from polled records, handed to the scorer (`scoring`) or not."""
+        nbytes = sum(len(r.value or b"") for r in records)
+        batch_id = self.ledger.open(offset_ranges(records), records=len(records), nbytes=nbytes)
+        batch = InFlightBatch(
+            batch_id, records, decoded, scoring, publisher, polled_at, time.time()
+        )
+        self._scoring.append(batch)
+        return batch
 
     @property
-    def retrying(self) -> bool:
-        return any(batch.retry_at for batch in self._batches.values())
+    def in_scoring(self) -> int:
+        return len(self._scoring)
 
-    def reap(self) -> list[tuple[int, PublishedBatch]]:
-        """Batches whose sends are all acknowledged now (taken out of the outbox)."""
-        done = []
-        for batch in list(self._batches.values()):
-            if self._settle(batch):
-                del self._batches[batch.batch_id]
-                done.append((batch.batch_id, batch.published))
-        return done
+    def publish_ready(self) -> None:
+        """Publish the batches whose scores are in, oldest first."""
+        while self._scoring and self._scoring[0].scored:
+            self.publish_oldest()
 
-    def _settle(self, batch: _Batch) -> bool:
-        futures = batch.published.futures
-        if batch.retry_at:
-            now = time.monotonic()
-            for i, at in list(batch.retry_at.items()):
-                if at <= now:
-                    del batch.retry_at[i]
-                    futures[i] = self._publisher.resend(batch.published.messages[i])
-        while batch.checked < len(futures):
-            future = futures[batch.checked]
-            if not future.is_done:
-                return False
-            if future.failed():
-                self._failed(batch, batch.checked, future.exception)
-                continue  # look at its replacement
-            batch.checked += 1
+    def publish_all(self) -> None:
+        while self._scoring:
+            self.publish_oldest()
+
+    def publish_oldest(self) -> None:
+        batch = self._scoring.popleft()
+        scores: Scores | None = None
+        decoded = batch.decoded
+        if batch.scoring is not None:
+            try:
+                scores = batch.scoring.result()
+                self._metrics.inference_seconds.observe(batch.scoring.seconds)
+            except Exception as exc:  # dead-letter the batch rather than retry forever
+                self._on_error("scoring", exc)
+                logger.exception("scoring failed; %d records go to the DLQ", decoded.n_valid)
+                decoded = all_invalid(len(batch.records), SCORING_ERROR, exc, decoded.errors)
+        if not self.ledger.tracks(batch.batch_id):
+            return  # its partitions were revoked while it was scored: the next owner's now
+        scored_at = time.time()
+        outputs = batch.publisher.build(batch.records, decoded, scores)
+        batch.send(outputs)
+        self.ledger.add_bytes(batch.batch_id, sum(len(m.value or b"") for m in outputs.messages))
+        self._sending[batch.batch_id] = batch
+        timestamps = outputs.timestamps_ms
+        self._metrics.observe_stages(
+            produced=timestamps.min() / 1e3 if len(timestamps) else None,
+            polled=batch.polled_at,
+            cut=batch.cut_at,
+            scored=scored_at,
+            sent=batch.sent_at,
+        )
+        if self._on_published is not None:
+            self._on_published(batch, decoded, scores)
+
+    # -- from sent to committed ------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        return self.ledger.has_work()
+
+    @property
+    def sending(self) -> bool:
+        return bool(self._sending)
+
+    def take_acks(self) -> int:
+        """Settle the batches whose outputs are all acknowledged now; returns how many. A send
+        that can never be made under on_unsendable: fail sets `unsendable`."""
+        acked = 0
+        for batch in list(self._sending.values()):
+            try:
+                if not batch.settle(self._config, self._on_error):
+                    continue
+            except UnsendableError as exc:
+                self.unsendable = exc
+                continue
+            del self._sending[batch.batch_id]
+            self.ledger.acknowledge(batch.batch_id)
+            self._metrics.stage_seconds.labels(stage="ack").observe(time.time() - batch.sent_at)
+            assert batch.outputs is not None
+            batch.outputs.count(self._metrics)
+            acked += 1
+        return acked
+
+    def held_back(self) -> bool:
+        ledger, config = self.ledger, self._config
+        return (
+            ledger.unacked_records >= config.max_unacked_records
+            or ledger.unacked_bytes >= config.max_unacked_bytes
+            or any(batch.retrying for batch in self._sending.values())
+        )
+
+    def tick(self) -> bool:
+        """Commit on the timer, report lag, pause or resume consuming; returns whether
+        consuming is held back."""
+        now = time.monotonic()
+        if now - self._commit_at >= self._config.commit_interval_ms / 1000.0:
+            self._commit_at = now
+            self.commit()
+        if now - self._lag_at >= _LAG_INTERVAL_S:
+            self._lag_at = now
+            self._update_lag()
+        held = self.held_back()
+        if held != self._paused and self._state.assigned:
+            (self._consumer.pause if held else self._consumer.resume)(*self._state.assigned)
+            self._paused = held
+            logger.info("consuming %s", "paused (backpressure)" if held else "resumed")
+        return held
+
+    def _committable(self, keys: set[TopicPartition]) -> dict[TopicPartition, OffsetAndMetadata]:
+        return {
+            tp: OffsetAndMetadata(offset, "", -1)
+            for tp, offset in self.ledger.committable(keys).items()
+        }
+
+    def commit(self, *, timeout_s: float | None = None) -> bool:
+        """Commit what the ledger allows: asynchronously, or (with `timeout_s`) synchronously
+        and bounded, so that an unresponsive broker cannot hold a shutdown. False when the
+        broker refused it or did not answer in time."""
+        offsets = self._committable(self._state.assigned)
+        if not offsets:
+            return True
+        try:
+            if timeout_s is None:  # counted as committed once the broker has accepted it
+                self._consumer.commit_async(offsets=offsets, callback=self._on_commit)
+                return True
+            self._consumer.commit(offsets=offsets, timeout_ms=max(1, int(timeout_s * 1000)))
+        except KafkaError as exc:
+            self._on_error("commit", exc)  # committed with a later batch, or re-delivered
+            return False
+        self._committed(offsets)
         return True
 
-    def _failed(self, batch: _Batch, i: int, exc: BaseException) -> None:
-        self._on_error("produce", exc)
-        published = batch.published
-        dlq = self._publisher.dlq_topic
-        message: Outgoing = published.messages[i]
-        attempt = batch.attempts.get(i, 0)
-        if is_temporary(exc) and attempt < self._config.send_retries:
-            batch.attempts[i] = attempt + 1
-            backoff = min(self._config.retry_backoff_ms / 1000.0 * 2**attempt, _MAX_BACKOFF_S)
-            batch.retry_at[i] = time.monotonic() + backoff
-            published.futures[i] = _Waiting()
-            logger.warning(
-                "send to %s failed (%s); retry %d in %.1f s",
-                message.topic,
-                exc,
-                attempt + 1,
-                backoff,
-            )
-            return
-        if i in batch.copies or not message.sources:
-            self._give_up(batch, i, message, exc)
-            return
-        logger.error(
-            "records %s of %s cannot be sent to %s (%s: %s); dead-lettering trimmed copies",
-            list(message.sources)[:5],
-            published.records[message.sources[0]].topic,
-            message.topic,
-            type(exc).__name__,
-            exc,
-        )
-        # A dead letter that could not be sent is replaced by its trimmed copy: it counts as
-        # unsendable, not under its first reason.
-        first_reason = dict(message.headers or ()).get(H_ERROR) if message.topic == dlq else None
-        if first_reason is not None and first_reason.decode() in published.dead_letter_reasons:
-            published.dead_letter_reasons.remove(first_reason.decode())
-        # An anomaly's alert and score are the same size: when both fail, one copy is enough.
-        sources = [j for j in message.sources if j not in batch.copied]
-        batch.copied.update(sources)
-        if not sources:
-            published.futures[i] = _Skipped()  # its record is dead-lettered already
-            return
-        copies = [
-            self._publisher.unsendable_copy(published.records[j], exc, first_reason)
-            for j in sources
-        ]
-        for n, (copy, future) in enumerate(copies):
-            k = i if n == 0 else len(published.futures)
-            if n == 0:
-                published.futures[i], published.messages[i] = future, copy
-            else:
-                published.futures.append(future)
-                published.messages.append(copy)
-            batch.copies.add(k)
-            batch.attempts.pop(k, None)
-            published.dead_letter_reasons.append(UNSENDABLE)
+    def _on_commit(self, offsets: dict[TopicPartition, OffsetAndMetadata], response: Any) -> None:
+        """kafka-python calls this from poll(), on the worker's thread."""
+        if isinstance(response, Exception):
+            self._on_error("commit", response)  # still committable: the next commit retries
+        else:
+            self._committed(offsets)
 
-    def _give_up(self, batch: _Batch, i: int, message: Outgoing, exc: BaseException) -> None:
-        what = f"a dead-letter copy for {message.topic} failed too ({type(exc).__name__}: {exc})"
-        if self._config.on_unsendable == "fail":
-            raise UnsendableError(f"{what}; on_unsendable is fail: stopping without committing")
-        self._on_error("skipped", exc)
-        logger.error("%s; on_unsendable is skip: its record is committed without it", what)
-        batch.published.futures[i] = _Skipped()
-        if i in batch.copies and UNSENDABLE in batch.published.dead_letter_reasons:
-            batch.published.dead_letter_reasons.remove(UNSENDABLE)
+    def _committed(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        self.ledger.mark_committed({tp: meta.offset for tp, meta in offsets.items()})
 
+    def await_acks(self, deadline: float) -> None:
+        """Flush and take acks (with retries) until every sent batch is settled, the
+        time.monotonic() `deadline` has passed or a record turned out unsendable."""
+        while self._sending and time.monotonic() < deadline and self.unsendable is None:
+            try:
+                self._producer.flush(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
+            except KafkaError as exc:
+                self._on_error("produce", exc)
+            self.take_acks()
+            if self._sending:
+                time.sleep(0.01)
 
-class _Waiting:
-    """Stands in for a send waiting for its retry."""
+    # -- shutdown and rebalances -----------------------------------------------------------
 
-    is_done = False
+    def start_shutdown(self) -> None:
+        if self.shutdown_deadline is None:
+            self.shutdown_deadline = time.monotonic() + self._config.drain_timeout_s
 
-    def failed(self) -> bool:
-        return False
+    def time_left(self) -> float:
+        """Seconds a blocking step may take: what is left of the shutdown, or (in a rebalance
+        while running) drain_timeout_s."""
+        if self.shutdown_deadline is None:
+            return self._config.drain_timeout_s
+        return max(0.0, self.shutdown_deadline - time.monotonic())
 
+    async def revoke(self, revoked: set[TopicPartition]) -> None:
+        """Partitions move to another worker (or this one leaves the group): publish what is
+        being scored, wait for the acks, commit the acknowledged prefix, forget the rest; the
+        next owner consumes it again."""
+        self.publish_all()
+        self.await_acks(time.monotonic() + self.time_left())
+        if self.unsendable is not None:
+            logger.error("rebalance: an unsendable record; its batch is left uncommitted")
+        offsets = self._committable(revoked)
+        if offsets:
+            try:
+                timeout_ms = max(1, int(self.time_left() * 1000))
+                await commit_in_listener(self._consumer, offsets, timeout_ms=timeout_ms)
+                self._committed(offsets)
+            except KafkaError as exc:
+                self._on_error("commit", exc)
+        self.forget(revoked)
 
-def unacked_bytes(published: PublishedBatch) -> int:
-    return sum(len(m.value or b"") for m in published.messages)
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        """Drop partitions this worker no longer owns: revoked (after `revoke` committed what
+        it could) or lost in an eviction, where the group has given them away already and a
+        commit would be refused. Their records not committed are consumed again."""
+        # kafka-python 3.0 keeps a partition's position and paused flag when an eager rebalance
+        # gives it back to the same member (Java's consumer starts it again from the committed
+        # offset). The records past the acknowledged prefix are dropped here, so the consumer
+        # goes back to that prefix: were it to go on from its position, the next commit of
+        # the partition would pass them unscored (issue 17).
+        for tp in partitions:
+            position = self.ledger.position(tp)
+            if position is not None:
+                with contextlib.suppress(ValueError):  # no longer assigned: nothing to reset
+                    self._consumer.seek(tp, position)
+        if self._paused:  # resume them all; the next tick pauses what is still held back
+            self._consumer.resume(*self._state.assigned)
+            self._paused = False
+        self.ledger.revoke(partitions)
+        self._sending = {i: b for i, b in self._sending.items() if self.ledger.tracks(i)}
+        self._forgotten |= partitions
+        for tp in partitions:
+            with contextlib.suppress(KeyError):
+                self._metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+
+    def take_forgotten(self) -> set[TopicPartition]:
+        """Partitions forgotten since the last call (their buffered records are stale)."""
+        forgotten, self._forgotten = self._forgotten, set()
+        return forgotten
+
+    def _update_lag(self) -> None:
+        for tp in self._state.assigned:
+            end = self._consumer.highwater(tp)
+            done = self.ledger.position(tp)
+            if end is not None and done is not None:
+                labels = {"topic": tp.topic, "partition": str(tp.partition)}
+                self._metrics.consumer_lag.labels(**labels).set(max(0, end - done))

@@ -1,11 +1,12 @@
-"""The worker loop: poll, decode, score, publish, commit, with at-least-once delivery.
+"""The worker loop: poll, buffer, cut a batch, decode it, hand it to the scorer and to its owner.
 
-A record's way from poll to commit: `_fill_buffer` polls it into the buffer; `_start_batch` cuts
-a batch, decodes it, opens it with the ack tracker and submits it to the scorer;
-`_publish_oldest` takes its scores and publishes its outputs; the ack tracker (streams.worker.acks)
-settles the batch once the broker has acknowledged every output, and its offset ledger then
-lets the offsets be committed, in order. Full batches are scored (in a child process on the
-CPU, on the CUDA stream on a GPU) while the next is being collected.
+A record's way from poll to commit, in 10 steps in 6 files, is tabled in docs/delivery.md:
+this loop polls, cuts and decodes a batch and hands it to the scorer and to the batches' owner
+(delivery.py), which publishes it once scored, settles its sends and commits.
+
+Full batches are scored (in a child process on the CPU, on the CUDA stream on a GPU) while the
+next is being collected. Everything from the cut to the commit belongs to one object, the
+batches' owner (`Delivery`); the loop keeps only the records not cut yet.
 
 Shutdown (and a send that fails for good) keeps to one deadline, `drain_timeout_s` from the
 moment the loop stops: publishing what is in hand, the acks, the commit, the revoke that leaving
@@ -17,26 +18,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Protocol
 
-import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
 from kafka.structs import TopicPartition
 
 from detector import Scores
 from streams.client_internals import coordinator_known, group_stable, unreadable_record
-from streams.codec import DECODE_ERROR, SCORING_ERROR, UNREADABLE, DecodedBatch, decode_batch
+from streams.codec import DECODE_ERROR, UNREADABLE, DecodedBatch, decode_batch
 from streams.config import StreamConfig
-from streams.worker.acks import AckTracker
-from streams.worker.delivery import UnsendableError
+from streams.worker.batch import InFlightBatch, all_invalid
+from streams.worker.delivery import Delivery
 from streams.worker.metrics import WorkerMetrics
 from streams.worker.publish import ResultPublisher
 from streams.worker.rebalance import PartitionListener
-from streams.worker.scoring import PendingBatch, Scorer
+from streams.worker.scoring import Scorer
 from streams.worker.state import WorkerState
 
 __all__ = ["ModelSwaps", "Worker", "WorkerState"]
@@ -67,16 +66,7 @@ _IDLE_POLL_MS = 100
 # batch per poll instead, so that it is handed its next batch before it runs dry.
 _POLL_BATCHES = 8
 _SCORING_DEPTH = 2  # batches handed to an overlapping scorer: one being scored, one queued
-
-
-@dataclass
-class _Batch:
-    batch_id: int
-    records: list[Any]
-    decoded: DecodedBatch
-    scoring: PendingBatch | None
-    polled_at: float  # time.time() when poll() returned the oldest records of the buffer
-    cut_at: float  # time.time() when it was cut from the buffer
+_TP = attrgetter("topic", "partition")
 
 
 class Worker:
@@ -97,86 +87,63 @@ class Worker:
         self._consumer = consumer
         self._metrics = metrics
         self._state = state
-        self._acks = AckTracker(
+        self._delivery = Delivery(
             config=config,
             consumer=consumer,
             producer=producer,
-            publisher=publisher,
             metrics=metrics,
             state=state,
             on_error=self._error,
+            on_published=self._published,
         )
         self._buffer: list[Any] = []
-        self._scoring: deque[_Batch] = deque()
         self._polled_at = 0.0
         self._use(scorer, publisher)
-        self.shutdown_deadline: float | None = None  # time.monotonic() the shutdown must end by
         self.on_batch_scored: Callable[[int], None] | None = None  # for benchmarks
         state.liveness_timeout_s = config.liveness_timeout_s
+
+    @property
+    def shutdown_deadline(self) -> float | None:
+        """time.monotonic() the shutdown must end by; None while running."""
+        return self._delivery.shutdown_deadline
 
     # -- the loop --------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> bool:
         """Consume until `stop` is set, then drain. True when everything was committed."""
+        delivery = self._delivery
         stable = group_stable(self._consumer)
         if stable is not None:
             self._state.group_stable = stable
-        listener = PartitionListener(
-            acks=self._acks,
-            state=self._state,
-            publish_in_flight=self._publish_all,
-            drop_buffered=self._drop_buffered,
-            time_left=self._time_left,
-        )
-        self._await_input_metadata()
+        listener = PartitionListener(delivery=delivery, state=self._state)
         self._consumer.subscribe([self._config.input_topic], listener=listener)
         self._state.progressed(has_work=False)
         self._state.loop_running = True
         try:
-            while not stop.is_set():
+            while not stop.is_set() and delivery.unsendable is None:
                 self._fill_buffer(stop)
-                self._publish_scored()
-                if self._buffer and not self._acks.held_back():
-                    if len(self._scoring) >= self._depth:  # the scorer has enough: wait
-                        self._publish_oldest()
+                delivery.publish_ready()
+                if self._buffer and not delivery.held_back() and delivery.unsendable is None:
+                    if delivery.in_scoring >= self._depth:  # the scorer has enough: wait
+                        delivery.publish_oldest()
                     full = self._start_batch() == self._config.max_batch_size
                     if not full or not self._scorer.overlaps:
                         # Inline scoring is done already; a batch cut by its deadline means the
                         # worker has caught up, and publishing it now spares its alerts a poll.
-                        self._publish_all()
-            self.shutdown_deadline = time.monotonic() + self._config.drain_timeout_s
+                        delivery.publish_all()
+            delivery.start_shutdown()
+            if delivery.unsendable is not None:
+                logger.error("%s", delivery.unsendable)
+                delivery.commit(timeout_s=delivery.time_left())  # what precedes the record
+                return False
             return self._drain()
-        except UnsendableError as exc:
-            logger.error("%s", exc)
-            if self.shutdown_deadline is None:  # not already draining
-                self.shutdown_deadline = time.monotonic() + self._config.drain_timeout_s
-            self._acks.commit(timeout_s=self._time_left())  # what precedes the record only
-            return False
         finally:
             self._state.loop_running = False
 
-    def _await_input_metadata(self) -> None:
-        """Fetch the input topic's partitions before joining the group: kafka-python's leader
-        assigns from the metadata it holds at the join, and when a topic created a moment ago
-        is missing there, it can keep an empty assignment until the metadata next changes."""
-        topic = self._config.input_topic
-        try:
-            partitions = self._consumer.partitions_for_topic(topic)
-        except KafkaError as exc:
-            self._error("broker", exc)
-            partitions = None
-        if not partitions:
-            logger.warning(
-                "input topic %s has no partitions in the broker's metadata (not created yet?); "
-                "they are assigned once it exists",
-                topic,
-            )
-
     def _use(self, scorer: Scorer, publisher: ResultPublisher) -> None:
-        """Score the next batches with `scorer`, once every batch the previous one holds has
-        been published with the previous publisher (so an output's model_version always names
-        the model that scored it)."""
-        self._publish_all()
+        """Score the next batches with `scorer` and name its model in their outputs, once the
+        batches the previous scorer holds are published."""
+        self._delivery.publish_all()
         self._scorer, self._publisher = scorer, publisher
         self._depth = _SCORING_DEPTH if scorer.overlaps else 1
         self._poll_records = self._config.max_batch_size * (1 if scorer.overlaps else _POLL_BATCHES)
@@ -196,17 +163,23 @@ class Worker:
             self._lifecycle.swapped(candidate, old_scorer=old)
 
     def _poll(self, timeout_ms: int) -> dict:
+        unreadable: KafkaError | None = None
         try:
             polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=self._poll_records)
         except (CorruptRecordError, UnsupportedCodecError) as exc:
-            self._skip_unreadable(exc)
-            return {}
+            polled, unreadable = {}, exc
         except KafkaError as exc:
             self._error("broker", exc)
             self._state.broker_connected = False
             time.sleep(0.1)
-            return {}
-        self._state.broker_connected = coordinator_known(self._consumer)
+            polled = {}
+        else:
+            self._state.broker_connected = coordinator_known(self._consumer)
+        forgotten = self._delivery.take_forgotten()  # by a rebalance inside that poll
+        if forgotten:
+            self._buffer = [r for r in self._buffer if TopicPartition(*_TP(r)) not in forgotten]
+        if unreadable is not None:
+            self._skip_unreadable(unreadable)
         return polled
 
     def _skip_unreadable(self, exc: KafkaError) -> None:
@@ -221,9 +194,11 @@ class Worker:
             "%s:%d:%d unreadable, dead-lettered", record.topic, record.partition, record.offset
         )
         self._score_buffered()
-        batch_id = self._acks.open([record])
-        decoded = _all_invalid(1, UNREADABLE, exc)
-        self._acks.sent(batch_id, self._publisher.publish([record], decoded, None))
+        decoded = all_invalid(1, UNREADABLE, exc)
+        self._delivery.open(
+            [record], decoded, None, publisher=self._publisher, polled_at=time.time()
+        )
+        self._delivery.publish_all()
         self._consumer.seek(TopicPartition(record.topic, record.partition), record.offset + 1)
 
     def _fill_buffer(self, stop: threading.Event) -> None:
@@ -232,16 +207,17 @@ class Worker:
         size = self._config.max_batch_size
         delay_s = self._config.max_batch_delay_ms / 1000.0
         first_at = time.monotonic() if self._buffer else None
-        while not stop.is_set():
+        delivery = self._delivery
+        while not stop.is_set() and delivery.unsendable is None:
             held = self._service()
             self._swap_if_ready()
             if len(self._buffer) >= size and not held:
                 return
             # Short polls only while a batch is being scored (to publish it as soon as it is
             # done) or while sends await acks; every poll costs a round trip to kafka-python.
-            if self._scoring:
+            if delivery.in_scoring:
                 timeout_ms = _SERVICE_POLL_MS
-            elif held or (self._acks.sending and not self._buffer):
+            elif held or (delivery.sending and not self._buffer):
                 timeout_ms = _ACK_POLL_MS
             else:
                 timeout_ms = _IDLE_POLL_MS
@@ -253,18 +229,18 @@ class Worker:
             polled = self._poll(timeout_ms)
             if polled and not self._buffer:
                 self._polled_at = time.time()
-            for tp, records in polled.items():
-                self._acks.ledger.consumed_from(tp, records[0].offset)
+            delivery.consumed(polled)
+            for records in polled.values():
                 self._buffer.extend(records)
             if self._buffer and first_at is None:
                 first_at = time.monotonic()
-            self._publish_scored()
+            delivery.publish_ready()
             if first_at is not None and delay_s == 0 and not held:
                 return
 
     def _start_batch(self) -> int:
-        """Cut the next batch from the buffer, decode it, open it with the ack tracker and
-        submit it to the scorer; returns its size."""
+        """Cut the next batch from the buffer, decode it, submit it to the scorer and hand it
+        to its owner; returns its size."""
         size = self._config.max_batch_size
         records, self._buffer = self._buffer[:size], self._buffer[size:]
         try:
@@ -273,52 +249,21 @@ class Worker:
             )
         except Exception as exc:  # a decoder bug must not lose records: dead-letter them all
             self._error("decode", exc)
-            decoded = _all_invalid(len(records), DECODE_ERROR, exc)
+            decoded = all_invalid(len(records), DECODE_ERROR, exc)
         self._metrics.batch_size.observe(len(records))
-        batch_id = self._acks.open(records)
         caught_up = len(records) < size
         scoring = (
             self._scorer.submit(decoded.images, caught_up=caught_up) if decoded.n_valid else None
         )
-        self._scoring.append(
-            _Batch(batch_id, records, decoded, scoring, self._polled_at, time.time())
+        self._delivery.open(
+            records, decoded, scoring, publisher=self._publisher, polled_at=self._polled_at
         )
         return len(records)
 
-    def _publish_scored(self) -> None:
-        """Publish the batches whose scores are in, oldest first."""
-        while self._scoring and (
-            self._scoring[0].scoring is None or self._scoring[0].scoring.done()
-        ):
-            self._publish_oldest()
-
-    def _publish_all(self) -> None:
-        while self._scoring:
-            self._publish_oldest()
-
-    def _publish_oldest(self) -> None:
-        batch = self._scoring.popleft()
-        scores: Scores | None = None
-        decoded = batch.decoded
-        if batch.scoring is not None:
-            try:
-                scores = batch.scoring.result()
-                self._metrics.inference_seconds.observe(batch.scoring.seconds)
-            except Exception as exc:  # dead-letter the batch rather than retry forever
-                self._error("scoring", exc)
-                logger.exception("scoring failed; %d records go to the DLQ", decoded.n_valid)
-                decoded = _all_invalid(len(batch.records), SCORING_ERROR, exc, decoded.errors)
-        scored_at = time.time()
-        published = self._publisher.publish(batch.records, decoded, scores)
-        self._acks.sent(batch.batch_id, published)
-        timestamps = published.timestamps_ms
-        self._metrics.observe_stages(
-            produced=timestamps.min() / 1e3 if len(timestamps) else None,
-            polled=batch.polled_at,
-            cut=batch.cut_at,
-            scored=scored_at,
-            sent=time.time(),
-        )
+    def _published(
+        self, batch: InFlightBatch, decoded: DecodedBatch, scores: Scores | None
+    ) -> None:
+        """A batch's outputs were handed to the producer."""
         if self._lifecycle is not None and scores is not None:
             self._lifecycle.observe_batch(batch.records, decoded, scores)
         self._state.progressed(has_work=True)
@@ -328,43 +273,36 @@ class Worker:
     def _service(self) -> bool:
         """Take acks, commit on the timer, pause or resume; returns whether consuming is held
         back. Acks count as progress for /healthz; so does being idle."""
-        acked = self._acks.take_acks()
-        busy = bool(self._buffer or self._scoring or self._acks.has_work)
+        delivery = self._delivery
+        acked = delivery.take_acks()
+        busy = bool(self._buffer or delivery.in_scoring or delivery.has_work)
         if acked or not busy:
             self._state.progressed(has_work=busy)
         else:
             self._state.has_work = True
-        return self._acks.tick()
+        return delivery.tick()
 
-    # -- shutdown (and rebalances: streams.worker.rebalance) --------------------------------------
-
-    def _time_left(self) -> float:
-        """Seconds a blocking step may take: what is left of the shutdown, or (in a rebalance
-        while running) drain_timeout_s."""
-        if self.shutdown_deadline is None:
-            return self._config.drain_timeout_s
-        return max(0.0, self.shutdown_deadline - time.monotonic())
-
-    def _drop_buffered(self, partitions: set[TopicPartition]) -> None:
-        """Records of partitions this worker no longer owns (streams.worker.rebalance)."""
-        self._buffer = [r for r in self._buffer if (r.topic, r.partition) not in partitions]
+    # -- shutdown (rebalances: streams.worker.rebalance) -----------------------------------
 
     def _score_buffered(self) -> None:
         """Score and publish everything in hand."""
-        self._publish_all()
+        self._delivery.publish_all()
         while self._buffer:
             self._start_batch()
-            self._publish_all()
+            self._delivery.publish_all()
 
     def _drain(self) -> bool:
         """Score and publish what is in hand, wait for the acks, commit (all by the shutdown
         deadline). True only when every record consumed was acknowledged and committed."""
+        delivery = self._delivery
         self._score_buffered()
         # The acks may take three quarters of what is left: the commit and closing the
         # clients need the rest.
-        self._acks.await_acks(time.monotonic() + 0.75 * self._time_left())
-        committed = self._acks.commit(timeout_s=self._time_left())
-        complete = committed and not self._acks.has_work
+        delivery.await_acks(time.monotonic() + 0.75 * delivery.time_left())
+        if delivery.unsendable is not None:
+            logger.error("%s", delivery.unsendable)
+        committed = delivery.commit(timeout_s=delivery.time_left())
+        complete = committed and not delivery.has_work
         if not complete:
             logger.error("shutdown: some outputs were not acknowledged; not committed")
         return complete
@@ -372,15 +310,3 @@ class Worker:
     def _error(self, kind: str, exc: BaseException) -> None:
         self._metrics.count_error(kind, exc)
         logger.warning("%s error: %s", kind, exc)
-
-
-def _all_invalid(
-    n: int, reason: str, exc: BaseException, errors: dict | None = None
-) -> DecodedBatch:
-    """Every record of a batch dead-lettered with `reason` (those already invalid keep theirs)."""
-    detail = f"{type(exc).__name__}: {exc}"[:200]
-    return DecodedBatch(
-        images=np.empty((0, 784), np.uint8),
-        valid=np.zeros(n, dtype=bool),
-        errors={i: (reason, detail) for i in range(n)} | dict(errors or {}),
-    )

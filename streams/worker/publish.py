@@ -1,4 +1,9 @@
-"""What the worker writes: alerts, per-record scores and dead letters, as Kafka sends.
+"""What the worker writes: alerts, per-record scores and dead letters, built as messages.
+
+`ResultPublisher.build` is a pure function of (records, decoded images, scores): it returns the
+batch's outgoing messages and what to count once they are acknowledged; the batch's owner
+(streams/worker/delivery.py) sends them with `send`, retries them and dead-letters what cannot
+be sent (`unsendable_copy`).
 
 Alerts and scores are JSON objects keyed `topic/partition/offset` (so subscribers can drop the
 duplicates that at-least-once delivery allows); the input record's headers pass through. An
@@ -123,11 +128,10 @@ def _without(
 
 
 @dataclass
-class PublishedBatch:
-    """The sends of one batch and what to count once the broker has acknowledged them all."""
+class Outputs:
+    """The messages of one batch and what to count once the broker has acknowledged them all."""
 
     records: Sequence[Any]
-    futures: list[Any]
     messages: list[Outgoing]
     n_normal: int
     n_anomaly: int
@@ -188,16 +192,7 @@ class ResultPublisher:
             self._partitions[topic] = count
         return count
 
-    def _send(
-        self,
-        futures: list[Any],
-        messages: list[Outgoing],
-        message: Outgoing,
-    ) -> None:
-        messages.append(message)
-        futures.append(self.resend(message))
-
-    def resend(self, message: Outgoing) -> Any:
+    def send(self, message: Outgoing) -> Any:
         """Send `message`; what send() raises comes back as a FailedSend."""
         try:
             return self._producer.send(
@@ -212,18 +207,16 @@ class ResultPublisher:
 
     def unsendable_copy(
         self, record: ConsumerRecord, exc: BaseException, first_reason: bytes | None = None
-    ) -> tuple[Outgoing, Any]:
+    ) -> Outgoing:
         """The record's dead letter with reason `unsendable`, cut to fit (trimmed_copy)."""
         value, key, headers = trimmed_copy(
             record, exc, first_reason, max_request_size=self._max_request_size
         )
         part = record.partition % self._partition_count(self.dlq_topic)
-        message = Outgoing(self.dlq_topic, value, key, headers, part, ())  # no copy of a copy
-        return message, self.resend(message)
+        return Outgoing(self.dlq_topic, value, key, headers, part, ())  # no copy of a copy
 
-    def _send_framed(
+    def _frame(
         self,
-        futures: list[Any],
         messages: list[Outgoing],
         topic: str,
         framed: dict[int, list[tuple[int, bytes]]],
@@ -248,15 +241,14 @@ class ResultPublisher:
                         partition=partition % parts,
                         sources=tuple(source for source, _ in chunk),
                     )
-                    self._send(futures, messages, message)
+                    messages.append(message)
                     start, size = end, 0
 
-    def publish(
+    def build(
         self, records: Sequence[ConsumerRecord], decoded: DecodedBatch, scores: Scores | None
-    ) -> PublishedBatch:
-        futures: list[Any] = []
+    ) -> Outputs:
         messages: list[Outgoing] = []
-        send = self._send
+        send = messages.append
         now_ms = int(time.time() * 1000)
         if scores is not None and decoded.n_valid:
             late = _non_finite(decoded, scores)
@@ -337,20 +329,16 @@ class ResultPublisher:
                 if is_anomaly:
                     part = record.partition % alert_parts
                     send(
-                        futures,
-                        messages,
                         Outgoing(self.alert_topic, body, key, headers, part, source),
                     )
                 if per_record_scores:
                     part = record.partition % score_parts
                     send(
-                        futures,
-                        messages,
                         Outgoing(self.scores_topic, body, key, headers, part, source),
                     )
                 elif self.scores_topic:
                     framed.setdefault(record.partition, []).append((source[0], body))
-            self._send_framed(futures, messages, valid_records[0].topic, framed, score_parts)
+            self._frame(messages, valid_records[0].topic, framed, score_parts)
         n_scored = len(valid_records)
         score_values = scores.scores if scores is not None else np.empty(0, np.float32)
         errors = decoded.errors
@@ -372,8 +360,6 @@ class ResultPublisher:
                 if value is None and record.key is None:
                     value = b""  # kafka-python sends no record without both key and value
                 send(
-                    futures,
-                    messages,
                     Outgoing(self.dlq_topic, value, record.key, headers, part, (i,)),
                 )
                 reasons.append(reason)
@@ -381,9 +367,8 @@ class ResultPublisher:
             timestamps.min() >= 0 and timestamps.max() <= now_ms  # the common case: no copy
         ):
             timestamps = timestamps[(timestamps >= 0) & (timestamps <= now_ms)]
-        return PublishedBatch(
+        return Outputs(
             records=records,
-            futures=futures,
             messages=messages,
             n_normal=n_scored - n_anomaly,
             n_anomaly=n_anomaly,

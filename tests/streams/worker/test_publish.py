@@ -1,7 +1,8 @@
-"""ResultPublisher and Outbox against a producer that refuses what kafka-python's send() refuses
-(a record with neither key nor value, headers that are not (str, bytes), a record over
-max_request_size by kafka-python's own size estimate): poison inputs end as one score or one
-dead letter with a reason, every output is strict JSON, every dead letter can be sent."""
+"""ResultPublisher and the in-flight batch's send policy against a producer that refuses what
+kafka-python's send() refuses (a record with neither key nor value, headers that are not
+(str, bytes), a record over max_request_size by kafka-python's own size estimate): poison inputs
+end as one score or one dead letter with a reason, every output is strict JSON, every dead
+letter can be sent."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from kafka.record.default_records import DefaultRecordBatchBuilder
 from detector import Scores
 from streams.codec import MAX_ID_BYTES, decode_batch
 from streams.config import StreamConfig
-from streams.worker.delivery import Outbox
+from streams.worker.batch import InFlightBatch
 from streams.worker.publish import ResultPublisher
 
 MIB = 1024 * 1024
@@ -118,8 +119,14 @@ def _publish(records, *, codec="raw", score=2.0, scores=None, producer=None, sco
     publisher = _publisher(producer, scores_topic=scores_topic)
     decoded = decode_batch([r.value for r in records], codec=codec, keys=[r.key for r in records])
     scored = _scores(scores if scores is not None else [score] * decoded.n_valid)
-    published = publisher.publish(records, decoded, scored if decoded.n_valid else None)
-    return producer, publisher, published
+    return producer, publisher, _sent(publisher, records, decoded, scored)
+
+
+def _sent(publisher: ResultPublisher, records, decoded, scores) -> InFlightBatch:
+    """A batch whose outputs were built and handed to the producer."""
+    batch = InFlightBatch(0, records, decoded, None, publisher, 0.0, 0.0)
+    batch.send(publisher.build(records, decoded, scores if decoded.n_valid else None))
+    return batch
 
 
 def _strict(value: bytes) -> dict:
@@ -129,17 +136,11 @@ def _strict(value: bytes) -> dict:
     return json.loads(value, parse_constant=refuse)
 
 
-def _settle(publisher: ResultPublisher, published, config: StreamConfig | None = None) -> list:
-    """Run the outbox over one published batch (every send is answered at once, so one reap
-    settles it, unsendable copies included); returns the errors it reported."""
+def _settle(batch: InFlightBatch, config: StreamConfig | None = None) -> list:
+    """Settle one sent batch (every send is answered at once, so one call settles it,
+    unsendable copies included); returns the errors it reported."""
     errors: list = []
-    outbox = Outbox(
-        publisher=publisher,
-        config=config or StreamConfig(),
-        on_error=lambda kind, exc: errors.append((kind, exc)),
-    )
-    outbox.add(1, published)
-    assert [batch_id for batch_id, _ in outbox.reap()] == [1]
+    assert batch.settle(config or StreamConfig(), lambda kind, exc: errors.append((kind, exc)))
     return errors
 
 
@@ -160,9 +161,9 @@ def _letters(producer: FakeProducer) -> dict[int, dict[str, bytes]]:
 def test_a_keyless_tombstone_is_a_null_value_dead_letter(codec: str) -> None:
     good = IMAGE if codec == "raw" else JSON_IMAGE
     records = [_record(0, good), _record(1, None), _record(2, None, key=b"k")]
-    producer, publisher, published = _publish(records, codec=codec, score=0.5)
+    producer, _, published = _publish(records, codec=codec, score=0.5)
     assert not [f for f in published.futures if f.failed()]
-    assert _settle(publisher, published) == []
+    assert _settle(published) == []
     letters = {
         int(dict(h)["vaewatch.source.offset"]): (v, k, dict(h)) for _, v, k, h in producer.on("dlq")
     }
@@ -170,7 +171,7 @@ def test_a_keyless_tombstone_is_a_null_value_dead_letter(codec: str) -> None:
     assert letters[2][0] is None and letters[2][1] == b"k"  # a keyed tombstone stays one
     for offset in (1, 2):
         assert letters[offset][2]["vaewatch.error"] == b"null_value"
-    assert published.dead_letter_reasons == ["null_value", "null_value"]
+    assert published.outputs.dead_letter_reasons == ["null_value", "null_value"]
     assert [_strict(v)["offset"] for _, v, _, _ in producer.on("scores")] == [0]
 
 
@@ -184,18 +185,22 @@ def test_a_keyless_tombstone_is_a_null_value_dead_letter(codec: str) -> None:
 )
 def test_an_id_header_too_long_for_an_alert_is_a_bad_id_dead_letter(header_id: bytes) -> None:
     records = [_record(0), _record(1, headers=[("id", header_id), ("t", b"1")]), _record(2)]
-    producer, publisher, published = _publish(records, score=2.0)
+    producer, _, published = _publish(records, score=2.0)
     assert not [f for f in published.futures if f.failed()]
-    assert _settle(publisher, published) == []
+    assert _settle(published) == []
     letters = _letters(producer)
     assert set(letters) == {1}
     assert letters[1]["vaewatch.error"] == b"bad_id"
     assert str(MAX_ID_BYTES).encode() in letters[1]["vaewatch.error.detail"]
     for topic in ("alerts", "scores"):
         assert [_strict(v)["offset"] for _, v, _, _ in producer.on(topic)] == [0, 2]
-    assert (published.n_normal, published.n_anomaly, published.n_alerts) == (0, 2, 2)
-    assert len(published.scores) == 2 and len(published.timestamps_ms) == 2
-    assert published.dead_letter_reasons == ["bad_id"]
+    assert (
+        published.outputs.n_normal,
+        published.outputs.n_anomaly,
+        published.outputs.n_alerts,
+    ) == (0, 2, 2)
+    assert len(published.outputs.scores) == 2 and len(published.outputs.timestamps_ms) == 2
+    assert published.outputs.dead_letter_reasons == ["bad_id"]
 
 
 def test_an_id_header_that_fits_is_copied_into_the_alert() -> None:
@@ -204,14 +209,14 @@ def test_an_id_header_that_fits_is_copied_into_the_alert() -> None:
     producer, _, published = _publish(records, score=2.0)
     (alert,) = producer.on("alerts")
     assert _strict(alert[1])["id"] == header_id.decode("utf-8", "backslashreplace")
-    assert published.dead_letter_reasons == []
+    assert published.outputs.dead_letter_reasons == []
 
 
 def test_a_json_id_wins_over_a_long_id_header() -> None:
     value = json.dumps({"b64": base64.b64encode(IMAGE).decode(), "id": "j"}).encode()
     records = [_record(0, value, headers=[("id", b"x" * 600_000)])]
-    producer, publisher, published = _publish(records, codec="json", score=2.0)
-    assert _settle(publisher, published) == []
+    producer, _, published = _publish(records, codec="json", score=2.0)
+    assert _settle(published) == []
     assert [_strict(v)["id"] for _, v, _, _ in producer.on("alerts")] == ["j"]
 
 
@@ -222,18 +227,16 @@ def test_a_json_id_wins_over_a_long_id_header() -> None:
 @pytest.mark.parametrize("scores_topic", ["scores", ""])
 def test_a_non_finite_score_is_a_scoring_error_dead_letter(bad: float, scores_topic: str) -> None:
     records = [_record(i) for i in range(3)]
-    producer, publisher, published = _publish(
-        records, scores=[2.0, bad, 0.5], scores_topic=scores_topic
-    )
-    assert _settle(publisher, published) == []
+    producer, _, published = _publish(records, scores=[2.0, bad, 0.5], scores_topic=scores_topic)
+    assert _settle(published) == []
     for _, value, _, _ in producer.on("alerts") + producer.on("scores"):
         assert _strict(value)["offset"] != 1
     letters = _letters(producer)
     assert set(letters) == {1}
     assert letters[1]["vaewatch.error"] == b"scoring_error"
     assert b"finite" in letters[1]["vaewatch.error.detail"]
-    assert (published.n_normal, published.n_anomaly) == (1, 1)
-    assert np.isfinite(published.scores).all() and len(published.scores) == 2
+    assert (published.outputs.n_normal, published.outputs.n_anomaly) == (1, 1)
+    assert np.isfinite(published.outputs.scores).all() and len(published.outputs.scores) == 2
 
 
 # --- timestamps ------------------------------------------------------------------------------
@@ -246,7 +249,7 @@ def test_absurd_timestamps_are_scored_and_kept_out_of_the_latency() -> None:
     alerts = [_strict(v) for _, v, _, _ in producer.on("alerts")]
     assert [a["timestamp_ms"] for a in alerts] == [-1, 2**63 - 1, now, 0]
     # Latency only from timestamps that can be one: not "none" (-1), not in the future.
-    assert sorted(published.timestamps_ms.tolist()) == [0, now]
+    assert sorted(published.outputs.timestamps_ms.tolist()) == [0, now]
 
 
 def test_a_record_without_a_timestamp_is_scored_and_dead_lettered_without_one() -> None:
@@ -256,7 +259,7 @@ def test_a_record_without_a_timestamp_is_scored_and_dead_lettered_without_one() 
     alerts = {body["offset"]: body for body in (_strict(v) for _, v, _, _ in producer.on("alerts"))}
     assert set(alerts) == {0, 2} and alerts[0]["timestamp_ms"] == -1
     assert _letters(producer)[1]["vaewatch.source.timestamp_ms"] == b"-1"
-    assert len(published.timestamps_ms) == 1
+    assert len(published.outputs.timestamps_ms) == 1
 
 
 # --- dead letters carry one reason -----------------------------------------------------------
@@ -284,21 +287,21 @@ def test_a_dead_letter_replaces_the_reason_headers_its_input_carried() -> None:
 def test_a_record_whose_alert_and_score_are_both_too_large_is_dead_lettered_once() -> None:
     big = [("blob", b"b" * (MIB - 200))]  # fits the input; its alert and score do not
     records = [_record(0), _record(1, headers=big), _record(2)]
-    producer, publisher, published = _publish(records, score=2.0)
-    errors = _settle(publisher, published)
+    producer, _, published = _publish(records, score=2.0)
+    errors = _settle(published)
     assert [kind for kind, _ in errors] == ["produce", "produce"]
     letters = _letters(producer)
     assert set(letters) == {1}
     assert letters[1]["vaewatch.error"] == b"unsendable"
-    assert published.dead_letter_reasons == ["unsendable"]
+    assert published.outputs.dead_letter_reasons == ["unsendable"]
 
 
 def test_an_unsendable_copy_keeps_the_value_when_a_header_is_what_is_too_large() -> None:
     record = _record(3, headers=[("blob", b"b" * (2 * MIB)), ("small", b"s")])
     producer = FakeProducer()
     publisher = _publisher(producer)
-    copy, future = publisher.unsendable_copy(record, MessageSizeTooLargeError("too large"))
-    assert not future.failed()
+    copy = publisher.unsendable_copy(record, MessageSizeTooLargeError("too large"))
+    assert not publisher.send(copy).failed()
     assert copy.value == IMAGE
     assert dict(copy.headers)["small"] == b"s" and "blob" not in dict(copy.headers)
 
@@ -352,9 +355,9 @@ def test_every_record_ends_as_one_score_or_one_dead_letter(
             max_size=decoded.n_valid,
         )
     )
-    published = publisher.publish(records, decoded, _scores(raw_scores) if raw_scores else None)
+    published = _sent(publisher, records, decoded, _scores(raw_scores) if raw_scores else None)
     config = StreamConfig(on_unsendable=policy)
-    _settle(publisher, published, config)  # never raises: every dead letter can be sent
+    _settle(published, config)  # never raises: every dead letter can be sent
 
     outcome: dict[int, list[str]] = {i: [] for i in range(n)}
     for topic, value, _, _ in producer.sent:
@@ -374,7 +377,7 @@ def test_every_record_ends_as_one_score_or_one_dead_letter(
         assert all(len(o) == 1 for o in outcome.values()), outcome
     else:
         assert all(len(o) <= 1 for o in outcome.values()), outcome
-    assert published.n_normal + published.n_anomaly == len(published.scores)
-    assert np.isfinite(published.scores).all()
+    assert published.outputs.n_normal + published.outputs.n_anomaly == len(published.outputs.scores)
+    assert np.isfinite(published.outputs.scores).all()
     sent_reasons = [headers["vaewatch.error"].decode() for headers in _letters(producer).values()]
-    assert sorted(published.dead_letter_reasons) == sorted(sent_reasons)
+    assert sorted(published.outputs.dead_letter_reasons) == sorted(sent_reasons)

@@ -2,10 +2,10 @@
 broker: an eager rebalance that gives a member back a partition it held keeps that partition's
 position, so records polled but not committed before the rebalance are not delivered again.
 Java's consumer starts such a partition again from the committed offset. The worker copes by
-seeking a forgotten partition back to its acknowledged prefix (streams/worker/acks.py `forget`); the
-fakes of tests/streams/fake_kafka.py copy this behaviour, so that the broker-free tests of
-test_worker_rebalance.py exercise it. Should a kafka-python release reset the position, this
-test fails and says so; the worker's seek stays correct either way."""
+seeking a forgotten partition back to its acknowledged prefix (`Delivery.forget` in
+streams/worker/delivery.py); the fakes of tests/streams/fake_kafka.py copy this behaviour, so
+that the broker-free tests of test_worker_rebalance.py exercise it. Should a kafka-python release
+reset the position, this test fails and says so; the worker's seek stays correct either way."""
 
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ from tests.fixtures_broker import (
     start_worker,
     wait_ready,
 )
+from tests.fixtures_model import CPU
 from tests.streams.kafka_helpers import (
     LENIENT_INPUT_TOPIC,
     committed_offsets,
@@ -265,7 +266,7 @@ def test_unacknowledged_records_stay_bounded_while_the_broker_does_not_answer(
     n = 6000
     _produce(topics, raw_images(n, seed=5))
     config = topics.config
-    detector = Detector.from_bundle(trained_bundle, device="cpu")
+    detector = Detector.from_bundle(trained_bundle, CPU)
     metrics = build_metrics(detector=detector, registry=CollectorRegistry())
     producer = create_producer(config=config)
     state = WorkerState(model_loaded=lambda: True)
@@ -280,14 +281,14 @@ def test_unacknowledged_records_stay_bounded_while_the_broker_does_not_answer(
     )
     stop = threading.Event()
     seen: list[int] = []
-    worker.on_batch_scored = lambda size: seen.append(worker._acks.ledger.unacked_records)
+    worker.on_batch_scored = lambda size: seen.append(worker._delivery.ledger.unacked_records)
     thread = threading.Thread(target=worker.run, args=(stop,))
     thread.start()
     try:
         read_topic(config, config.scores_topic, until=300)
         os.kill(kafka_broker.pid, signal.SIGSTOP)
         time.sleep(3)
-        held = worker._acks.ledger.unacked_records
+        held = worker._delivery.ledger.unacked_records
         during = list(seen)
         os.kill(kafka_broker.pid, signal.SIGCONT)
         assert len(read_topic(config, config.scores_topic, until=n)) >= n

@@ -1,8 +1,8 @@
-"""The ack tracker's commit accounting (streams.worker.acks): an offset counts as committed only
-once the broker has accepted its commit, so a refused asynchronous commit is sent again, by the next
-timer commit or by the shutdown's, and the exit code never claims a commit that did not happen.
-The consumer here only records the two commit calls the tracker makes, so that the test can
-answer them; the commit path against the real broker is covered by the live worker tests."""
+"""The batches' owner's commit accounting (streams.worker.delivery): an offset counts as committed
+only once the broker has accepted its commit, so a refused asynchronous commit is sent again, by
+the next timer commit or by the shutdown's, and the exit code never claims a commit that did not
+happen. The consumer here only records the two commit calls the owner makes, so that the test
+can answer them; the commit path against the real broker is covered by the live worker tests."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streams.config import StreamConfig
-from streams.worker.acks import AckTracker
+from streams.worker.batch import all_invalid
+from streams.worker.delivery import Delivery
 from streams.worker.metrics import WorkerMetrics
 from streams.worker.state import WorkerState
 
@@ -33,21 +34,22 @@ class RecordingConsumer:
         self.sync_commits.append(offsets)
 
 
-def _tracker(consumer: RecordingConsumer, errors: list) -> AckTracker:
-    return AckTracker(
+def _tracker(consumer: RecordingConsumer, errors: list) -> Delivery:
+    return Delivery(
         config=StreamConfig(),
         consumer=consumer,
         producer=None,
-        publisher=None,
         metrics=WorkerMetrics(registry=CollectorRegistry(), score_buckets=[1.0]),
         state=WorkerState(assigned={TP}),
         on_error=lambda kind, exc: errors.append(kind),
     )
 
 
-def _acknowledged_batch(tracker: AckTracker, first: int, end: int) -> None:
-    batch = tracker.open([Record("in", 0, o, b"x") for o in range(first, end)])
-    tracker.ledger.acknowledge(batch)
+def _acknowledged_batch(tracker: Delivery, first: int, end: int) -> None:
+    records = [Record("in", 0, o, b"x") for o in range(first, end)]
+    decoded = all_invalid(len(records), "bad_image", ValueError("unused"))
+    batch = tracker.open(records, decoded, None, publisher=None, polled_at=0.0)
+    tracker.ledger.acknowledge(batch.batch_id)
 
 
 def test_a_refused_async_commit_is_committed_again_at_shutdown() -> None:
