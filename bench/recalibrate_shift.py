@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from detector import Detector, load_bundle
+from detector.config import DetectorSettings
 from trainer.calibrate import calibrate_threshold
 from trainer.config import DataConfig
 from trainer.data import load_images
@@ -60,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bundle = load_bundle(args.model)
-    detector = Detector(bundle.model, bundle.calibration, version=bundle.version, device="cpu")
+    detector = Detector.from_bundle(bundle, DetectorSettings(device="cpu"))
     target = bundle.calibration.target_fpr
     data = DataConfig.model_validate(bundle.metadata["data"])
     test = load_images(data.model_copy(update={"download": False}), split="test")

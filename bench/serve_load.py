@@ -35,12 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from worker_throughput import fashion_images, make_bundle
 
 from detector import Detector
+from detector.config import DetectorSettings
 from streams.brokers.local import free_port
 
 
 def detector_rates(bundle: Path, images: np.ndarray, *, batch: int) -> tuple[float, float]:
     """(images/s one image per call, images/s in batches of `batch`) of the raw detector."""
-    detector = Detector.from_bundle(bundle, device="cpu")
+    detector = Detector.from_bundle(bundle, DetectorSettings(device="cpu"))
     for _ in range(20):
         detector.score(images[:1])
     started, n = time.perf_counter(), 0

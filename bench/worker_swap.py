@@ -36,6 +36,7 @@ from worker_latency import partition_reader, wait_ready
 from worker_throughput import fashion_images, make_bundle
 
 from detector import Calibration, Detector, load_bundle, save_bundle
+from detector.config import DetectorSettings
 from streams.brokers.local import EmbeddedBroker, free_port
 from streams.config import StreamConfig
 from streams.kafka_io import create_producer, ensure_topics
@@ -191,9 +192,7 @@ def main() -> None:
             for parameter in bundle.model.parameters():
                 parameter.mul_(1.01)
         # Same alert volume as v1: its threshold at the same quantile of its own scores.
-        scores = Detector(bundle.model, bundle.calibration, version="", device="cpu").score(
-            images[:2000]
-        )
+        scores = Detector.from_bundle(bundle, DetectorSettings(device="cpu")).score(images[:2000])
         threshold = float(np.quantile(scores.scores, 0.9))
         calibration = Calibration(
             threshold=threshold, target_fpr=0.1, method="conformal", scores=scores.scores

@@ -344,7 +344,7 @@ def main() -> None:
     runs: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.model or make_bundle(args.model_kind, Path(tmp) / "bundle", images)
-        detector = Detector.from_bundle(bundle, device="auto")
+        detector = Detector.from_bundle(bundle)
         for number, engine in enumerate(order, 1):
             label = f"run {number}/{len(order)}, {engine}: " if len(order) > 1 else ""
             summary = drain_run(args, engine, detector, images, label)

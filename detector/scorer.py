@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.bundle import load_bundle
+from detector.bundle import Bundle, load_bundle
 from detector.calibration import Calibration
-from detector.config import IMAGE_PIXELS
+from detector.config import IMAGE_PIXELS, DetectorSettings
 from detector.model import VAE, to_model_input
 
 _PINNED_SLOTS = 2  # one batch in flight on the GPU while the next one is being filled
@@ -135,16 +135,27 @@ class Detector:
 
     @classmethod
     def from_bundle(
-        cls, path: str | Path, *, device: str = "auto", max_batch_size: int = 8192
+        cls, bundle: str | Path | Bundle, settings: DetectorSettings | None = None
     ) -> Detector:
-        bundle = load_bundle(path)
+        """The one way to make a detector of a bundle (its directory, or one already loaded),
+        scoring where and in the batches `settings` say (the `detector` section of the settings;
+        its defaults when None)."""
+        if not isinstance(bundle, Bundle):
+            bundle = load_bundle(bundle)
+        settings = settings or DetectorSettings()
         return cls(
             bundle.model,
             bundle.calibration,
             version=bundle.version,
-            device=device,
-            max_batch_size=max_batch_size,
+            device=settings.device,
+            max_batch_size=settings.max_batch_size,
         )
+
+    @property
+    def settings(self) -> DetectorSettings:
+        """Where and in what batches this detector scores, with `auto` resolved: what another
+        bundle needs to be loaded alike (a hot swap must not move to another device)."""
+        return DetectorSettings(device=str(self.device), max_batch_size=self.max_batch_size)
 
     @property
     def threshold(self) -> float:

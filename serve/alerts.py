@@ -23,10 +23,11 @@ from kafka.errors import KafkaError
 
 from streams.codec import decode_batch
 from streams.config import StreamConfig
-from streams.kafka_io import security_options
+from streams.kafka_io import create_consumer
 
 logger = logging.getLogger(__name__)
 
+CLIENT_ID = "vaewatch-serve"  # tells the console's reads from the workers' in the broker's logs
 _SOURCE_READ_TIMEOUT_S = 5.0
 _SUBSCRIBER_BACKLOG = 100  # cards a slow viewer may fall behind before its oldest are skipped
 
@@ -67,18 +68,8 @@ class AlertHub:
 
 
 def _consumer(stream: StreamConfig) -> KafkaConsumer:
-    """A consumer outside any group: the viewer reads, it never commits or takes partitions
-    from the workers."""
-    return KafkaConsumer(
-        bootstrap_servers=stream.bootstrap_servers.split(","),
-        client_id="vaewatch-serve",
-        group_id=None,
-        enable_auto_commit=False,
-        fetch_max_wait_ms=100,
-        request_timeout_ms=stream.request_timeout_ms,
-        bootstrap_timeout_ms=stream.bootstrap_timeout_ms,
-        **security_options(stream),
-    )
+    # Outside any group: the viewer reads, it never commits or takes partitions from the workers.
+    return create_consumer(config=stream, grouped=False, client_id=CLIENT_ID)
 
 
 class AlertFollower:

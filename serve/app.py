@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from detector.grid import image_grid
 from serve.alerts import AlertFollower, AlertHub
 from serve.batching import QueueFullError
 from serve.config import ServeConfig
@@ -26,7 +27,6 @@ from serve.images import (
     b64_png,
     decode_json_images,
     grey_image,
-    grid_image,
     heatmap_image,
     png_bytes,
 )
@@ -254,7 +254,7 @@ def create_app(
         return await loop.run_in_executor(service.executor, lambda: function(*args, **kwargs))
 
     def _images_answer(images: np.ndarray, fmt: str, **extra: Any) -> Any:
-        grid = grid_image(images, columns=extra.pop("columns", None))
+        grid = image_grid(images, columns=extra.pop("columns", None))
         if fmt == "png":
             return Response(png_bytes(grid), media_type="image/png")
         return {

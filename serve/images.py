@@ -1,20 +1,20 @@
-"""Images in and out of HTTP: PNG files, JSON pixel lists and base64 of the 784 bytes in;
-PNGs (single images, heatmaps, grids) out. Every bad input raises InputError naming it."""
+"""Images in and out of HTTP: PNG files, JSON pixel lists and base64 of the 784 bytes in (read
+by the decoders the rest of vaewatch uses: detector.png, streams.codec); PNGs (single images,
+heatmaps, grids) out. Every bad input raises InputError naming it."""
 
 from __future__ import annotations
 
 import base64
-import binascii
 import io
-import math
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from detector.config import IMAGE_PIXELS, IMAGE_SIDE
+from detector.config import IMAGE_SIDE
 from detector.png import PngError, png_pixels
 from serve.errors import InputError
+from streams.codec import BAD_SCHEMA, decode_image_values
 
 # A perceptual ramp from black through red to pale yellow (inferno-like), 256 entries, built
 # once from a few anchor colours so the heatmap needs no plotting library.
@@ -53,57 +53,22 @@ def decode_png(data: bytes, *, name: str) -> np.ndarray:
         raise _bad(exc.code, f"{name}: {exc}") from None
 
 
-def decode_base64(text: str, *, name: str) -> np.ndarray:
-    """Base64 (standard or URL-safe) of exactly 784 bytes -> 784 uint8."""
-    try:
-        cleaned = text.strip()
-        altchars = b"-_" if ("-" in cleaned or "_" in cleaned) else None
-        raw = base64.b64decode(cleaned, altchars=altchars, validate=True)
-    except (binascii.Error, ValueError):
-        raise _bad("bad_base64", f"{name}: not valid base64") from None
-    if len(raw) != IMAGE_PIXELS:
-        raise _bad(
-            "wrong_size", f"{name}: base64 decodes to {len(raw)} bytes, expected {IMAGE_PIXELS}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8).copy()
-
-
-def decode_pixels(value: Any, *, name: str) -> np.ndarray:
-    """784 ints 0..255, or 28 rows of 28 -> 784 uint8."""
-    if not isinstance(value, list):
-        raise _bad(
-            "bad_type",
-            f"{name}: expected a list of 784 integers or a base64 string, "
-            f"got {type(value).__name__}",
-        )
-    if len(value) == IMAGE_SIDE and all(isinstance(row, list) for row in value):
-        value = [pixel for row in value for pixel in row]
-    if len(value) != IMAGE_PIXELS:
-        raise _bad("wrong_size", f"{name}: {len(value)} pixels, expected {IMAGE_PIXELS} (28x28)")
-    if not all(type(p) is int for p in value):
-        wrong = next(p for p in value if type(p) is not int)
-        raise _bad("bad_type", f"{name}: pixels must be integers 0..255, found {wrong!r}")
-    pixels = np.asarray(value, dtype=np.int64)
-    if pixels.min() < 0 or pixels.max() > 255:
-        raise _bad("out_of_range", f"{name}: pixels must be 0..255, found {int(pixels.max())}")
-    return pixels.astype(np.uint8)
-
-
 def decode_json_images(body: Any, *, limit: int) -> np.ndarray:
-    """{"images": [item, ...]} where an item is 784 ints or base64 of 784 bytes -> N x 784."""
+    """{"images": [item, ...]} where an item is 784 ints (or 28 rows of 28) or base64 of the 784
+    bytes -> N x 784. The items are read by the json codec's parser (streams.codec), so an image
+    the worker takes is taken here, and a bad one is named by the same reason."""
     if not isinstance(body, dict) or "images" not in body:
-        raise _bad("bad_json", 'expected a JSON object {"images": [...]}')
+        raise _bad(BAD_SCHEMA, 'expected a JSON object {"images": [...]}')
     items = body["images"]
     if not isinstance(items, list):
-        raise _bad("bad_type", f'"images" must be a list, got {type(items).__name__}')
+        raise _bad(BAD_SCHEMA, f'"images" must be a list, got {type(items).__name__}')
     check_count(len(items), limit)
-    rows = [
-        decode_base64(item, name=f"images[{i}]")
-        if isinstance(item, str)
-        else decode_pixels(item, name=f"images[{i}]")
-        for i, item in enumerate(items)
-    ]
-    return np.stack(rows)
+    decoded = decode_image_values(items)
+    if decoded.errors:
+        index = min(decoded.errors)
+        reason, detail = decoded.errors[index]
+        raise _bad(reason, f"images[{index}]: {detail}")
+    return decoded.images
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -124,20 +89,6 @@ def heatmap_image(pixel_nll: np.ndarray) -> np.ndarray:
     low, high = float(values.min()), float(values.max())
     scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
     return _RAMP[np.round(scaled * 255).astype(np.int64)]
-
-
-def grid_image(images: np.ndarray, *, columns: int | None = None, gap: int = 2) -> np.ndarray:
-    """uint8 images (N x 784) tiled into one grey picture, `gap` black pixels between them."""
-    images = np.asarray(images, dtype=np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
-    n = len(images)
-    columns = columns or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / columns)
-    step = IMAGE_SIDE + gap
-    grid = np.zeros((rows * step - gap, columns * step - gap), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * step : r * step + IMAGE_SIDE, c * step : c * step + IMAGE_SIDE] = image
-    return grid
 
 
 def b64_png(pixels: np.ndarray) -> str:

@@ -8,9 +8,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+from streams.buckets import BATCH_SIZE_BUCKETS, INFERENCE_BUCKETS, LATENCY_BUCKETS
+
 # Long-lived responses (the live alert stream) would swamp the latency histogram.
 UNTIMED_ROUTES = frozenset({"/v1/alerts/stream"})
 DOC_PATHS = frozenset({"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
@@ -31,7 +30,7 @@ class ServeMetrics:
             "vaewatch_serve_request_duration_seconds",
             "Time from a request's arrival to the end of its response, by route and status.",
             ["route", "status"],
-            buckets=REQUEST_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.images = Counter(

@@ -13,6 +13,7 @@ from pathlib import Path
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from detector.config import DetectorSettings
 from serve.app import create_app
 from serve.config import ServeConfig
 from serve.metrics import ServeMetrics
@@ -44,8 +45,7 @@ def build_service(
     bundle: str | Path,
     *,
     config: ServeConfig,
-    device: str = "auto",
-    max_batch_size: int = 8192,
+    detector: DetectorSettings | None = None,
     stream: StreamConfig | None = None,
 ) -> Service:
     """Load the bundle and bind the port (so `.port` is known before serving when it is 0)."""
@@ -63,9 +63,7 @@ def build_service(
         raise
     registry = CollectorRegistry()
     metrics = ServeMetrics(registry=registry)
-    model = ModelService(
-        bundle, config=config, metrics=metrics, device=device, max_batch_size=max_batch_size
-    )
+    model = ModelService(bundle, config=config, metrics=metrics, detector=detector)
     app = create_app(
         model,
         config=config,

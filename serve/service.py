@@ -14,6 +14,7 @@ import torch
 
 from detector import Detector, load_bundle
 from detector.bundle import MANIFEST
+from detector.config import DetectorSettings
 from detector.explain import decode_mean, encode_mean, explain, latent_codes, to_uint8
 from serve.batching import MicroBatcher
 from serve.config import ServeConfig
@@ -45,18 +46,11 @@ class ModelService:
         *,
         config: ServeConfig,
         metrics: ServeMetrics,
-        device: str = "auto",
-        max_batch_size: int = 8192,
+        detector: DetectorSettings | None = None,
     ) -> None:
         bundle = load_bundle(bundle_path)
         self.manifest: dict[str, Any] = json.loads((Path(bundle_path) / MANIFEST).read_text())
-        self.detector = Detector(
-            bundle.model,
-            bundle.calibration,
-            version=bundle.version,
-            device=device,
-            max_batch_size=max_batch_size,
-        )
+        self.detector = Detector.from_bundle(bundle, detector)
         self.config = config
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")

@@ -2,7 +2,8 @@
 record that cannot be used.
 
 raw:  the value is exactly 784 bytes, uint8, row-major 28x28.
-json: an object with `pixels` (784 numbers, integers 0..255) or `b64` (base64 of the 784 bytes),
+json: an object with `pixels` (784 numbers, integers 0..255, flat or as 28 rows of 28) or `b64`
+      (base64 of the 784 bytes, standard or URL-safe alphabet),
       and optionally `id` (a string or finite number that is copied into alerts, at most
       MAX_ID_BYTES as JSON text). Duplicate keys, booleans as pixels and nesting deeper than
       Python's recursion limit are rejected, each record on its own.
@@ -13,6 +14,9 @@ are copied into every alert, and must not push it past the producer's request si
 The raw path is whole-array work: lengths via map(len), one join, one frombuffer. JSON has to be
 parsed record by record; the pixel checks after parsing are done on the whole batch at once.
 Every record ends valid or with a (reason, detail): nothing in a record can make the batch raise.
+
+`decode_image_values` is the same parser for image values already out of their JSON (the HTTP
+API's `{"images": [...]}`), so an image is read alike, with the same reasons, however it comes.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.config import IMAGE_PIXELS
+from detector.config import IMAGE_PIXELS, IMAGE_SIDE
 
 # Dead-letter reasons: a bounded set, used as a metric label and in the DLQ headers.
 NULL_VALUE = "null_value"
@@ -166,6 +170,54 @@ def _may_hold_strings_or_bools(value: bytes) -> bool:
     return bool(arrays.translate(None, _NUMBER_ARRAY_BYTES))
 
 
+def decode_base64(text: str) -> tuple[bytes | None, str | None, str]:
+    """One image as base64 of its 784 bytes (standard or URL-safe alphabet, surrounding white
+    space ignored) -> (the bytes, None, "") or (None, reason, detail)."""
+    cleaned = text.strip()
+    altchars = b"-_" if ("-" in cleaned or "_" in cleaned) else None
+    try:
+        raw = base64.b64decode(cleaned, altchars=altchars, validate=True)
+    except (binascii.Error, ValueError) as exc:  # ValueError: characters outside ASCII
+        return None, BAD_BASE64, f"not valid base64 ({exc})"[:_DETAIL_CHARS]
+    if len(raw) != IMAGE_PIXELS:
+        return None, WRONG_LENGTH, f"base64 of {len(raw)} bytes, expected {IMAGE_PIXELS}"
+    return raw, None, ""
+
+
+def _pixel_list(pixels: list, source: bytes | None) -> tuple[Any, str | None, str]:
+    """784 numbers, or 28 rows of 28, -> (the flat list, None, "") or (None, reason, detail);
+    the values themselves are checked batch-wide by _pixel_lists_to_rows."""
+    if len(pixels) == IMAGE_SIDE and all(type(row) is list for row in pixels):
+        pixels = [pixel for row in pixels for pixel in row]
+        source = None  # the flattened list is no longer the text the quick check reads
+    if len(pixels) != IMAGE_PIXELS:
+        return None, WRONG_LENGTH, f"{len(pixels)} pixels, expected {IMAGE_PIXELS}"
+    # numpy would take true/false as 1/0, and make one string of a million characters into a
+    # batch array of that width: only ints and floats go on.
+    if source is None or _may_hold_strings_or_bools(source):
+        kinds = set(map(type, pixels))
+        if not kinds <= _NUMBER_TYPES:
+            if bool in kinds:
+                return None, BAD_SCHEMA, "pixels must be numbers, not true/false"
+            return None, BAD_SCHEMA, "pixels must be numbers"
+    return pixels, None, ""
+
+
+def _image_value(value: Any, source: bytes | None = None) -> tuple[Any, str | None, str]:
+    """A list of pixels or a base64 string -> (pixel list or 784 bytes, None, "") or (None,
+    reason, detail). `source`, the record's text, lets the pixel check skip the common case."""
+    if isinstance(value, str):
+        return decode_base64(value)
+    if isinstance(value, list):
+        return _pixel_list(value, source)
+    return (
+        None,
+        BAD_SCHEMA,
+        f"an image is a list of {IMAGE_PIXELS} numbers or a base64 string, "
+        f"not {type(value).__name__}",
+    )
+
+
 def _parse_json(value: bytes | None) -> tuple[Any, Any, str | None, str]:
     """-> (pixels list or 784 bytes, id, reason, detail) for one JSON record."""
     if value is None:
@@ -187,26 +239,12 @@ def _parse_json(value: bytes | None) -> tuple[Any, Any, str | None, str]:
         return None, None, BAD_ID, id_problem
     pixels = obj.get("pixels")
     if isinstance(pixels, list):
-        if len(pixels) != IMAGE_PIXELS:
-            return None, None, WRONG_LENGTH, f"{len(pixels)} pixels, expected {IMAGE_PIXELS}"
-        # numpy would take true/false as 1/0, and make one string of a million characters
-        # into a batch array of that width: only ints and floats go on.
-        if _may_hold_strings_or_bools(value):
-            kinds = set(map(type, pixels))
-            if not kinds <= _NUMBER_TYPES:
-                if bool in kinds:
-                    return None, None, BAD_SCHEMA, "pixels must be numbers, not true/false"
-                return None, None, BAD_SCHEMA, "pixels must be numbers"
-        return pixels, record_id, None, ""
+        image, reason, detail = _pixel_list(pixels, value)
+        return image, record_id, reason, detail
     encoded = obj.get("b64")
     if isinstance(encoded, str):
-        try:
-            raw = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            return None, None, BAD_BASE64, str(exc)[:_DETAIL_CHARS]
-        if len(raw) != IMAGE_PIXELS:
-            return None, None, WRONG_LENGTH, f"{len(raw)} bytes in b64, expected {IMAGE_PIXELS}"
-        return raw, record_id, None, ""
+        image, reason, detail = decode_base64(encoded)
+        return image, record_id, reason, detail
     return None, None, BAD_SCHEMA, "needs 'pixels' (list of 784 numbers) or 'b64' (string)"
 
 
@@ -262,13 +300,42 @@ def _pixel_lists_to_rows(lists: list[list[Any]]) -> list[tuple[np.ndarray | None
     return out
 
 
-def decode_json(values: Sequence[bytes | None]) -> DecodedBatch:
-    n = len(values)
+def _assemble(
+    n: int, images: dict[int, Any], errors: dict[int, tuple[str, str]], ids: dict[int, Any]
+) -> DecodedBatch:
+    """One batch of n values from the parsed ones: `images` maps an index to its pixel list or
+    784 bytes, `errors` the others to (reason, detail). The pixel lists are checked here, all at
+    once."""
     valid = np.zeros(n, dtype=bool)
-    errors: dict[int, tuple[str, str]] = {}
+    out = np.empty((n, IMAGE_PIXELS), dtype=np.uint8)
     list_rows: list[int] = []
     lists: list[list[Any]] = []
-    byte_rows: dict[int, bytes] = {}
+    for i, image in images.items():
+        if isinstance(image, bytes):
+            out[i] = np.frombuffer(image, dtype=np.uint8)
+            valid[i] = True
+        else:
+            list_rows.append(i)
+            lists.append(image)
+    if lists:
+        for i, (row, check) in zip(list_rows, _pixel_lists_to_rows(lists), strict=True):
+            if check is not None:
+                errors[i] = check
+            else:
+                out[i] = row
+                valid[i] = True
+    kept = np.flatnonzero(valid).tolist()
+    return DecodedBatch(
+        images=out[valid] if len(kept) < n else out,
+        valid=valid,
+        errors=errors,
+        ids=[ids.get(i) for i in kept],
+    )
+
+
+def decode_json(values: Sequence[bytes | None]) -> DecodedBatch:
+    errors: dict[int, tuple[str, str]] = {}
+    images: dict[int, Any] = {}
     ids: dict[int, Any] = {}
     for i, value in enumerate(values):
         try:
@@ -280,29 +347,23 @@ def decode_json(values: Sequence[bytes | None]) -> DecodedBatch:
             errors[i] = (reason, detail)
             continue
         ids[i] = record_id
-        if isinstance(pixels, bytes):
-            byte_rows[i] = pixels
+        images[i] = pixels
+    return _assemble(len(values), images, errors, ids)
+
+
+def decode_image_values(values: Sequence[Any]) -> DecodedBatch:
+    """Images already parsed out of JSON, each a list of 784 numbers (or 28 rows of 28) or a
+    base64 string of the 784 bytes: the checks and reasons of the json codec's `pixels` and
+    `b64`. Invalid values are reported, never raised."""
+    errors: dict[int, tuple[str, str]] = {}
+    images: dict[int, Any] = {}
+    for i, value in enumerate(values):
+        image, reason, detail = _image_value(value)
+        if reason is not None:
+            errors[i] = (reason, detail)
         else:
-            list_rows.append(i)
-            lists.append(pixels)
-    images = np.empty((n, IMAGE_PIXELS), dtype=np.uint8)
-    for i, raw in byte_rows.items():
-        images[i] = np.frombuffer(raw, dtype=np.uint8)
-        valid[i] = True
-    if lists:
-        for i, (row, check) in zip(list_rows, _pixel_lists_to_rows(lists), strict=True):
-            if check is not None:
-                errors[i] = check
-            else:
-                images[i] = row
-                valid[i] = True
-    kept = np.flatnonzero(valid).tolist()
-    return DecodedBatch(
-        images=images[valid] if len(kept) < n else images,
-        valid=valid,
-        errors=errors,
-        ids=[ids[i] for i in kept],
-    )
+            images[i] = image
+    return _assemble(len(values), images, errors, {})
 
 
 def _reject_long_keys(decoded: DecodedBatch, keys: Sequence[bytes | None]) -> DecodedBatch:

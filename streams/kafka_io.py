@@ -40,10 +40,10 @@ def security_options(config: StreamConfig) -> dict[str, Any]:
     return options
 
 
-def _common_options(config: StreamConfig) -> dict[str, Any]:
+def _common_options(config: StreamConfig, client_id: str | None = None) -> dict[str, Any]:
     return {
         "bootstrap_servers": config.bootstrap_servers.split(","),
-        "client_id": config.client_id,
+        "client_id": client_id or config.client_id,
         "request_timeout_ms": config.request_timeout_ms,
         "reconnect_backoff_max_ms": config.reconnect_backoff_max_ms,
         "bootstrap_timeout_ms": config.bootstrap_timeout_ms,
@@ -51,10 +51,23 @@ def _common_options(config: StreamConfig) -> dict[str, Any]:
     }
 
 
-def create_consumer(*, config: StreamConfig, group_id: str | None = None) -> KafkaConsumer:
-    """A consumer with manual commits; raises KafkaTimeoutError when no broker answers."""
+def create_consumer(
+    *,
+    config: StreamConfig,
+    group_id: str | None = None,
+    grouped: bool = True,
+    client_id: str | None = None,
+) -> KafkaConsumer:
+    """A consumer with manual commits in `group_id` (default stream.group_id); with `grouped`
+    false, in no group at all, so it takes no partitions from the workers and commits nothing (a
+    reader beside them, such as the console's alert view: it assigns itself partitions). Raises
+    KafkaTimeoutError when no broker answers."""
+    if not grouped:
+        group_id = None
+    elif group_id is None:
+        group_id = config.group_id
     return KafkaConsumer(
-        group_id=group_id if group_id is not None else config.group_id,
+        group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset=config.auto_offset_reset,
         session_timeout_ms=config.session_timeout_ms,
@@ -63,12 +76,25 @@ def create_consumer(*, config: StreamConfig, group_id: str | None = None) -> Kaf
         fetch_max_wait_ms=config.fetch_max_wait_ms,
         max_partition_fetch_bytes=config.max_partition_fetch_bytes,
         max_poll_records=config.max_batch_size,
-        **_common_options(config),
+        # Outputs of an open or aborted transaction (exactly_once) are never read; without
+        # transactions this reads the same as read_uncommitted.
+        isolation_level="read_committed",
+        **_common_options(config, client_id),
     )
 
 
-def create_producer(*, config: StreamConfig) -> KafkaProducer:
+def create_producer(*, config: StreamConfig, transactional_id: str | None = None) -> KafkaProducer:
+    """The producer of outputs; with `transactional_id`, a transactional one (exactly_once:
+    idempotent, acks=all, its transactions time out after transaction_timeout_ms)."""
     acks: Any = "all" if config.acks == "all" else int(config.acks)
+    transactional: dict[str, Any] = {}
+    if transactional_id:
+        acks = "all"
+        transactional = {
+            "transactional_id": transactional_id,
+            "enable_idempotence": True,
+            "transaction_timeout_ms": config.transaction_timeout_ms,
+        }
     return KafkaProducer(
         acks=acks,
         linger_ms=config.linger_ms,
@@ -77,6 +103,7 @@ def create_producer(*, config: StreamConfig) -> KafkaProducer:
         delivery_timeout_ms=config.delivery_timeout_ms,
         max_request_size=config.max_request_size,
         max_block_ms=config.request_timeout_ms,
+        **transactional,
         **_common_options(config),
     )
 

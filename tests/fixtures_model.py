@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from detector.config import ModelConfig
+from detector.config import DetectorSettings, ModelConfig
 from trainer.config import CalibrationConfig, DataConfig, TrainConfig
 from trainer.data import DataError, ImageSet, load_images
 
 __all__ = [
+    "CPU",
     "SMALL_BUNDLE_NORMAL_CLASS",
     "FashionMNIST",
     "fashion_mnist",
@@ -29,6 +30,8 @@ __all__ = [
 ]
 
 SMALL_BUNDLE_NORMAL_CLASS = 0
+# The tests score on the CPU whatever the machine has: the same numbers everywhere.
+CPU = DetectorSettings(device="cpu")
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from detector.bundle import Bundle, load_bundle, save_bundle
+from detector.config import DetectorSettings
 from detector.scorer import Detector
 from trainer.calibrate import CalibrationError, calibrate_threshold
 from trainer.config import DataConfig
@@ -89,8 +90,7 @@ def recalibrate_bundle(
     out: str | Path,
     source: str,
     target_fpr: float | None = None,
-    device: str = "cpu",
-    max_batch_size: int = 8192,
+    detector: DetectorSettings | None = None,
     source_details: dict[str, Any] | None = None,
 ) -> Bundle:
     """Score `images` (uint8 N x 784, all normal) with the bundle at `model`, set the conformal
@@ -102,14 +102,9 @@ def recalibrate_bundle(
         raise CalibrationError(f"--out {out}: must differ from --model (bundles are immutable)")
     bundle = load_bundle(model)
     target = bundle.calibration.target_fpr if target_fpr is None else target_fpr
-    detector = Detector(
-        bundle.model,
-        bundle.calibration,
-        version=bundle.version,
-        device=device,
-        max_batch_size=max_batch_size,
-    )
-    scores = detector.score(images).scores
+    # The CPU unless told otherwise: recalibration scores a few thousand images once.
+    scorer = Detector.from_bundle(bundle, detector or DetectorSettings(device="cpu"))
+    scores = scorer.score(images).scores
     calibration = calibrate_threshold(scores, target_fpr=target)
     metadata = recalibrated_metadata(
         bundle, source=source, n_images=len(images), extra=source_details
@@ -119,7 +114,7 @@ def recalibrate_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         written = save_bundle(
-            staging, model=detector.model.cpu(), calibration=calibration, metadata=metadata
+            staging, model=scorer.model.cpu(), calibration=calibration, metadata=metadata
         )
         if out.exists():
             out.rmdir()  # empty, checked above

@@ -17,26 +17,13 @@ import numpy as np
 import torch
 
 from detector.calibration import Calibration
-from detector.config import IMAGE_SIDE
-from detector.model import VAE, to_model_input
+from detector.explain import decode_mean, encode_mean, to_uint8
+from detector.grid import image_grid
+from detector.model import VAE
 
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
-
-
-def image_grid(images: np.ndarray, *, columns: int) -> np.ndarray:
-    """Tile N x 784 images (uint8 or floats in [0, 1]) into one 2-D picture, 2-pixel gutters."""
-    images = np.asarray(images).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
-    rows = -(-len(images) // columns)
-    cell = IMAGE_SIDE + 2
-    grid = np.zeros((rows * cell, columns * cell), dtype=images.dtype)
-    for i, picture in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * cell + 1 : r * cell + 1 + IMAGE_SIDE, c * cell + 1 : c * cell + 1 + IMAGE_SIDE] = (
-            picture
-        )
-    return grid
 
 
 def save_grid(path: Path, images: np.ndarray, *, columns: int, title: str | None = None) -> None:
@@ -52,13 +39,9 @@ def save_grid(path: Path, images: np.ndarray, *, columns: int, title: str | None
     plt.close(figure)
 
 
-@torch.inference_mode()
 def reconstructions(model: VAE, images: np.ndarray) -> np.ndarray:
-    """Decoder means at z = mu for uint8 images, as floats in [0, 1]."""
-    device = model.fc_mu.weight.device
-    x = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(device))
-    mu, _ = model.encode(x)
-    return torch.sigmoid(model.decode(mu)).float().cpu().numpy()
+    """Decoder means at z = mu for uint8 images, as floats in [0, 1] (what /v1/explain shows)."""
+    return decode_mean(model, encode_mean(model, images))
 
 
 @torch.inference_mode()
@@ -111,7 +94,7 @@ def write_training_report(
     report = Path(bundle_dir) / REPORT_DIR
     report.mkdir(parents=True, exist_ok=True)
     originals = val_images[:16]
-    rebuilt = (reconstructions(model, originals) * 255).round().astype(np.uint8)
+    rebuilt = to_uint8(reconstructions(model, originals))
     save_grid(
         report / "reconstructions.png",
         np.concatenate([originals, rebuilt]),

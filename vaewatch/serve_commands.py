@@ -40,8 +40,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         service = build_service(
             args.model,
             config=config,
-            device=settings.detector.device,
-            max_batch_size=settings.detector.max_batch_size,
+            detector=settings.detector,
             stream=settings.stream,
         )
     except OSError as exc:
@@ -68,8 +67,7 @@ def start_console(
     service = build_service(
         model,
         config=config,
-        device=settings.detector.device,
-        max_batch_size=settings.detector.max_batch_size,
+        detector=settings.detector,
         stream=stream,
     )
     return BackgroundServer(service).start()

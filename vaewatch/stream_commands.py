@@ -70,19 +70,11 @@ def _quiet_kafka() -> None:
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     _quiet_kafka()
-    detector = Detector.from_bundle(
-        args.model,
-        device=settings.detector.device,
-        max_batch_size=settings.detector.max_batch_size,
-    )
+    detector = Detector.from_bundle(args.model, settings.detector)
     shadow_path = args.shadow or settings.lifecycle.shadow_model or None
     shadow = None
     if shadow_path is not None:
-        shadow = Detector.from_bundle(
-            shadow_path,
-            device=settings.detector.device,
-            max_batch_size=settings.detector.max_batch_size,
-        )
+        shadow = Detector.from_bundle(shadow_path, settings.detector)
     with stop_on_signals(second_exits=True) as stop:
         return run_worker_process(
             stream=settings.stream,
@@ -236,9 +228,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     print(f"data: {data.dataset} test split")
     test = load_images(data, split="test")
     model_dir = _demo_model(args, settings)
-    detector = Detector.from_bundle(
-        model_dir, device=settings.detector.device, max_batch_size=settings.detector.max_batch_size
-    )
+    detector = Detector.from_bundle(model_dir, settings.detector)
     metrics_port = args.metrics_port or free_port()
     metrics = settings.metrics.model_copy(update={"host": "127.0.0.1", "port": metrics_port})
     with create_broker(args.engine) as broker:

@@ -7,10 +7,10 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 
 from streams.config import StreamConfig
-from streams.kafka_io import security_options
+from streams.kafka_io import create_consumer
 from streams.replay import ANOMALY_HEADER
 
 
@@ -44,13 +44,11 @@ class ScoresReader:
     """Assigns every partition of the scores topic (no group: no join to wait for)."""
 
     def __init__(self, *, config: StreamConfig, topic: str) -> None:
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=config.bootstrap_servers.split(","),
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=50,
-            **security_options(config),
+        # From the start of each partition whatever the worker's settings: every score counts.
+        reading = config.model_copy(
+            update={"auto_offset_reset": "earliest", "fetch_max_wait_ms": 50}
         )
+        self._consumer = create_consumer(config=reading, grouped=False, client_id="vaewatch-demo")
         partitions = self._consumer.partitions_for_topic(topic) or {0}
         self._consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
         self.tally = Tally()

@@ -83,7 +83,7 @@ def read_topic_range(
 ) -> TopicImages:
     """Every record of the range, decoded; raises TopicRangeError when the topic or partition
     does not exist, or when the range is not there (yet) after `timeout_s`."""
-    consumer = create_consumer(config=config, group_id=None)
+    consumer = create_consumer(config=config, grouped=False)
     try:
         partitions = consumer.partitions_for_topic(source.topic)
         if not partitions:

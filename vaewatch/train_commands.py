@@ -126,11 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _detector(args: argparse.Namespace, settings: Settings) -> Detector:
-    return Detector.from_bundle(
-        args.model,
-        device=settings.detector.device,
-        max_batch_size=settings.detector.max_batch_size,
-    )
+    return Detector.from_bundle(args.model, settings.detector)
 
 
 def run_train(args: argparse.Namespace, settings: Settings) -> int:
@@ -167,13 +163,7 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from trainer.evaluate import evaluate_detector, write_roc_report
 
     bundle = load_bundle(args.model)
-    detector = Detector(
-        bundle.model,
-        bundle.calibration,
-        version=bundle.version,
-        device=settings.detector.device,
-        max_batch_size=settings.detector.max_batch_size,
-    )
+    detector = Detector.from_bundle(bundle, settings.detector)
     try:
         data = _evaluation_data(bundle.metadata.get("data"), args, settings)
     except ValueError as exc:  # pydantic's ValidationError: an unknown --dataset form
@@ -247,9 +237,8 @@ def run_score(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_sample(args: argparse.Namespace, settings: Settings) -> int:
-    import torch
-
-    from trainer.report import save_grid
+    from detector.explain import to_uint8
+    from trainer.report import samples, save_grid
 
     if args.n < 1:
         raise CommandError(f"--n must be at least 1, got {args.n}")
@@ -257,10 +246,7 @@ def run_sample(args: argparse.Namespace, settings: Settings) -> int:
     if suffix not in (".png", ".npz"):
         raise CommandError(f"--out {args.out}: use a .png (image grid) or .npz (array x) file")
     model = load_bundle(args.model).model
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    with torch.inference_mode():
-        pixels = model.sample(args.n, generator=generator, prior=args.prior).float().numpy()
-    images = (pixels * 255.0).round().astype(np.uint8)
+    images = to_uint8(samples(model, args.n, seed=args.seed, prior=args.prior))
     try:
         if suffix == ".png":
             save_grid(args.out, images, columns=math.ceil(math.sqrt(args.n)))
@@ -309,8 +295,7 @@ def run_recalibrate(args: argparse.Namespace, settings: Settings) -> int:
         out=args.out,
         source=args.data,
         target_fpr=args.target_fpr,
-        device=settings.detector.device,
-        max_batch_size=settings.detector.max_batch_size,
+        detector=settings.detector,
         source_details=details,
     )
     calibration = bundle.calibration

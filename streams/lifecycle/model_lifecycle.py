@@ -221,9 +221,7 @@ def build_lifecycle(
     lifecycle: ModelLifecycle
 
     def load(path: Path) -> Detector:
-        return Detector.from_bundle(
-            path, device=str(detector.device), max_batch_size=detector.max_batch_size
-        )
+        return Detector.from_bundle(path, detector.settings)
 
     watcher = None
     if model_path is not None:

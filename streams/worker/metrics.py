@@ -12,15 +12,13 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from detector import Detector
+from streams.buckets import BATCH_SIZE_BUCKETS, INFERENCE_BUCKETS, LATENCY_BUCKETS
 from streams.codec import DEAD_LETTER_REASONS
 
 UNSENDABLE = "unsendable"  # dead-letter reason: outputs that could not be sent (publish.py)
 OUTCOMES = ("normal", "anomaly", "invalid")
 ERROR_KINDS = ("broker", "produce", "commit", "decode", "scoring", "skipped", "model")
 STAGES = ("fetch", "batching", "score", "publish", "ack")
-BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class WorkerMetrics:
@@ -109,6 +107,19 @@ class WorkerMetrics:
             registry=registry,
         )
         self.model = Info("vaewatch_model", "The loaded model bundle.", registry=registry)
+        # processing_guarantee=exactly_once (docs/delivery.md): 0 otherwise.
+        self.transactions = Counter(
+            "vaewatch_transactions",
+            "Kafka transactions that ended, by outcome (committed, aborted).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.transaction_commit_seconds = Histogram(
+            "vaewatch_transaction_commit_seconds",
+            "Time to commit a transaction: flush its sends, add the offsets, commit.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         # Every series of the bounded label sets exists from the start at 0, so rate() and
         # increase() in alert rules count the first dead letter or error after a restart.
         for outcome in OUTCOMES:
@@ -117,6 +128,8 @@ class WorkerMetrics:
             self.dead_letters.labels(reason=reason)
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
+        for outcome in ("committed", "aborted"):
+            self.transactions.labels(outcome=outcome)
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)
 

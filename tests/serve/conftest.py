@@ -11,6 +11,7 @@ import pytest
 
 from serve.config import ServeConfig
 from serve.server import BackgroundServer, build_service
+from tests.fixtures_model import CPU
 
 LIMITS = {"max_images_per_request": 64, "max_body_bytes": 1024 * 1024}
 
@@ -23,7 +24,7 @@ def start_service() -> Iterator[Callable[..., BackgroundServer]]:
 
     def start(bundle: Path, *, stream: Any = None, **settings: Any) -> BackgroundServer:
         config = ServeConfig(port=0, **{**LIMITS, **settings})
-        service = build_service(bundle, config=config, device="cpu", stream=stream)
+        service = build_service(bundle, config=config, detector=CPU, stream=stream)
         server = BackgroundServer(service).start()
         started.append(server)
         return server
@@ -37,6 +38,6 @@ def start_service() -> Iterator[Callable[..., BackgroundServer]]:
 def service_url(trained_bundle: Path) -> Iterator[str]:
     """One service with the default settings (and the test limits) for a module's tests."""
     config = ServeConfig(port=0, **LIMITS)
-    server = BackgroundServer(build_service(trained_bundle, config=config, device="cpu")).start()
+    server = BackgroundServer(build_service(trained_bundle, config=config, detector=CPU)).start()
     yield server.url
     server.stop()

@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve.errors import InputError
+from serve.images import decode_json_images
+from streams.codec import decode_batch
 from tests.serve.conftest import LIMITS
 from tests.serve.http_helpers import Answer, get, multipart, png, post_json, request
 
@@ -51,20 +54,24 @@ CASES = {
                        "wrong_size"),
     "decompression bomb": ("/v1/score", _files(("bomb.png", _bomb())), 400, "wrong_size"),
     "a float TIFF named .png": ("/v1/score", _files(("f.png", _tiff())), 400, "not_png"),
-    "wrong number of pixels": ("/v1/score", _json({"images": [[0] * 783]}), 400, "wrong_size"),
+    "wrong number of pixels": ("/v1/score", _json({"images": [[0] * 783]}), 400, "wrong_length"),
     "too many images": ("/v1/score", _json({"images": [BLANK] * 65}), 413, "too_many_images"),
     "too many files": ("/v1/explain", _files(*[(f"{i}.png", png(np.zeros(784))) for i in
                                                range(65)]), 413, "too_many_images"),
     "no images": ("/v1/score", _json({"images": []}), 400, "no_images"),
     "bad base64": ("/v1/score", _json({"images": ["not*base64!"]}), 400, "bad_base64"),
     "base64 of the wrong length": ("/v1/score", _json({"images": [base64.b64encode(b"x" * 10)
-                                                                  .decode()]}), 400, "wrong_size"),
+                                                                  .decode()]}), 400,
+                                   "wrong_length"),
     "bad JSON": ("/v1/score", (b'{"images": [', "application/json"), 400, "bad_json"),
-    "JSON without images": ("/v1/score", _json({"pixels": BLANK}), 400, "bad_json"),
-    "images not a list": ("/v1/score", _json({"images": "abc"}), 400, "bad_type"),
-    "an image of the wrong type": ("/v1/score", _json({"images": [7]}), 400, "bad_type"),
-    "pixels of the wrong type": ("/v1/score", _json({"images": [["a"] * 784]}), 400, "bad_type"),
-    "float pixels": ("/v1/score", _json({"images": [[0.5] * 784]}), 400, "bad_type"),
+    "JSON without images": ("/v1/score", _json({"pixels": BLANK}), 400, "bad_schema"),
+    "images not a list": ("/v1/score", _json({"images": "abc"}), 400, "bad_schema"),
+    "an image of the wrong type": ("/v1/score", _json({"images": [7]}), 400, "bad_schema"),
+    "pixels of the wrong type": ("/v1/score", _json({"images": [["a"] * 784]}), 400,
+                                 "bad_schema"),
+    "float pixels": ("/v1/score", _json({"images": [[0.5] * 784]}), 400, "not_integer"),
+    "true/false pixels": ("/v1/score", _json({"images": [[True] * 784]}), 400, "bad_schema"),
+    "NaN pixels": ("/v1/score", _json({"images": [[float("nan")] * 784]}), 400, "not_finite"),
     "pixels out of range": ("/v1/score", _json({"images": [[300] * 784]}), 400, "out_of_range"),
     "unsupported media type": ("/v1/score", (b"abc", "text/plain"), 415,
                                "unsupported_media_type"),
@@ -108,6 +115,43 @@ def test_bad_input_gets_its_4xx(service_url: str, case: str) -> None:
     _assert_error(
         request(service_url, "POST", path, body=body, content_type=content_type), status, code
     )
+
+
+# Image values the HTTP API and the worker's json codec must read alike: the same image, or the
+# same reason (the HTTP error code is the dead-letter reason).
+_RANDOM = np.random.default_rng(0).integers(0, 256, 784, dtype=np.uint8)
+SHARED_VALUES = {
+    "pixels": _RANDOM.tolist(),
+    "28 rows of 28": _RANDOM.reshape(28, 28).tolist(),
+    "whole floats": [float(v) for v in _RANDOM],
+    "standard base64": base64.b64encode(_RANDOM.tobytes()).decode(),
+    "URL-safe base64": base64.urlsafe_b64encode(_RANDOM.tobytes()).decode(),
+    "base64 in white space": " " + base64.b64encode(_RANDOM.tobytes()).decode() + "\n",
+    "bad base64": "not*base64!",
+    "short base64": base64.b64encode(b"x" * 10).decode(),
+    "783 pixels": [0] * 783,
+    "a pixel of 256": [256] + [0] * 783,
+    "a fraction": [0.5] + [0] * 783,
+    "a string": ["a"] + [0] * 783,
+    "a boolean": [True] + [0] * 783,
+    "a number": 7,
+}
+
+
+@pytest.mark.parametrize("case", list(SHARED_VALUES))
+def test_http_and_the_worker_read_an_image_value_alike(case: str) -> None:
+    value = SHARED_VALUES[case]
+    field = "b64" if isinstance(value, str) else "pixels"
+    record = decode_batch([json.dumps({field: value}).encode()], codec="json")
+    try:
+        over_http = decode_json_images({"images": [value]}, limit=4)
+    except InputError as exc:
+        assert not record.n_valid, exc.message
+        assert exc.code == record.errors[0][0]
+        return
+    assert record.n_valid == 1, record.errors
+    assert np.array_equal(over_http, record.images)
+    assert np.array_equal(over_http[0], _RANDOM)
 
 
 def test_a_body_over_the_limit_gets_413_declared_or_chunked(service_url: str) -> None:

@@ -19,6 +19,7 @@ import pytest
 from detector import Detector
 from streams.kafka_io import create_producer
 from tests.fixtures_broker import make_topics, start_worker
+from tests.fixtures_model import CPU
 from tests.serve.http_helpers import png
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -68,7 +69,7 @@ def _screenshot(page: Any, tmp_path: Path, name: str) -> None:
 
 def _images_by_score(bundle: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(lowest-scoring, highest-scoring) of `images` under the bundle's model."""
-    scores = Detector.from_bundle(bundle, device="cpu").score(images).scores
+    scores = Detector.from_bundle(bundle, CPU).score(images).scores
     order = np.argsort(scores)
     return images[order[0]], images[order[-1]]
 
@@ -157,7 +158,7 @@ def test_live_alerts_view_shows_a_card_for_a_produced_anomaly(
         )
         assert widths == [28, 28, 28]  # the image read back, its reconstruction, its heatmap
         text = card.inner_text()
-        version = Detector.from_bundle(trained_bundle, device="cpu").version
+        version = Detector.from_bundle(trained_bundle, CPU).version
         assert version in text and "p-value" in text and "sneaker-1" in text
         _screenshot(page, tmp_path, "console-alerts.png")
     finally:

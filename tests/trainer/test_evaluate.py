@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics
 
+from tests.fixtures_model import CPU
 from trainer.evaluate import auprc, auroc, evaluate_scores, roc_curve
 
 
@@ -67,7 +68,7 @@ def test_tpr_at_target_fpr_uses_the_conformal_threshold_whatever_the_method(
     from trainer.config import DataConfig
     from trainer.evaluate import evaluate_detector
 
-    detector = Detector.from_bundle(trained_bundle, device="cpu")
+    detector = Detector.from_bundle(trained_bundle, CPU)
     data = DataConfig.model_validate(load_bundle_metadata(trained_bundle)["data"])
     conformal = evaluate_detector(detector, data).evaluation
     assert conformal.target_fpr == 0.01

@@ -13,7 +13,7 @@ import torch
 
 from detector import Detector, load_bundle
 from detector.config import ModelConfig
-from tests.fixtures_model import SMALL_BUNDLE_NORMAL_CLASS
+from tests.fixtures_model import CPU, SMALL_BUNDLE_NORMAL_CLASS
 from trainer import fit
 from trainer.config import CalibrationConfig, DataConfig, TrainConfig
 from trainer.evaluate import auroc
@@ -95,7 +95,7 @@ def test_diverged_training_is_an_error(tiny_data, monkeypatch) -> None:
 
 def test_trained_bundle_detects_other_classes(trained_bundle: Path, fashion_mnist) -> None:
     """Integration: trained on 2,700 real T-shirt images, scored on all 10,000 test images."""
-    detector = Detector.from_bundle(trained_bundle, device="cpu")
+    detector = Detector.from_bundle(trained_bundle, CPU)
     test = fashion_mnist.test
     result = detector.score(test.images)
     normal = test.labels == SMALL_BUNDLE_NORMAL_CLASS

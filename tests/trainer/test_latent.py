@@ -10,6 +10,7 @@ import torch
 import trainer.latent
 from detector import Detector, load_bundle
 from detector.config import ModelConfig
+from tests.fixtures_model import CPU
 from trainer.config import DataConfig, TrainConfig
 from trainer.data import load_images, split_normal
 from trainer.fit import fit_vae, score_images
@@ -153,7 +154,7 @@ def test_calibration_scores_are_the_detectors_scores_of_the_held_out_images(
     data = DataConfig.model_validate(bundle.metadata["data"])
     seed = bundle.metadata["train"]["seed"]
     split = split_normal(load_images(data, split="train"), data, seed=seed)
-    scores = Detector.from_bundle(trained_bundle, device="cpu").score(split.val).scores
+    scores = Detector.from_bundle(trained_bundle, CPU).score(split.val).scores
     np.testing.assert_allclose(np.sort(scores), bundle.calibration.scores, rtol=1e-6, atol=1e-6)
 
 

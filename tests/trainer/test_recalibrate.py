@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from detector import Detector, load_bundle
-from tests.fixtures_model import SMALL_BUNDLE_NORMAL_CLASS, FashionMNIST
+from tests.fixtures_model import CPU, SMALL_BUNDLE_NORMAL_CLASS, FashionMNIST
 from trainer.recalibrate import recalibrate_bundle
 from vaewatch.cli import main
 
@@ -39,14 +39,14 @@ def test_recalibration_restores_the_target_fpr_on_shifted_normal_data(
     trained_bundle: Path, fashion_mnist: FashionMNIST, tmp_path: Path
 ) -> None:
     calibrate_on, held_out = _shifted_normal(fashion_mnist)
-    old = Detector.from_bundle(trained_bundle, device="cpu")
+    old = Detector.from_bundle(trained_bundle, CPU)
     old_fpr = float(old.score(held_out).anomalous.mean())
     target = old.calibration.target_fpr
 
     new_bundle = recalibrate_bundle(
         trained_bundle, calibrate_on, out=tmp_path / "new", source="test:shifted"
     )
-    new = Detector.from_bundle(tmp_path / "new", device="cpu")
+    new = Detector.from_bundle(tmp_path / "new", CPU)
     new_fpr = float(new.score(held_out).anomalous.mean())
 
     # The old threshold no longer holds on the shifted data; the new one does (within the
@@ -160,7 +160,7 @@ def test_cli_recalibrates_from_a_kafka_topic_range(
         "offsets": {"0": [0, 301]},
         "n_invalid": 1,
     }
-    expected = Detector.from_bundle(trained_bundle, device="cpu").score(normal[:300]).scores
+    expected = Detector.from_bundle(trained_bundle, CPU).score(normal[:300]).scores
     np.testing.assert_array_equal(bundle.calibration.scores, np.sort(expected.astype(np.float64)))
 
     too_far = f"kafka:{topics.config.input_topic}:0:0-9999"

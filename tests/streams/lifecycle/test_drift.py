@@ -17,7 +17,7 @@ from streams.lifecycle.drift import (
     kolmogorov_survival,
     ks_two_sample,
 )
-from tests.fixtures_model import SMALL_BUNDLE_NORMAL_CLASS, FashionMNIST
+from tests.fixtures_model import CPU, SMALL_BUNDLE_NORMAL_CLASS, FashionMNIST
 
 
 def test_ks_statistic_equals_scipy_and_p_value_is_close() -> None:
@@ -88,7 +88,7 @@ def test_calibrated_class_does_not_drift_another_class_does(
 ) -> None:
     """Real scores: held-out test images of the normal class (never seen in training or
     calibration) look like the calibration scores; trousers (class 1) do not."""
-    detector = Detector.from_bundle(trained_bundle, device="cpu")
+    detector = Detector.from_bundle(trained_bundle, CPU)
     calibration = detector.calibration
     test = fashion_mnist.test
     normal = test.images[test.labels == SMALL_BUNDLE_NORMAL_CLASS]

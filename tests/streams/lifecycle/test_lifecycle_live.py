@@ -25,7 +25,7 @@ from detector import Detector, load_bundle, save_bundle
 from detector.bundle import WEIGHTS
 from streams.codec import encode_images
 from tests.fixtures_broker import make_topics, start_worker
-from tests.fixtures_model import SMALL_BUNDLE_NORMAL_CLASS, FashionMNIST
+from tests.fixtures_model import CPU, SMALL_BUNDLE_NORMAL_CLASS, FashionMNIST
 from tests.streams.kafka_helpers import produce_values, read_json, read_topic
 from trainer.calibrate import calibrate_threshold
 from vaewatch.cli import build_parser
@@ -50,7 +50,7 @@ def bundles(trained_bundle: Path, fashion_mnist: FashionMNIST, tmp_path_factory)
             parameter.mul_(1.0 + 0.05 * noise)
     test = fashion_mnist.test
     normal = test.images[test.labels == SMALL_BUNDLE_NORMAL_CLASS][:500]
-    scores = Detector(bundle.model, bundle.calibration, version="", device="cpu").score(normal)
+    scores = Detector.from_bundle(bundle, CPU).score(normal)
     calibration = calibrate_threshold(scores.scores, target_fpr=bundle.calibration.target_fpr)
     v2 = folder / "v2"
     save_bundle(v2, model=bundle.model, calibration=calibration, metadata=bundle.metadata)
@@ -125,7 +125,7 @@ def test_swap_mid_stream_and_a_corrupt_candidate(
             )
         ],
     )
-    detectors = {name: Detector.from_bundle(bundles[name], device="cpu") for name in ("v1", "v2")}
+    detectors = {name: Detector.from_bundle(bundles[name], CPU) for name in ("v1", "v2")}
     versions = {detectors[name].version: name for name in detectors}
     try:
         # A corrupt candidate: the old model keeps serving the next 500 records.
@@ -255,7 +255,7 @@ def test_shadow_reports_both_versions_anomaly_rates(
     try:
         alerts = read_json(read_topic(topics.config, topics.config.scores_topic, until=1000))
         shadow = read_json(read_topic(topics.config, shadow_topic, until=1000))
-        v1, v2 = (Detector.from_bundle(bundles[n], device="cpu") for n in ("v1", "v2"))
+        v1, v2 = (Detector.from_bundle(bundles[n], CPU) for n in ("v1", "v2"))
         _wait(
             "the shadow's counts",
             lambda: (

@@ -18,7 +18,7 @@ from detector import Detector, load_bundle
 from detector.bundle import MANIFEST, WEIGHTS
 from streams.lifecycle.metrics import LifecycleMetrics
 from streams.lifecycle.model_watch import ModelWatcher, bundle_identity
-from tests.fixtures_model import SMALL_BUNDLE_NORMAL_CLASS, FashionMNIST
+from tests.fixtures_model import CPU, SMALL_BUNDLE_NORMAL_CLASS, FashionMNIST
 from trainer.recalibrate import recalibrate_bundle
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def _until(condition: Callable[[], object], timeout_s: float = 20.0) -> object:
 
 
 def _loader(path: Path) -> Detector:
-    return Detector.from_bundle(path, device="cpu")
+    return Detector.from_bundle(path, CPU)
 
 
 @pytest.fixture

@@ -14,11 +14,12 @@ from detector import Detector
 from streams.config import StreamConfig
 from streams.worker.score_process import ScoringProcess
 from streams.worker.scoring import ProcessScorer, build_scorer
+from tests.fixtures_model import CPU
 
 
 @pytest.fixture(scope="module")
 def detector(trained_bundle) -> Detector:
-    return Detector.from_bundle(trained_bundle, device="cpu")
+    return Detector.from_bundle(trained_bundle, CPU)
 
 
 @pytest.fixture

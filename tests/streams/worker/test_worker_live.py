@@ -18,6 +18,7 @@ from streams.codec import encode_images
 from streams.lifecycle.metrics import LifecycleMetrics
 from streams.worker.metrics import WorkerMetrics
 from tests.fixtures_broker import make_topics, start_worker
+from tests.fixtures_model import CPU
 from tests.streams.kafka_helpers import (
     committed_offsets,
     end_offsets,
@@ -89,7 +90,7 @@ def test_every_record_is_scored_at_least_once(scored_run) -> None:
 
 
 def test_scores_and_alerts_match_the_detector_offline(scored_run, trained_bundle) -> None:
-    detector = Detector.from_bundle(trained_bundle, device="cpu")
+    detector = Detector.from_bundle(trained_bundle, CPU)
     offline = detector.score(scored_run["images"])
     positions = _by_position(scored_run["scores"])
     online = np.array([positions[(i % 2, i // 2)]["score"] for i in range(N_IMAGES)])
