@@ -1,9 +1,10 @@
 """The console's live alert view: follow the alert topic, read each alert's image back from
-its source topic/partition/offset, explain it with the served model and hand the card to the
+its source topic/partition/offset, explain it with the served model (saying whether that is the
+model that raised the alert: after a worker's hot swap it may not be) and hand the card to the
 hub, which fans it out to every open event stream (server-sent events).
 
-The only part of serve/ that knows Kafka; it reuses streams/ for settings, security options
-and record decoding.
+The only part of serve/ that knows Kafka; it reuses streams/ for settings, consumers and record
+decoding.
 """
 
 from __future__ import annotations
@@ -73,15 +74,16 @@ def _consumer(stream: StreamConfig) -> KafkaConsumer:
 
 
 class AlertFollower:
-    """A daemon thread: alerts in, cards out. `explain(image 784 uint8) -> dict` adds the
-    served model's reconstruction and heatmap to a card."""
+    """A daemon thread: alerts in, cards out. `explain(image 784 uint8, model_version=the
+    alert's) -> dict` adds the served model's reconstruction and heatmap to a card, and which
+    model drew them."""
 
     def __init__(
         self,
         *,
         stream: StreamConfig,
         hub: AlertHub,
-        explain: Callable[[np.ndarray], dict[str, Any]],
+        explain: Callable[..., dict[str, Any]],
         replay_recent: int,
     ) -> None:
         self.stream = stream
@@ -165,7 +167,10 @@ class AlertFollower:
         if image is None:
             card["image_error"] = problem
         else:
-            card.update(self.explain(image))
+            version = alert.get("model_version")
+            card.update(
+                self.explain(image, model_version=None if version is None else str(version))
+            )
         self.hub.publish_threadsafe(card)
 
     def _read_source(

@@ -148,9 +148,14 @@ class ModelService:
             for i in range(len(images))
         ]
 
-    def explain_now(self, image: np.ndarray) -> dict[str, Any]:
-        """Card fields for one image, computed on the device thread (for the alert follower,
-        which runs in its own thread)."""
+    def explain_now(self, image: np.ndarray, *, model_version: str | None) -> dict[str, Any]:
+        """Card fields for one image of an alert raised by `model_version`, computed on the
+        device thread (for the alert follower, which runs in its own thread).
+
+        The service holds one model. When it is the alert's, the map shows what that model
+        saw; when it is not (a worker that hot-swapped, or runs another bundle), the map is
+        still drawn, by the served model, and the fields say so: `served_model_version` names
+        the model that drew it, `explained_by_alert_model` whether that is the alert's."""
         (found,) = self.executor.submit(self._explain_batch, image.reshape(1, -1)).result()
         return {
             "image_png": b64_png(grey_image(image)),
@@ -158,6 +163,7 @@ class ModelService:
             "heatmap_png": b64_png(heatmap_image(found.pixel_nll)),
             "served_score": found.score.score,
             "served_model_version": self.version,
+            "explained_by_alert_model": model_version == self.version,
         }
 
     def sample(self, n: int, *, seed: int, temperature: float, prior: bool) -> np.ndarray:

@@ -13,10 +13,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client import CollectorRegistry
 
 from detector import load_bundle
 from detector.loss import reconstruction_nll
 from detector.model import to_model_input
+from serve.config import ServeConfig
+from serve.metrics import ServeMetrics
+from serve.service import ModelService
+from tests.fixtures_model import CPU
 from tests.serve.http_helpers import get, png, post_files, post_json, request
 
 N_IMAGES = 40
@@ -261,3 +266,27 @@ def test_connections_have_nagle_off(start_service, trained_bundle: Path) -> None
     for sock in sockets:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     client.close()
+
+
+def test_an_alert_card_says_which_model_drew_its_map(trained_bundle: Path) -> None:
+    """The map is the served model's: the card names it, and says whether it raised the alert
+    (a worker that hot-swapped to another bundle raises alerts this service cannot explain)."""
+    service = ModelService(
+        trained_bundle,
+        config=ServeConfig(),
+        metrics=ServeMetrics(registry=CollectorRegistry()),
+        detector=CPU,
+    )
+    try:
+        image = np.zeros(784, dtype=np.uint8)
+        own = service.explain_now(image, model_version=service.version)
+        other = service.explain_now(image, model_version="0123456789ab")
+        unknown = service.explain_now(image, model_version=None)
+    finally:
+        service.close()
+    for card in (own, other, unknown):
+        assert card["served_model_version"] == service.version
+        assert card["heatmap_png"] == own["heatmap_png"]
+    assert own["explained_by_alert_model"] is True
+    assert other["explained_by_alert_model"] is False
+    assert unknown["explained_by_alert_model"] is False

@@ -19,8 +19,9 @@ import pytest
 from detector import Detector
 from streams.kafka_io import create_producer
 from tests.fixtures_broker import make_topics, start_worker
-from tests.fixtures_model import CPU
+from tests.fixtures_model import CPU, SMALL_BUNDLE_NORMAL_CLASS
 from tests.serve.http_helpers import png
+from trainer.recalibrate import recalibrate_bundle
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -127,6 +128,16 @@ def test_score_and_generate_views(
     _screenshot(page, tmp_path, "console-generate.png")
 
 
+def _other_version(trained_bundle: Path, fashion_mnist: Any, folder: Path) -> Path:
+    """The same weights with another threshold: a bundle of another version, as a worker's hot
+    swap to a recalibrated model makes."""
+    test = fashion_mnist.test
+    normal = test.images[test.labels == SMALL_BUNDLE_NORMAL_CLASS][:200]
+    out = folder / "recalibrated"
+    recalibrate_bundle(trained_bundle, normal, out=out, source="test", target_fpr=0.2)
+    return out
+
+
 def test_live_alerts_view_shows_a_card_for_a_produced_anomaly(
     page: Any,
     start_service: Any,
@@ -141,10 +152,15 @@ def test_live_alerts_view_shows_a_card_for_a_produced_anomaly(
     )
     try:
         server = start_service(trained_bundle, live_alerts=True, stream=topics.config)
-        page.goto(server.url + "/#alerts")
-        page.wait_for_function(
-            "document.querySelector('#alerts-status').textContent.startsWith('following')"
-        )
+        # A second console serving another version than the worker's (as after its hot swap).
+        other_bundle = _other_version(trained_bundle, fashion_mnist, tmp_path)
+        other_server = start_service(other_bundle, live_alerts=True, stream=topics.config)
+        other_page = page.context.new_page()
+        for console, url in ((page, server.url), (other_page, other_server.url)):
+            console.goto(url + "/#alerts")
+            console.wait_for_function(
+                "document.querySelector('#alerts-status').textContent.startsWith('following')"
+            )
         test = fashion_mnist.test
         _, anomaly = _images_by_score(trained_bundle, test.images[test.labels == 7][:20])
         producer = create_producer(config=topics.config)
@@ -160,6 +176,18 @@ def test_live_alerts_view_shows_a_card_for_a_produced_anomaly(
         text = card.inner_text()
         version = Detector.from_bundle(trained_bundle, CPU).version
         assert version in text and "p-value" in text and "sneaker-1" in text
+        assert card.get_attribute("data-map-by") == version
+        assert f"{version} (the alert's model)" in text
+        assert "other-model" not in card.get_attribute("class")
         _screenshot(page, tmp_path, "console-alerts.png")
+
+        # The other console draws the map with its own model and says it is not the alert's.
+        other_card = other_page.wait_for_selector(".alert-card")
+        other_version = Detector.from_bundle(other_bundle, CPU).version
+        assert other_version != version
+        assert other_card.get_attribute("data-map-by") == other_version
+        assert "other-model" in other_card.get_attribute("class")
+        other_text = other_card.inner_text()
+        assert f"{other_version}, not the alert's model {version}" in other_text, other_text
     finally:
         assert worker.stop() == 0
