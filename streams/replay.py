@@ -16,6 +16,9 @@ import numpy as np
 from kafka import KafkaProducer
 
 from streams.codec import encode_images
+from streams.config import StreamConfig
+from streams.kafka_io import create_producer, ensure_topics
+from streams.signals import stop_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -111,3 +114,49 @@ def replay(
     if on_progress is not None:
         on_progress(sent)
     return sent
+
+
+def replay_to_topic(
+    *,
+    config: StreamConfig,
+    topic: str,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    normal_classes: Sequence[int],
+    count: int,
+    anomaly_fraction: float | None,
+    seed: int,
+    codec: str,
+    rate: float,
+    split: str,
+    partitions: int = 0,
+) -> tuple[int, float]:
+    """`vaewatch produce`: plan `count` rows, send them to `topic` (created with `partitions`
+    when that is set and the topic is missing) until done or SIGTERM/SIGINT; returns (records
+    sent, seconds it took)."""
+    if partitions:
+        ensure_topics(config=config, topics=[topic], partitions=partitions)
+    plan = plan_replay(
+        labels=labels,
+        normal_classes=normal_classes,
+        count=count,
+        anomaly_fraction=anomaly_fraction,
+        seed=seed,
+        size=len(images),
+    )
+    producer = create_producer(config=config)
+    started = time.monotonic()
+    with stop_on_signals() as stop:
+        sent = replay(
+            producer=producer,
+            topic=topic,
+            images=images,
+            labels=labels,
+            plan=plan,
+            codec=codec,
+            rate=rate,
+            split=split,
+            should_stop=stop.is_set,
+        )
+    producer.close()
+    return sent, time.monotonic() - started

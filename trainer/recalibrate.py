@@ -61,6 +61,15 @@ def read_calibration_images(
     return normal
 
 
+def calibration_source(
+    source: str, *, normal_classes: tuple[int, ...], split: str, data: DataConfig
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """`read_calibration_images`, and what the new bundle records of where they came from (the
+    split of a data set; nothing more of a file)."""
+    images = read_calibration_images(source, normal_classes=normal_classes, split=split, data=data)
+    return images, {"split": split} if is_dataset_spec(source) else {}
+
+
 def recalibrated_metadata(
     bundle: Bundle, *, source: str, n_images: int, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:

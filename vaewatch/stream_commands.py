@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kafka.errors import KafkaTimeoutError
-from prometheus_client import CollectorRegistry
 
 from detector import Detector
-from detector.bundle import MANIFEST
-from streams.brokers.local import ENGINES, BrokerError, create_broker, free_port
-from streams.kafka_io import create_producer, ensure_topics
-from streams.replay import plan_replay, replay
+from streams import demo
+from streams.brokers.local import ENGINES, BrokerError, create_broker
+from streams.kafka_io import ensure_topics
+from streams.replay import replay_to_topic
+from streams.signals import stop_on_signals
 from streams.worker_process import run_worker_process
 from trainer.data import DataError, load_images
+from trainer.demo import demo_bundle
 from vaewatch.config import Settings
 from vaewatch.serve_commands import start_console
-from vaewatch.tally import ScoresReader, Tally
 
 logger = logging.getLogger(__name__)
 
@@ -34,29 +28,6 @@ logger = logging.getLogger(__name__)
 USER_ERRORS: tuple[type[Exception], ...] = (BrokerError, DataError, KafkaTimeoutError)
 
 DEMO_MODEL = Path("models/demo")
-
-
-@contextmanager
-def stop_on_signals(*, second_exits: bool = False) -> Iterator[threading.Event]:
-    """An event set by SIGTERM or SIGINT, so a loop can finish its work and exit cleanly. With
-    `second_exits` (the worker), a second signal exits at once (status 128 + signal): what was
-    not committed by then is consumed again after a restart, so only the drain is cut short."""
-    stop = threading.Event()
-
-    def handle(signum: int, frame: Any) -> None:
-        if stop.is_set() and second_exits:
-            logger.warning("signal %d again: exiting now, without draining", signum)
-            logging.shutdown()
-            os._exit(128 + signum)
-        logger.info("signal %d: draining and stopping", signum)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # -- worker ------------------------------------------------------------------------------------
@@ -141,32 +112,20 @@ def run_produce(args: argparse.Namespace, settings: Settings) -> int:
     data, images = _dataset(settings, args.dataset, args.split)
     stream = settings.stream
     topic = args.topic or stream.input_topic
-    if args.partitions:
-        ensure_topics(config=stream, topics=[topic], partitions=args.partitions)
-    plan = plan_replay(
+    sent, elapsed = replay_to_topic(
+        config=stream,
+        topic=topic,
+        images=images.images,
         labels=images.labels,
         normal_classes=data.normal_classes,
         count=args.count or len(images),
         anomaly_fraction=args.anomaly_fraction,
         seed=args.seed,
-        size=len(images),
+        codec=args.codec or stream.codec,
+        rate=args.rate,
+        split=args.split,
+        partitions=args.partitions,
     )
-    producer = create_producer(config=stream)
-    started = time.monotonic()
-    with stop_on_signals() as stop:
-        sent = replay(
-            producer=producer,
-            topic=topic,
-            images=images.images,
-            labels=images.labels,
-            plan=plan,
-            codec=args.codec or stream.codec,
-            rate=args.rate,
-            split=args.split,
-            should_stop=stop.is_set,
-        )
-    producer.close()
-    elapsed = time.monotonic() - started
     print(f"sent {sent} records to {topic} in {elapsed:.1f} s ({sent / max(elapsed, 1e-9):,.0f}/s)")
     return 0
 
@@ -174,160 +133,44 @@ def run_produce(args: argparse.Namespace, settings: Settings) -> int:
 # -- demo --------------------------------------------------------------------------------------
 
 
-def _demo_model(args: argparse.Namespace, settings: Settings) -> Path:
-    model_dir = Path(args.model)
-    if (model_dir / MANIFEST).is_file():
-        print(f"model: {model_dir} (delete it to train a new one)")
-        return model_dir
-    from trainer.fit import train_bundle
-
-    epochs = min(settings.train.epochs, args.epochs)
-    print(
-        f"model: none in {model_dir}; training a quick {settings.model.kind} VAE on "
-        f"{settings.data.dataset} classes {list(settings.data.normal_classes)} ({epochs} epochs)"
-    )
-    started = time.monotonic()
-    train_bundle(
-        data=settings.data,
-        model=settings.model,
-        train=settings.train.model_copy(update={"epochs": epochs, "progress": False}),
-        calibration=settings.calibration,
-        out=model_dir,
-    )
-    print(f"model: trained in {time.monotonic() - started:.0f} s -> {model_dir}")
-    return model_dir
-
-
-def _dead_letters(registry: CollectorRegistry) -> int:
-    """Dead letters the demo's worker has had acknowledged, from its own metrics."""
-    return int(
-        sum(
-            sample.value
-            for metric in registry.collect()
-            if metric.name == "vaewatch_dead_letters"
-            for sample in metric.samples
-            if sample.name == "vaewatch_dead_letters_total"
-        )
-    )
-
-
-def _summary_line(tally: Tally, sent: int, elapsed: float, dead: int) -> str:
-    rate = tally.scored / elapsed if elapsed > 0 else 0.0
-    anomaly_rate = tally.flagged / tally.scored if tally.scored else 0.0
-    precision = f"{tally.precision:.2f}" if tally.flagged else "-"
-    return (
-        f"[{elapsed:5.1f}s] sent {sent:6d}  scored {tally.scored:6d} ({rate:6.0f}/s)  "
-        f"alerts {tally.flagged:5d} ({anomaly_rate:5.1%})  precision {precision}  "
-        f"recall {tally.recall:.2f}  dead letters {dead}"
-    )
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     _quiet_kafka()
     data = settings.data
-    print(f"data: {data.dataset} test split")
+    _say(f"data: {data.dataset} test split")
     test = load_images(data, split="test")
-    model_dir = _demo_model(args, settings)
-    detector = Detector.from_bundle(model_dir, settings.detector)
-    metrics_port = args.metrics_port or free_port()
-    metrics = settings.metrics.model_copy(update={"host": "127.0.0.1", "port": metrics_port})
-    with create_broker(args.engine) as broker:
-        stream = settings.stream.model_copy(
-            update={
-                "bootstrap_servers": broker.bootstrap_servers,
-                "scores_topic": settings.stream.scores_topic or "scores",
-                "group_id": "vaewatch-demo",
-            }
-        )
-        topics = [stream.input_topic, stream.alert_topic, stream.scores_topic, stream.dlq_topic]
-        ensure_topics(config=stream, topics=topics, partitions=2)
-        print(f"broker: {broker.description} on {broker.bootstrap_servers}")
-        stop_worker = threading.Event()
-        outcome: list[int] = []
-        registry = CollectorRegistry()
-        worker = threading.Thread(
-            target=lambda: outcome.append(
-                run_worker_process(
-                    stream=stream,
-                    metrics_config=metrics,
-                    detector=detector,
-                    stop=stop_worker,
-                    registry=registry,
-                )
-            ),
-            name="worker",
-        )
-        worker.start()
-        print(
-            f"worker: model {detector.version} on {detector.device}; metrics, /healthz, "
-            f"/readyz at http://127.0.0.1:{metrics_port}/metrics"
-        )
-        console = start_console(model_dir, settings, stream=stream, port=args.console_port)
-        print(f"console: {console.url}/ (live alerts, score, generate; API docs at /docs)")
-        plan = plan_replay(
-            labels=test.labels,
-            normal_classes=data.normal_classes,
-            count=args.count,
-            anomaly_fraction=args.anomaly_fraction,
-            seed=0,
-        )
-        print(
-            f"replay: {args.count} test images at {args.rate:.0f}/s, {args.anomaly_fraction:.0%} "
-            f"anomalies (classes other than {list(data.normal_classes)}), plus 3 malformed records"
-        )
-        producer = create_producer(config=stream)
-        # Three records the worker cannot use, to show the dead-letter topic at work.
-        for bad in (b"too short", b"\x00" * 785, b""):
-            producer.send(stream.input_topic, value=bad, headers=[("id", b"malformed")])
-        reader = ScoresReader(config=stream, topic=stream.scores_topic)
-        started = time.monotonic()
-        sent = [0]
-        last_print = [0.0]
-
-        def progress(count: int) -> None:
-            sent[0] = count
-            tally = reader.poll(timeout_ms=0)
-            now = time.monotonic()
-            if now - last_print[0] >= 1.0:
-                last_print[0] = now
-                print(
-                    _summary_line(tally, count, now - started, _dead_letters(registry)),
-                    flush=True,
-                )
-
-        with stop_on_signals() as interrupted:
-            replay(
-                producer=producer,
-                topic=stream.input_topic,
-                images=test.images,
-                labels=test.labels,
-                plan=plan,
-                codec=stream.codec,
-                rate=args.rate,
-                should_stop=interrupted.is_set,
-                on_progress=progress,
-            )
-            deadline = time.monotonic() + 60
-            while reader.tally.scored < sent[0] and time.monotonic() < deadline:
-                if interrupted.is_set():
-                    break
-                progress(sent[0])
-                reader.poll(timeout_ms=200)
-        tally = reader.tally
-        stop_worker.set()
-        worker.join()
-        console.stop()
-        print(_summary_line(tally, sent[0], time.monotonic() - started, _dead_letters(registry)))
-        reader.close()
-        producer.close()
-    complete = tally.scored >= sent[0]
-    print(
-        f"done: {tally.scored} of {sent[0]} records scored"
-        f"{'' if complete else ' (incomplete)'}, {tally.flagged} alerts, precision "
-        f"{tally.precision:.2f}, recall {tally.recall:.2f} against the labels; worker exit "
-        f"code {outcome[0] if outcome else '?'}; broker stopped"
+    model_dir = demo_bundle(
+        Path(args.model),
+        data=data,
+        model=settings.model,
+        train=settings.train,
+        calibration=settings.calibration,
+        epochs=args.epochs,
+        say=_say,
     )
-    return 0 if complete and outcome == [0] else 1
+    return demo.run_demo(
+        demo.DemoRun(
+            engine=args.engine,
+            count=args.count,
+            rate=args.rate,
+            anomaly_fraction=args.anomaly_fraction,
+            metrics_port=args.metrics_port,
+            console_port=args.console_port,
+        ),
+        images=test.images,
+        labels=test.labels,
+        normal_classes=data.normal_classes,
+        detector=Detector.from_bundle(model_dir, settings.detector),
+        stream=settings.stream,
+        metrics=settings.metrics,
+        start_console=lambda stream, port: start_console(
+            model_dir, settings, stream=stream, port=port
+        ),
+        say=_say,
+    )
 
 
 # -- registration ------------------------------------------------------------------------------

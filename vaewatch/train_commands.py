@@ -261,23 +261,21 @@ def run_sample(args: argparse.Namespace, settings: Settings) -> int:
 def _recalibration_images(
     args: argparse.Namespace, settings: Settings, normal_classes: tuple[int, ...]
 ) -> tuple[np.ndarray, dict]:
-    """The images of --data and what to record about where they came from."""
-    if args.data.startswith("kafka:"):
-        from vaewatch.topic_range import TopicRangeError, parse_topic_range, read_topic_range
+    """--data read by the library that knows its kind: a Kafka topic range, or a file or data
+    set."""
+    if args.data.startswith("kafka:"):  # streams.topic_range.PREFIX; Kafka loads only then
+        from streams.topic_range import TopicRangeError, parse_topic_range, read_topic_range
 
         try:
             found = read_topic_range(parse_topic_range(args.data), config=settings.stream)
         except TopicRangeError as exc:
             raise CommandError(f"--data {exc}") from None
-        offsets = {str(p): list(b) for p, b in found.offsets.items()}
-        details = {"offsets": offsets, "n_invalid": found.n_invalid}
-        return found.images, details
-    from trainer.recalibrate import is_dataset_spec, read_calibration_images
+        return found.images, found.provenance
+    from trainer.recalibrate import calibration_source
 
-    images = read_calibration_images(
+    return calibration_source(
         args.data, normal_classes=normal_classes, split=args.split, data=settings.data
     )
-    return images, {"split": args.split} if is_dataset_spec(args.data) else {}
 
 
 def run_recalibrate(args: argparse.Namespace, settings: Settings) -> int:

@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from kafka.structs import TopicPartition
@@ -57,6 +58,12 @@ class TopicImages:
     n_records: int
     n_invalid: int
     offsets: dict[int, tuple[int, int]]  # partition -> (first, end) read
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What a recalibrated bundle records of where its calibration images came from."""
+        offsets = {str(p): list(bounds) for p, bounds in self.offsets.items()}
+        return {"offsets": offsets, "n_invalid": self.n_invalid}
 
 
 def parse_topic_range(spec: str) -> TopicRange:
