@@ -93,6 +93,8 @@ def partition_reader(
         bootstrap_servers=bootstrap,
         auto_offset_reset=start,
         enable_auto_commit=False,
+        # exactly_once: an alert arrives when its transaction commits, as for a subscriber
+        isolation_level="read_committed",
         # the worker's: Tansu holds an empty fetch for up to half of it, Kafka until data comes
         fetch_max_wait_ms=fetch_wait_ms,
     )

@@ -47,6 +47,7 @@ from streams.codec import encode_images
 from streams.config import StreamConfig
 from streams.kafka_io import create_consumer, create_producer, ensure_topics
 from streams.worker.loop import Worker, WorkerState
+from streams.worker.transactions import start_transactions
 from streams.worker_process import build_metrics, publisher_for, scorer_for, tune_interpreter
 
 FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -107,16 +108,18 @@ def plain_consume(bootstrap: str, topic: str, n: int, max_records: int) -> float
 STAGES = {
     "_poll": "poll (fetch + unpack records)",
     "_start_batch": "decode + score, or hand to the scorer (+ batch bookkeeping)",
-    "_publish_oldest": "publish (wait for scores, build JSON, producer.send)",
+    "publish_oldest": "publish (wait for scores, build JSON, producer.send)",
     "_service": "acks, commit, lag",
 }
 
 
 def time_stages(worker: Worker) -> dict[str, float]:
-    """Wrap the worker's stage methods with wall-clock timers (main thread only)."""
+    """Wrap the stage methods of the worker and of its batches' owner with wall-clock timers
+    (main thread only)."""
     totals = dict.fromkeys(STAGES, 0.0)
     for name in STAGES:
-        original = getattr(worker, name)
+        owner = worker if hasattr(worker, name) else worker._delivery
+        original = getattr(owner, name)
 
         def timed(*args, _original=original, _name=name, **kwargs):
             started = time.perf_counter()
@@ -125,7 +128,7 @@ def time_stages(worker: Worker) -> dict[str, float]:
             finally:
                 totals[_name] += time.perf_counter() - started
 
-        setattr(worker, name, timed)
+        setattr(owner, name, timed)
     return totals
 
 
@@ -136,15 +139,25 @@ def worker_drain(
     metrics = build_metrics(detector=detector, registry=registry)
     scorer = scorer_for(config, detector=detector, metrics=metrics)
     state = WorkerState(model_loaded=scorer.ready)
-    producer = create_producer(config=config)
+    exactly_once = config.processing_guarantee == "exactly_once"
+    producer = create_producer(
+        config=config, transactional_id="bench-drain" if exactly_once else None
+    )
+    consumer = create_consumer(config=config)
+    transactions = None
+    if exactly_once:
+        transactions = start_transactions(
+            producer=producer, consumer=consumer, config=config, metrics=metrics
+        )
     worker = Worker(
         config=config,
         scorer=scorer,
         publisher=publisher_for(config, detector=detector, producer=producer),
         metrics=metrics,
-        consumer=create_consumer(config=config),
+        consumer=consumer,
         producer=producer,
         state=state,
+        transactions=transactions,
     )
     stop = threading.Event()
     marks: dict[str, float] = {}
@@ -193,6 +206,9 @@ def worker_drain(
     thread.start()
     while acked() < n:
         time.sleep(0.01)
+    # exactly_once: the outputs count once their transaction is committed
+    while transactions is not None and transactions.open:
+        time.sleep(0.001)
     marks["acked"] = time.perf_counter()
     marks["cpu_acked"] = time.process_time()
     marks["child_cpu_acked"] = child_cpu_s()
@@ -254,6 +270,8 @@ def drain_run(
             cpu_threads=args.torch_threads,
             scores_format=args.scores_format,
             fetch_max_wait_ms=fetch_wait_ms,
+            processing_guarantee=args.guarantee,
+            transaction_interval_ms=args.transaction_interval_ms,
         )
         tune_interpreter(config, detector=detector)  # as the worker does (threads, GIL)
         if args.switch_interval:
@@ -335,6 +353,15 @@ def main() -> None:
         type=int,
         default=None,
         help="stream.fetch_max_wait_ms on every engine (default: per engine, see --engine)",
+    )
+    parser.add_argument(
+        "--guarantee",
+        default="at_least_once",
+        choices=["at_least_once", "exactly_once"],
+        help="stream.processing_guarantee (exactly_once: the drain ends at the last commit)",
+    )
+    parser.add_argument(
+        "--transaction-interval-ms", type=int, default=1000, help="stream.transaction_interval_ms"
     )
     add_engine_options(parser)
     parser.add_argument("--profile", action="store_true", help="cProfile the worker thread")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import Histogram
 
@@ -85,3 +86,33 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
     for i in np.flatnonzero(counts).tolist():
         buckets[i].inc(int(counts[i]))
     histogram._sum.inc(float(values.sum()))
+
+
+def _finish_transaction_step(
+    producer: KafkaProducer, result: Any, timeout_ms: int, what: str
+) -> None:
+    producer._sender.wakeup()
+    if not result.wait(timeout_ms=timeout_ms):
+        raise KafkaTimeoutError(f"{what} did not complete in {timeout_ms} ms")
+
+
+def send_offsets_within(
+    producer: KafkaProducer, offsets: dict, group_metadata: Any, *, timeout_ms: int
+) -> None:
+    """`send_offsets_to_transaction`, bounded: kafka-python's waits without a timeout (Java's
+    producer bounds it by max.block.ms), which would let a frozen broker hold a shutdown."""
+    manager = producer._transaction_manager
+    result = manager.send_offsets_to_transaction(offsets, group_metadata)
+    _finish_transaction_step(producer, result, timeout_ms, "sending the offsets to the transaction")
+
+
+def commit_transaction_within(producer: KafkaProducer, *, timeout_ms: int) -> None:
+    """`commit_transaction`, bounded (see send_offsets_within)."""
+    result = producer._transaction_manager.begin_commit()
+    _finish_transaction_step(producer, result, timeout_ms, "committing the transaction")
+
+
+def abort_transaction_within(producer: KafkaProducer, *, timeout_ms: int) -> None:
+    """`abort_transaction`, bounded (see send_offsets_within)."""
+    result = producer._transaction_manager.begin_abort()
+    _finish_transaction_step(producer, result, timeout_ms, "aborting the transaction")

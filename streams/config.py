@@ -138,6 +138,36 @@ class StreamConfig(BaseModel):
         "crash re-delivers at most this much more. The SIGTERM drain and rebalances "
         "commit at once.",
     )
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="at_least_once: outputs first, then the offsets (a crash re-delivers, so "
+        "subscribers may see duplicates, keyed topic/partition/offset). exactly_once: the "
+        "alerts, scores and dead letters of a set of batches and their input offsets are "
+        "committed in one Kafka transaction; subscribers that read with "
+        "isolation_level=read_committed see every output once (docs/delivery.md). Needs a "
+        "broker with transactions (Apache Kafka).",
+    )
+    transaction_interval_ms: int = Field(
+        1000,
+        ge=10,
+        description="exactly_once: a transaction is committed this often, ms. Longer amortises "
+        "the commit's round trips over more batches; outputs become visible to read_committed "
+        "subscribers only at the commit, so it adds up to this much latency.",
+    )
+    transactional_id: str = Field(
+        "",
+        description="exactly_once: the producer's transactional.id. Empty = "
+        "<group_id>-<host name>, stable across restarts of one host's worker, so that a "
+        "restarted worker aborts at once the transaction its predecessor left open. Give each "
+        "worker of one host its own.",
+    )
+    transaction_timeout_ms: int = Field(
+        10000,
+        ge=1000,
+        description="exactly_once: the broker aborts a transaction left open this long by a "
+        "worker that died, ms; until then read_committed subscribers wait at its first "
+        "output.",
+    )
     max_partition_fetch_bytes: int = Field(
         4 * 1024 * 1024,
         ge=1024,

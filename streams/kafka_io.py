@@ -76,12 +76,25 @@ def create_consumer(
         fetch_max_wait_ms=config.fetch_max_wait_ms,
         max_partition_fetch_bytes=config.max_partition_fetch_bytes,
         max_poll_records=config.max_batch_size,
+        # Outputs of an open or aborted transaction (exactly_once) are never read; without
+        # transactions this reads the same as read_uncommitted.
+        isolation_level="read_committed",
         **_common_options(config, client_id),
     )
 
 
-def create_producer(*, config: StreamConfig) -> KafkaProducer:
+def create_producer(*, config: StreamConfig, transactional_id: str | None = None) -> KafkaProducer:
+    """The producer of outputs; with `transactional_id`, a transactional one (exactly_once:
+    idempotent, acks=all, its transactions time out after transaction_timeout_ms)."""
     acks: Any = "all" if config.acks == "all" else int(config.acks)
+    transactional: dict[str, Any] = {}
+    if transactional_id:
+        acks = "all"
+        transactional = {
+            "transactional_id": transactional_id,
+            "enable_idempotence": True,
+            "transaction_timeout_ms": config.transaction_timeout_ms,
+        }
     return KafkaProducer(
         acks=acks,
         linger_ms=config.linger_ms,
@@ -90,6 +103,7 @@ def create_producer(*, config: StreamConfig) -> KafkaProducer:
         delivery_timeout_ms=config.delivery_timeout_ms,
         max_request_size=config.max_request_size,
         max_block_ms=config.request_timeout_ms,
+        **transactional,
         **_common_options(config),
     )
 

@@ -26,6 +26,7 @@ from streams.worker.loop import Worker, WorkerState
 from streams.worker.metrics import WorkerMetrics, score_buckets
 from streams.worker.publish import ResultPublisher
 from streams.worker.scoring import Scorer, build_scorer
+from streams.worker.transactions import start_transactions, transactional_id
 
 logger = logging.getLogger(__name__)
 
@@ -116,15 +117,30 @@ def run_worker_process(
     ).start()
 
     backoff_s = stream.reconnect_backoff_max_ms / 1000.0
-    consumer = producer = None
+    consumer = producer = side_producer = None
     worker: Worker | None = None
+    exactly_once = stream.processing_guarantee == "exactly_once"
     try:
         producer = connect_with_backoff(
-            lambda: create_producer(config=stream),
+            lambda: create_producer(
+                config=stream, transactional_id=transactional_id(stream) if exactly_once else None
+            ),
             what="producer",
             should_stop=stop.is_set,
             on_error=metrics.count_error,
             max_backoff_s=backoff_s,
+        )
+        # The shadow's comparisons are sent outside the transactions.
+        side_producer = (
+            connect_with_backoff(
+                lambda: create_producer(config=stream),
+                what="producer",
+                should_stop=stop.is_set,
+                on_error=metrics.count_error,
+                max_backoff_s=backoff_s,
+            )
+            if exactly_once
+            else producer
         )
         consumer = connect_with_backoff(
             lambda: create_consumer(config=stream),
@@ -133,11 +149,16 @@ def run_worker_process(
             on_error=metrics.count_error,
             max_backoff_s=backoff_s,
         )
-        if consumer is None or producer is None:
+        if consumer is None or producer is None or side_producer is None:
             return 0  # stopped before a broker answered: nothing was consumed
+        transactions = None
+        if exactly_once:
+            transactions = start_transactions(
+                producer=producer, consumer=consumer, config=stream, metrics=metrics
+            )
         state.broker_connected = True
         lifecycle.attach_producer(
-            producer,
+            side_producer,
             make_publisher=lambda new: publisher_for(stream, detector=new, producer=producer),
         )
         worker = Worker(
@@ -149,9 +170,10 @@ def run_worker_process(
             producer=producer,
             state=state,
             lifecycle=lifecycle,
+            transactions=transactions,
         )
         logger.info(
-            "worker: %s -> alerts %s, scores %s, dlq %s (group %s, model %s on %s, %s)",
+            "worker: %s -> alerts %s, scores %s, dlq %s (group %s, model %s on %s, %s, %s)",
             stream.input_topic,
             stream.alert_topic,
             stream.scores_topic or "(off)",
@@ -160,6 +182,7 @@ def run_worker_process(
             detector.version,
             detector.device,
             f"scoring {scorer.description}",
+            stream.processing_guarantee.replace("_", "-"),
         )
         complete = worker.run(stop)
         return 0 if complete else 1
@@ -173,6 +196,8 @@ def run_worker_process(
             producer=producer,
             deadline=deadline or time.monotonic() + stream.drain_timeout_s,
         )
+        if side_producer is not None and side_producer is not producer:
+            close_clients(consumer=None, producer=side_producer, deadline=time.monotonic() + 1.0)
         if deadline is not None:
             took = time.monotonic() - (deadline - stream.drain_timeout_s)
             logger.info(

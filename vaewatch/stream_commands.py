@@ -16,6 +16,7 @@ from streams.brokers.local import ENGINES, BrokerError, create_broker
 from streams.kafka_io import ensure_topics
 from streams.replay import replay_to_topic
 from streams.signals import stop_on_signals
+from streams.worker.transactions import TransactionsUnavailableError
 from streams.worker_process import run_worker_process
 from trainer.data import DataError, load_images
 from trainer.demo import demo_bundle
@@ -25,7 +26,12 @@ from vaewatch.serve_commands import start_console
 logger = logging.getLogger(__name__)
 
 # KafkaTimeoutError: no broker answered at stream.bootstrap_servers (one line, user-fixable).
-USER_ERRORS: tuple[type[Exception], ...] = (BrokerError, DataError, KafkaTimeoutError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    BrokerError,
+    DataError,
+    KafkaTimeoutError,
+    TransactionsUnavailableError,
+)
 
 DEMO_MODEL = Path("models/demo")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from detector.config import IMAGE_PIXELS
 from streams.codec import DecodedBatch
@@ -39,6 +39,16 @@ _MAX_BACKOFF_S = 10.0
 
 class UnsendableError(RuntimeError):
     """A record whose outputs and dead-letter copy both failed, under on_unsendable: fail."""
+
+
+class TransactionFailedError(RuntimeError):
+    """exactly_once: a send failed in a way that leaves the transaction unusable: abort it."""
+
+
+def is_about_the_record(exc: BaseException) -> bool:
+    """Refused by the client before it left (too large, no key nor value, bad headers): the
+    transaction is untouched, so the record follows the dead-letter policy."""
+    return isinstance(exc, MessageSizeTooLargeError | TypeError | ValueError)
 
 
 def is_temporary(exc: BaseException) -> bool:
@@ -97,9 +107,16 @@ class InFlightBatch:
         self.futures = [self.publisher.send(m) for m in outputs.messages]
         self.sent_at = time.time()
 
-    def settle(self, config: StreamConfig, on_error: Callable[[str, BaseException], None]) -> bool:
+    def settle(
+        self,
+        config: StreamConfig,
+        on_error: Callable[[str, BaseException], None],
+        *,
+        transactional: bool = False,
+    ) -> bool:
         """Retry what is due, handle what failed; True once every send is acknowledged (or
-        skipped). Raises UnsendableError under on_unsendable: fail."""
+        skipped). Raises UnsendableError under on_unsendable: fail, and (`transactional`)
+        TransactionFailedError for a failure that is not about the record itself."""
         futures = self.futures
         if self.retry_at:
             now = time.monotonic()
@@ -114,6 +131,10 @@ class InFlightBatch:
                 return False
             if future.failed():
                 on_error("produce", future.exception)
+                if transactional and not is_about_the_record(future.exception):
+                    raise TransactionFailedError(
+                        f"{type(future.exception).__name__}: {future.exception}"
+                    )
                 self._failed(self.checked, future.exception, config, on_error)
                 continue  # look at its replacement
             self.checked += 1

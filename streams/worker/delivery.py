@@ -30,12 +30,18 @@ from detector import Scores
 from streams.client_internals import commit_in_listener
 from streams.codec import SCORING_ERROR, DecodedBatch
 from streams.config import StreamConfig
-from streams.worker.batch import InFlightBatch, UnsendableError, all_invalid
+from streams.worker.batch import (
+    InFlightBatch,
+    TransactionFailedError,
+    UnsendableError,
+    all_invalid,
+)
 from streams.worker.ledger import OffsetLedger
 from streams.worker.metrics import WorkerMetrics
 from streams.worker.publish import ResultPublisher
 from streams.worker.scoring import PendingBatch
 from streams.worker.state import WorkerState
+from streams.worker.transactions import Transactions
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +71,7 @@ class Delivery:
         state: WorkerState,
         on_error: Callable[[str, BaseException], None],
         on_published: Published | None = None,
+        transactions: Transactions | None = None,
     ) -> None:
         self._config = config
         self._consumer = consumer
@@ -73,11 +80,15 @@ class Delivery:
         self._state = state
         self._on_error = on_error
         self._on_published = on_published
+        self._transactions = transactions  # exactly_once; None: at_least_once
         self.ledger = OffsetLedger()
         self._scoring: deque[InFlightBatch] = deque()  # cut, being scored, oldest first
         self._sending: dict[int, InFlightBatch] = {}  # sent, awaiting acknowledgements
         self._forgotten: set[TopicPartition] = set()
-        self.unsendable: UnsendableError | None = None  # set: the worker stops
+        self._started_at: dict[TopicPartition, int] = {}  # first offset consumed, per partition
+        # Set: the worker stops without committing what it holds (an unsendable record under
+        # on_unsendable=fail, a transaction that could not even be aborted).
+        self.failure: Exception | None = None
         self.shutdown_deadline: float | None = None  # time.monotonic() the shutdown ends by
         self._commit_at = self._lag_at = 0.0
         self._paused = False
@@ -87,6 +98,7 @@ class Delivery:
     def consumed(self, polled: dict[TopicPartition, list[Any]]) -> None:
         for tp, records in polled.items():
             self.ledger.consumed_from(tp, records[0].offset)
+            self._started_at.setdefault(tp, records[0].offset)
 
     def open(
         self,
@@ -135,6 +147,8 @@ class Delivery:
             return  # its partitions were revoked while it was scored: the next owner's now
         scored_at = time.time()
         outputs = batch.publisher.build(batch.records, decoded, scores)
+        if self._transactions is not None:
+            self._transactions.begin()
         batch.send(outputs)
         self.ledger.add_bytes(batch.batch_id, sum(len(m.value or b"") for m in outputs.messages))
         self._sending[batch.batch_id] = batch
@@ -161,15 +175,20 @@ class Delivery:
 
     def take_acks(self) -> int:
         """Settle the batches whose outputs are all acknowledged now; returns how many. A send
-        that can never be made under on_unsendable: fail sets `unsendable`."""
+        that can never be made under on_unsendable: fail sets `failure`; a send that fails a
+        transaction aborts it."""
         acked = 0
+        transactional = self._transactions is not None
         for batch in list(self._sending.values()):
             try:
-                if not batch.settle(self._config, self._on_error):
+                if not batch.settle(self._config, self._on_error, transactional=transactional):
                     continue
             except UnsendableError as exc:
-                self.unsendable = exc
+                self.failure = exc
                 continue
+            except TransactionFailedError as exc:
+                self._abort(f"a send failed ({exc})")
+                return acked
             del self._sending[batch.batch_id]
             self.ledger.acknowledge(batch.batch_id)
             self._metrics.stage_seconds.labels(stage="ack").observe(time.time() - batch.sent_at)
@@ -190,7 +209,10 @@ class Delivery:
         """Commit on the timer, report lag, pause or resume consuming; returns whether
         consuming is held back."""
         now = time.monotonic()
-        if now - self._commit_at >= self._config.commit_interval_ms / 1000.0:
+        if self._transactions is not None:
+            if self._transactions.due():
+                self.commit(timeout_s=self._config.request_timeout_ms / 1000.0)
+        elif now - self._commit_at >= self._config.commit_interval_ms / 1000.0:
             self._commit_at = now
             self.commit()
         if now - self._lag_at >= _LAG_INTERVAL_S:
@@ -212,7 +234,11 @@ class Delivery:
     def commit(self, *, timeout_s: float | None = None) -> bool:
         """Commit what the ledger allows: asynchronously, or (with `timeout_s`) synchronously
         and bounded, so that an unresponsive broker cannot hold a shutdown. False when the
-        broker refused it or did not answer in time."""
+        broker refused it or did not answer in time. Under exactly_once: commit the open
+        transaction (bounded by `timeout_s`, or request_timeout_ms)."""
+        if self._transactions is not None:
+            timeout_s = self._config.request_timeout_ms / 1000.0 if timeout_s is None else timeout_s
+            return self._commit_transaction(self._state.assigned, timeout_s=timeout_s)
         offsets = self._committable(self._state.assigned)
         if not offsets:
             return True
@@ -240,7 +266,7 @@ class Delivery:
     def await_acks(self, deadline: float) -> None:
         """Flush and take acks (with retries) until every sent batch is settled, the
         time.monotonic() `deadline` has passed or a record turned out unsendable."""
-        while self._sending and time.monotonic() < deadline and self.unsendable is None:
+        while self._sending and time.monotonic() < deadline and self.failure is None:
             try:
                 self._producer.flush(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
             except KafkaError as exc:
@@ -267,8 +293,12 @@ class Delivery:
         being scored, wait for the acks, commit the acknowledged prefix, forget the rest; the
         next owner consumes it again."""
         self.publish_all()
+        if self._transactions is not None:
+            self._commit_transaction(self._state.assigned | revoked, timeout_s=self.time_left())
+            self.forget(revoked)
+            return
         self.await_acks(time.monotonic() + self.time_left())
-        if self.unsendable is not None:
+        if self.failure is not None:
             logger.error("rebalance: an unsendable record; its batch is left uncommitted")
         offsets = self._committable(revoked)
         if offsets:
@@ -290,7 +320,7 @@ class Delivery:
         # goes back to that prefix: were it to go on from its position, the next commit of
         # the partition would pass them unscored (issue 17).
         for tp in partitions:
-            position = self.ledger.position(tp)
+            position = self._restart_position(tp)
             if position is not None:
                 with contextlib.suppress(ValueError):  # no longer assigned: nothing to reset
                     self._consumer.seek(tp, position)
@@ -301,8 +331,69 @@ class Delivery:
         self._sending = {i: b for i, b in self._sending.items() if self.ledger.tracks(i)}
         self._forgotten |= partitions
         for tp in partitions:
+            self._started_at.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+
+    def lose(self, partitions: set[TopicPartition]) -> None:
+        """Evicted: the group gave the partitions away already. Under exactly_once the open
+        transaction holds their outputs, which the new owner produces again: abort it."""
+        if self._transactions is not None:
+            self._abort(f"partitions lost: {sorted(map(str, partitions))}")
+        self.forget(partitions)
+
+    def stop_on_failure(self) -> None:
+        """The worker stops on `failure`: commit what precedes it (at_least_once), or abort the
+        transaction, which holds part of the failed batch's outputs (exactly_once)."""
+        logger.error("%s", self.failure)
+        if self._transactions is not None:
+            self._abort(self.failure)
+        else:
+            self.commit(timeout_s=self.time_left())
+
+    def _restart_position(self, tp: TopicPartition) -> int | None:
+        """Where a forgotten partition is consumed again from: after its acknowledged prefix
+        (at_least_once: what is acknowledged is committed or safe to commit), or after its last
+        committed transaction (exactly_once: acknowledged outputs of an open transaction are
+        aborted with it)."""
+        if self._transactions is None:
+            return self.ledger.position(tp)
+        committed = self.ledger.committed(tp)
+        return committed if committed is not None else self._started_at.get(tp)
+
+    def _commit_transaction(self, keys: set[TopicPartition], *, timeout_s: float) -> bool:
+        """Flush the open transaction's sends, then commit them with the offsets they cover;
+        anything that fails aborts it (and rewinds). True when it committed or none was open."""
+        transactions = self._transactions
+        assert transactions is not None
+        if not transactions.open:
+            return True
+        deadline = time.monotonic() + timeout_s
+        self.await_acks(deadline)
+        if self.failure is not None or self._sending or not transactions.open:
+            self._abort("outputs of the transaction were not acknowledged")
+            return False
+        offsets = self._committable(keys)
+        try:
+            transactions.commit(offsets, timeout_s=max(0.001, deadline - time.monotonic()))
+        except KafkaError as exc:
+            self._on_error("commit", exc)
+            self._abort(f"{type(exc).__name__}: {exc}")
+            return False
+        self._committed(offsets)
+        return True
+
+    def _abort(self, reason: object) -> None:
+        """Abort the open transaction and consume everything again from the last committed
+        offsets: none of what it held was ever visible to read_committed subscribers."""
+        assert self._transactions is not None
+        try:
+            self._transactions.abort(reason, timeout_s=max(1.0, self.time_left()))
+        except KafkaError as exc:
+            self._on_error("produce", exc)
+            self.failure = RuntimeError(f"the transaction could not be aborted: {exc}")
+        held = set(self._started_at) | set(self._state.assigned)
+        self.forget(held)
 
     def take_forgotten(self) -> set[TopicPartition]:
         """Partitions forgotten since the last call (their buffered records are stale)."""

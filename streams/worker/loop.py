@@ -37,6 +37,7 @@ from streams.worker.publish import ResultPublisher
 from streams.worker.rebalance import PartitionListener
 from streams.worker.scoring import Scorer
 from streams.worker.state import WorkerState
+from streams.worker.transactions import Transactions
 
 __all__ = ["ModelSwaps", "Worker", "WorkerState"]
 
@@ -81,6 +82,7 @@ class Worker:
         producer: KafkaProducer,
         state: WorkerState,
         lifecycle: ModelSwaps | None = None,
+        transactions: Transactions | None = None,
     ) -> None:
         self._config = config
         self._lifecycle = lifecycle  # hot reload, shadow, drift (streams/lifecycle/)
@@ -95,6 +97,7 @@ class Worker:
             state=state,
             on_error=self._error,
             on_published=self._published,
+            transactions=transactions,
         )
         self._buffer: list[Any] = []
         self._polled_at = 0.0
@@ -120,10 +123,10 @@ class Worker:
         self._state.progressed(has_work=False)
         self._state.loop_running = True
         try:
-            while not stop.is_set() and delivery.unsendable is None:
+            while not stop.is_set() and delivery.failure is None:
                 self._fill_buffer(stop)
                 delivery.publish_ready()
-                if self._buffer and not delivery.held_back() and delivery.unsendable is None:
+                if self._buffer and not delivery.held_back() and delivery.failure is None:
                     if delivery.in_scoring >= self._depth:  # the scorer has enough: wait
                         delivery.publish_oldest()
                     full = self._start_batch() == self._config.max_batch_size
@@ -132,9 +135,8 @@ class Worker:
                         # worker has caught up, and publishing it now spares its alerts a poll.
                         delivery.publish_all()
             delivery.start_shutdown()
-            if delivery.unsendable is not None:
-                logger.error("%s", delivery.unsendable)
-                delivery.commit(timeout_s=delivery.time_left())  # what precedes the record
+            if delivery.failure is not None:
+                delivery.stop_on_failure()
                 return False
             return self._drain()
         finally:
@@ -208,7 +210,7 @@ class Worker:
         delay_s = self._config.max_batch_delay_ms / 1000.0
         first_at = time.monotonic() if self._buffer else None
         delivery = self._delivery
-        while not stop.is_set() and delivery.unsendable is None:
+        while not stop.is_set() and delivery.failure is None:
             held = self._service()
             self._swap_if_ready()
             if len(self._buffer) >= size and not held:
@@ -299,8 +301,8 @@ class Worker:
         # The acks may take three quarters of what is left: the commit and closing the
         # clients need the rest.
         delivery.await_acks(time.monotonic() + 0.75 * delivery.time_left())
-        if delivery.unsendable is not None:
-            logger.error("%s", delivery.unsendable)
+        if delivery.failure is not None:
+            logger.error("%s", delivery.failure)
         committed = delivery.commit(timeout_s=delivery.time_left())
         complete = committed and not delivery.has_work
         if not complete:

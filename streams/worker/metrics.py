@@ -107,6 +107,19 @@ class WorkerMetrics:
             registry=registry,
         )
         self.model = Info("vaewatch_model", "The loaded model bundle.", registry=registry)
+        # processing_guarantee=exactly_once (docs/delivery.md): 0 otherwise.
+        self.transactions = Counter(
+            "vaewatch_transactions",
+            "Kafka transactions that ended, by outcome (committed, aborted).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.transaction_commit_seconds = Histogram(
+            "vaewatch_transaction_commit_seconds",
+            "Time to commit a transaction: flush its sends, add the offsets, commit.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         # Every series of the bounded label sets exists from the start at 0, so rate() and
         # increase() in alert rules count the first dead letter or error after a restart.
         for outcome in OUTCOMES:
@@ -115,6 +128,8 @@ class WorkerMetrics:
             self.dead_letters.labels(reason=reason)
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
+        for outcome in ("committed", "aborted"):
+            self.transactions.labels(outcome=outcome)
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)
 

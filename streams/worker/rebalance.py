@@ -38,7 +38,7 @@ class PartitionListener(AsyncConsumerRebalanceListener):
 
     async def on_partitions_lost(self, lost: Any) -> None:
         lost = set(lost)
-        self._delivery.forget(lost)
+        self._delivery.lose(lost)
         self._forget(lost, "lost (evicted from the group)")
 
     async def on_partitions_assigned(self, assigned: Any) -> None:

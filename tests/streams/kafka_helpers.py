@@ -51,7 +51,12 @@ def produce_values(
 
 
 def read_topic(
-    config: StreamConfig, topic: str, *, until: int, timeout_s: float = 60.0
+    config: StreamConfig,
+    topic: str,
+    *,
+    until: int,
+    timeout_s: float = 60.0,
+    isolation_level: str = "read_uncommitted",
 ) -> list[Any]:
     """All records of `topic` from the start, once records with at least `until` distinct keys
     have been read (or the timeout passed, then whatever came). Worker outputs are keyed
@@ -61,6 +66,7 @@ def read_topic(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=50,
+        isolation_level=isolation_level,
     )
     partitions = consumer.partitions_for_topic(topic) or {0}
     consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])

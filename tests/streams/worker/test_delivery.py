@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections import namedtuple
 
-from kafka.errors import CommitFailedError
+import pytest
+from kafka.errors import CommitFailedError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import CollectorRegistry
 
@@ -17,6 +18,7 @@ from streams.worker.batch import all_invalid
 from streams.worker.delivery import Delivery
 from streams.worker.metrics import WorkerMetrics
 from streams.worker.state import WorkerState
+from streams.worker.transactions import TransactionsUnavailableError, start_transactions
 
 TP = TopicPartition("in", 0)
 Record = namedtuple("Record", "topic partition offset value")
@@ -79,3 +81,20 @@ def test_an_accepted_async_commit_is_not_sent_again_and_a_late_answer_does_not_u
     assert tracker.ledger.committed(TP) == 20
     assert tracker.commit(timeout_s=1.0) and consumer.sync_commits == []
     assert errors == []
+
+
+def test_a_broker_without_transactions_is_a_one_line_error_naming_the_setting() -> None:
+    class NoTransactions:  # what kafka-python raises when InitProducerId never succeeds
+        def init_transactions(self) -> None:
+            raise KafkaTimeoutError("Timeout expired while initializing transactional state")
+
+    with pytest.raises(TransactionsUnavailableError) as raised:
+        start_transactions(
+            producer=NoTransactions(),
+            consumer=None,
+            config=StreamConfig(processing_guarantee="exactly_once"),
+            metrics=WorkerMetrics(registry=CollectorRegistry(), score_buckets=[1.0]),
+        )
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "stream.processing_guarantee=exactly_once" in message and "KafkaTimeoutError" in message

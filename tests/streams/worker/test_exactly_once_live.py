@@ -1,0 +1,171 @@
+"""stream.processing_guarantee=exactly_once on Apache Kafka (issue 20): a read_committed
+subscriber sees every input offset's outputs once, through SIGKILLs and restarts, and a worker
+frozen past its session timeout is fenced: its transaction never becomes visible."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from kafka import KafkaProducer
+
+from tests.fixtures_broker import StreamTopics, WorkerProcess, make_topics, start_worker
+from tests.streams.kafka_helpers import (
+    committed_offsets,
+    raw_images,
+    read_json,
+    read_topic,
+    wait_committed,
+)
+
+EOS = [
+    "--set",
+    "stream.processing_guarantee=exactly_once",
+    "--set",
+    "stream.transaction_interval_ms=300",
+    "--set",
+    "stream.max_batch_size=100",
+]
+POISON_EVERY = 97  # every 97th record is 5 bytes: a bad_image dead letter
+
+
+def _values(n: int) -> list[bytes]:
+    values = raw_images(n, seed=20)
+    for i in range(0, n, POISON_EVERY):
+        values[i] = b"short"
+    return values
+
+
+def _produce(topics: StreamTopics, values: list[bytes], *, rate: float | None = None) -> None:
+    producer = KafkaProducer(bootstrap_servers=topics.bootstrap_servers, acks="all", linger_ms=5)
+    for i, value in enumerate(values):
+        producer.send(topics.config.input_topic, value=value, partition=0)
+        if rate is not None and i % 50 == 49:
+            time.sleep(50 / rate)
+    producer.flush()
+    producer.close()
+
+
+def _outputs_per_offset(topics: StreamTopics, n: int) -> tuple[Counter, Counter, Counter]:
+    """(scores, dead letters, alerts) per input offset, as a read_committed subscriber sees them."""
+    config = topics.config
+    scores = read_topic(
+        config, config.scores_topic, until=n, timeout_s=60, isolation_level="read_committed"
+    )
+    letters = read_topic(
+        config, config.dlq_topic, until=n // POISON_EVERY + 1, isolation_level="read_committed"
+    )
+    alerts = read_topic(
+        config, config.alert_topic, until=1, timeout_s=5, isolation_level="read_committed"
+    )
+    return (
+        Counter(s["offset"] for s in read_json(scores)),
+        Counter(int(dict(r.headers)["vaewatch.source.offset"]) for r in letters),
+        Counter(a["offset"] for a in read_json(alerts)),
+    )
+
+
+def _exactly_once(topics: StreamTopics, n: int) -> None:
+    scored, dead, alerted = _outputs_per_offset(topics, n)
+    poison = set(range(0, n, POISON_EVERY))
+    assert set(dead) == poison, sorted(set(dead) ^ poison)[:10]
+    assert set(scored) == set(range(n)) - poison, sorted(set(range(n)) - poison - set(scored))[:10]
+    duplicates = [o for c in (scored, dead, alerted) for o, k in c.items() if k > 1]
+    assert duplicates == [], duplicates[:10]
+    assert set(alerted) <= set(scored)
+
+
+def _wait_past(topics: StreamTopics, offset: int, timeout_s: float = 60.0) -> None:
+    """Until the group has committed at least `offset` on partition 0."""
+    deadline = time.monotonic() + timeout_s
+    while (committed_offsets(topics.config)[0] or 0) < offset:
+        assert time.monotonic() < deadline, f"nothing committed past {offset}"
+        time.sleep(0.1)
+
+
+def _stop(worker: WorkerProcess) -> None:
+    if worker.process.poll() is None:
+        worker.stop()
+
+
+def test_sigkilled_three_times_every_record_has_its_outputs_exactly_once(
+    kafka_broker, trained_bundle, tmp_path: Path
+) -> None:
+    topics = make_topics(kafka_broker)
+    n = 6000
+    _produce(topics, _values(n))
+    extra = [*EOS, "--set", f"stream.transactional_id={topics.config.group_id}-w"]
+    for kill in range(3):
+        worker = start_worker(
+            model=trained_bundle, topics=topics, log_dir=tmp_path / f"run{kill}", extra_args=extra
+        )
+        # A transaction committed past the last run's, then a kill in mid-stream (one is open:
+        # the backlog keeps the worker busy and transactions last 300 ms).
+        _wait_past(topics, (committed_offsets(topics.config)[0] or 0) + 300)
+        time.sleep(0.1 * kill)
+        worker.process.send_signal(signal.SIGKILL)
+        worker.process.wait(timeout=10)
+    last = start_worker(
+        model=trained_bundle, topics=topics, log_dir=tmp_path / "last", extra_args=extra
+    )
+    try:
+        assert wait_committed(topics.config, n, timeout_s=120) == n, last.log()[-3000:]
+    finally:
+        assert last.stop() == 0, last.log()[-3000:]
+    _exactly_once(topics, n)
+
+
+def test_a_frozen_worker_is_fenced_and_its_transaction_never_shows(
+    kafka_broker, trained_bundle, tmp_path: Path
+) -> None:
+    """SIGSTOP a worker past its session timeout while records keep coming; a second worker takes
+    its partition over. Woken up, the first one cannot commit what it held (the group fenced it),
+    aborts and rejoins; a read_committed subscriber sees every record's outputs once."""
+    topics = make_topics(kafka_broker)
+    n = 4000
+    values = _values(n)
+    session = [
+        "--set",
+        "stream.session_timeout_ms=6000",
+        "--set",
+        "stream.heartbeat_interval_ms=500",
+    ]
+    slow = ["--set", "stream.transaction_interval_ms=2000"]
+    group = topics.config.group_id
+    zombie = start_worker(
+        model=trained_bundle,
+        topics=topics,
+        log_dir=tmp_path / "zombie",
+        extra_args=[*EOS, *session, *slow, "--set", f"stream.transactional_id={group}-a"],
+    )
+    producing = threading.Thread(target=_produce, args=(topics, values), kwargs={"rate": 400})
+    producing.start()
+    heir: WorkerProcess | None = None
+    try:
+        _wait_past(topics, 300)
+        os.kill(zombie.process.pid, signal.SIGSTOP)
+        heir = start_worker(
+            model=trained_bundle,
+            topics=topics,
+            log_dir=tmp_path / "heir",
+            extra_args=[*EOS, *session, "--set", f"stream.transactional_id={group}-b"],
+            timeout_s=60,  # ready once the group gave it the frozen member's partition
+        )
+        producing.join()
+        assert wait_committed(topics.config, n, timeout_s=120) == n, heir.log()[-3000:]
+        os.kill(zombie.process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while "aborting the transaction" not in zombie.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "aborting the transaction" in zombie.log(), zombie.log()[-3000:]
+    finally:
+        os.kill(zombie.process.pid, signal.SIGCONT)
+        producing.join()
+        _stop(zombie)
+        if heir is not None:
+            _stop(heir)
+    _exactly_once(topics, n)
