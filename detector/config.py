@@ -17,6 +17,8 @@ MODEL_CONFIG_BEFORE_LATENT = {
     "latent_components": 0,
     "latent_weight": 0.0,
     "complexity_weight": 0.0,
+    "transforms": 0,
+    "transform_weight": 0.0,
 }
 
 
@@ -76,7 +78,8 @@ class ModelConfig(BaseModel):
         le=16,
         description="Gaussian components of the density fitted to the training images' latent "
         "means after training (used by the score's latent term and by `vaewatch sample`); 0 = "
-        "none (scores are the plain negative ELBO, samples come from the N(0, I) prior).",
+        "none (scores are the plain negative ELBO, samples come from the N(0, I) prior). 8 "
+        "measured best of 0-16 on validation (BENCHMARKS.md, detection quality round two).",
     )
     latent_weight: float = Field(
         1.0,
@@ -89,14 +92,45 @@ class ModelConfig(BaseModel):
         ge=0.0,
         description="Weight of the input-complexity correction: the z-normalised total "
         "variation of the image is subtracted from the score, so that simple images (few edges) "
-        "no longer look normal to every model. With both weights 0 the score is the plain "
-        "negative ELBO in nats.",
+        "no longer look normal to every model. With this, latent_weight and transform_weight all 0 "
+        "the score is the plain negative ELBO in nats.",
+    )
+
+    transforms: Literal[0, 2, 4] = Field(
+        4,
+        description="Self-supervised head on the encoder: it learns to tell which of this many "
+        "rotations of the image (by multiples of 360/transforms degrees) it sees; 0 = no head. "
+        "Its loss on the unrotated and rotated image is the score's transform term "
+        "(docs/model.md).",
+    )
+    transform_loss_weight: float = Field(
+        10.0,
+        ge=0.0,
+        description="Weight of the transform head's cross-entropy (nats per image, summed over "
+        "the rotations) in the training loss, next to the negative ELBO.",
+    )
+    transform_scored: Literal[1, 2, 4] = Field(
+        1,
+        description="How many of the rotations the score's transform term asks the head about, "
+        "evenly spaced from the image itself: 1 (the image alone: no extra encoder pass), 2 (and "
+        "its half turn) or 4 (all quarter turns, as GEOM: 2.5x the scoring cost); at most "
+        "transforms.",
+    )
+    transform_weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="Weight of the transform term in the anomaly score (z-normalised on the "
+        "training images like the others); needs transforms > 0.",
     )
 
     @model_validator(mode="after")
     def _latent_term_needs_a_density(self) -> ModelConfig:
         if self.latent_weight > 0.0 and self.latent_components == 0:
             raise ValueError("latent_weight > 0 needs latent_components >= 1")
+        if self.transform_weight > 0.0 and self.transforms == 0:
+            raise ValueError("transform_weight > 0 needs transforms >= 2")
+        if self.transforms and self.transform_scored > self.transforms:
+            raise ValueError("transform_scored must be at most transforms")
         return self
 
 

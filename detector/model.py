@@ -98,18 +98,76 @@ class VAE(nn.Module):
             if config.latent_components
             else None
         )
+        self.transform_head: nn.Linear | None = (
+            nn.Linear(features, config.transforms) if config.transforms else None
+        )
         if self.fused_score:
-            # Rows: negative ELBO, -log q(mu), total variation; columns: centre, scale.
-            self.register_buffer("score_normalisation", torch.tensor([[0.0, 1.0]] * 3))
+            # Rows: negative ELBO, -log q(mu), total variation (and, with a transform head, the
+            # transform term); columns: centre, scale.
+            self.register_buffer(
+                "score_normalisation", torch.tensor([[0.0, 1.0]] * self.score_term_count)
+            )
+
+    @property
+    def score_term_count(self) -> int:
+        return 4 if self.transform_head is not None else 3
 
     @property
     def fused_score(self) -> bool:
         """Whether the score sums normalised terms (else it is the negative ELBO in nats)."""
-        return self.config.latent_weight > 0.0 or self.config.complexity_weight > 0.0
+        config = self.config
+        return (
+            config.latent_weight > 0.0
+            or config.complexity_weight > 0.0
+            or (config.transform_weight > 0.0)
+        )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(x)
         return self.fc_mu(features), self.fc_logvar(features)
+
+    def rotations(self, x: torch.Tensor, which: range | None = None) -> torch.Tensor:
+        """Rotations of N x 784 images, stacked: len(which)*N x 784. Rotation r turns by
+        r * 360 / config.transforms degrees; `which` defaults to all of them, r = 0 first."""
+        which = range(self.config.transforms) if which is None else which
+        images = x.reshape(len(x), IMAGE_SIDE, IMAGE_SIDE)
+        turns = 4 // self.config.transforms  # quarter turns between successive rotations
+        return torch.cat([torch.rot90(images, r * turns, dims=(1, 2)) for r in which]).reshape(
+            -1, IMAGE_PIXELS
+        )
+
+    def transform_log_probs(
+        self,
+        x: torch.Tensor,
+        features: torch.Tensor | None = None,
+        *,
+        which: range | None = None,
+    ) -> torch.Tensor:
+        """N x len(which): log p(r | rotation r of x) under the transform head, for each rotation
+        r in `which` (default: all, r = 0 first). `features`: the encoder's features of x itself
+        (rotation 0, which must come first in `which`), when already computed: saves a pass."""
+        which = range(self.config.transforms) if which is None else which
+        n, t = len(x), self.config.transforms
+        if features is None:
+            features = self.encoder(self.rotations(x, which))
+        elif len(which) > 1:
+            features = torch.cat([features, self.encoder(self.rotations(x, which[1:]))])
+        logits = self.transform_head(features).float()
+        log_probs = torch.log_softmax(logits, dim=1).reshape(len(which), n, t)
+        picked = torch.as_tensor(list(which), device=log_probs.device)
+        # [n, i] = log_probs[i, n, which[i]]
+        return log_probs.gather(2, picked.view(-1, 1, 1).expand(-1, n, 1)).squeeze(2).T
+
+    @property
+    def scored_rotations(self) -> range:
+        """The rotations the score's transform term uses (`config.transform_scored` of them,
+        evenly spaced from the image itself)."""
+        transforms = self.config.transforms
+        return range(0, transforms, transforms // self.config.transform_scored)
+
+    def transform_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Per image: the head's cross-entropy summed over the rotations, in nats (>= 0)."""
+        return -self.transform_log_probs(x).sum(dim=1)
 
     def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         """z = mu + sigma * eps with eps ~ N(0, I), so gradients flow through mu and sigma."""
@@ -136,13 +194,20 @@ class VAE(nn.Module):
 
     def score_terms(self, x: torch.Tensor) -> torch.Tensor:
         """N x 3 raw terms of the score per image: negative ELBO at z = mu (nats), -log q(mu)
-        under the latent density (0 without one) and the total variation of the image."""
-        mu, logvar = self.encode(x)
+        under the latent density (0 without one) and the total variation of the image; with a
+        transform head a fourth, the transform term: the head's cross-entropy on the scored
+        rotations (`scored_rotations`; `transform_loss` is the same over all of them)."""
+        features = self.encoder(x)
+        mu, logvar = self.fc_mu(features), self.fc_logvar(features)
         elbo = self.loss(x, self.decode(mu), mu, logvar)
         latent = (
             self.latent.negative_log_density(mu) if self.latent is not None else elbo.new_zeros(())
         )
-        return torch.stack(torch.broadcast_tensors(elbo, latent, total_variation(x.float())), 1)
+        terms = [elbo, latent, total_variation(x.float())]
+        if self.transform_head is not None:
+            scored = self.transform_log_probs(x, features, which=self.scored_rotations)
+            terms.append(-scored.sum(dim=1))
+        return torch.stack(torch.broadcast_tensors(*terms), 1)
 
     def elbo_score(self, x: torch.Tensor) -> torch.Tensor:
         """Negative ELBO at z = mu per image, in nats (deterministic: no sampling)."""
@@ -160,14 +225,16 @@ class VAE(nn.Module):
             return self.elbo_score(x)
         terms = self.score_terms(x)
         normalised = (terms - self.score_normalisation[:, 0]) / self.score_normalisation[:, 1]
-        weights = normalised.new_tensor(
-            [1.0, self.config.latent_weight, -self.config.complexity_weight]
-        )
+        weights = [1.0, self.config.latent_weight, -self.config.complexity_weight]
+        if self.transform_head is not None:
+            weights.append(self.config.transform_weight)
+        weights = normalised.new_tensor(weights)
         return normalised @ weights
 
     @torch.no_grad()
     def set_score_normalisation(self, centres: torch.Tensor, scales: torch.Tensor) -> None:
-        """Install each term's centre and scale (3 each; a term not in use may have scale 1)."""
+        """Install each term's centre and scale (one per score term; a term not in use may have
+        scale 1)."""
         if not bool(torch.all(scales > 0)):
             raise ValueError(f"score normalisation scales must be positive, got {scales.tolist()}")
         self.score_normalisation.copy_(torch.stack([centres, scales], 1))

@@ -101,8 +101,17 @@ def _train_epoch(
     for b in range(bar.total):
         x = to_model_input(x_train[order[b * train.batch_size : (b + 1) * train.batch_size]])
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
-            logits, mu, logvar = model(x)
+            if model.transform_head is None:
+                logits, mu, logvar = model(x)
+            else:  # the forward pass, keeping the encoder's features of x for the head
+                features = model.encoder(x)
+                mu, logvar = model.fc_mu(features), model.fc_logvar(features)
+                logits = model.decode(model.reparameterize(mu, logvar))
+                head_loss = -model.transform_log_probs(x, features).sum(dim=1).mean()
         loss = model.loss(x, logits, mu, logvar).mean()
+        if model.transform_head is not None:
+            # Self-supervision (docs/model.md): tell the image's rotations apart.
+            loss = loss + model.config.transform_loss_weight * head_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

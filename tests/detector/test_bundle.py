@@ -144,7 +144,11 @@ def test_bad_manifest_is_caught(bundle_dir: Path, text: str) -> None:
 
 def _latent_model() -> VAE:
     torch.manual_seed(0)
-    model = VAE(ModelConfig(kind="mlp", mlp_hidden=(32,), latent_dim=2, latent_components=2))
+    config = ModelConfig(
+        kind="mlp", mlp_hidden=(32,), latent_dim=2, latent_components=2,
+        transforms=0, transform_weight=0.0,
+    )  # fmt: skip
+    model = VAE(config)  # issue 13's score: three terms, no transform head
     model.latent.set_density(
         torch.tensor([[0.0, 1.0], [2.0, -1.0]]),
         torch.tensor([[[1.0, 0.0], [0.2, 0.5]], [[0.3, 0.0], [0.0, 2.0]]]),
@@ -185,13 +189,16 @@ def test_a_bundle_from_before_the_latent_density_loads_and_scores_the_elbo(
     from detector.bundle import _content_version
 
     torch.manual_seed(0)
-    before = {"latent_components": 0, "latent_weight": 0.0, "complexity_weight": 0.0}
+    before = {
+        "latent_components": 0, "latent_weight": 0.0, "complexity_weight": 0.0,
+        "transforms": 0, "transform_weight": 0.0,
+    }  # fmt: skip
     model = VAE(ModelConfig(kind="mlp", mlp_hidden=(32,), latent_dim=4, **before))
     calibration = Calibration(threshold=9.0, target_fpr=0.1, method="conformal", scores=np.ones(9))
     save_bundle(tmp_path / "old", model=model, calibration=calibration)
 
     def as_written_before(manifest: dict) -> None:
-        for key in before:
+        for key in [*before, "transform_loss_weight", "transform_scored"]:
             del manifest["model_config"][key]
         manifest["model_version"] = _content_version(
             manifest["model_config"], manifest["calibration"], manifest["files"]
@@ -289,3 +296,65 @@ def test_a_corrupt_file_is_named_for_what_it_is(
     assert expected in message and name in message
     if name == CALIBRATION:
         assert "weights" not in message
+
+
+def _headed_model() -> VAE:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        kind="conv", conv_channels=(8, 16), latent_dim=4, latent_components=2,
+        transforms=4, transform_weight=1.0,
+    )  # fmt: skip
+    model = VAE(config)
+    model.set_score_normalisation(
+        torch.tensor([700.0, 2.0, 40.0, 5.0]), torch.tensor([30.0, 1.5, 9.0, 2.0])
+    )
+    return model.eval()
+
+
+def test_a_transform_head_round_trips_and_scores_in_a_rebuilt_model(tmp_path: Path) -> None:
+    """The head and its term's normalisation are saved with the weights; the bundle scores the
+    same through load_bundle and through a model rebuilt from its config and state (as the
+    worker's scoring process does: `VAE(config)`, `load_state_dict`, `score_batches`)."""
+    from detector.scorer import score_batches
+
+    model = _headed_model()
+    calibration = Calibration(threshold=0.5, target_fpr=0.1, method="conformal", scores=np.ones(9))
+    save_bundle(tmp_path / "b", model=model, calibration=calibration)
+    loaded = load_bundle(tmp_path / "b").model
+    assert torch.equal(loaded.transform_head.weight, model.transform_head.weight)
+    assert loaded.score_normalisation.shape == (4, 2)
+    images = torch.randint(0, 256, (7, 784), dtype=torch.uint8)
+    expected = score_batches(model, images, device=torch.device("cpu"), batch_size=3)
+    torch.testing.assert_close(
+        score_batches(loaded, images, device=torch.device("cpu"), batch_size=7), expected
+    )
+    state = {k: v.numpy() for k, v in loaded.state_dict().items()}
+    rebuilt = VAE(loaded.config)
+    rebuilt.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    rebuilt.eval()
+    torch.testing.assert_close(
+        score_batches(rebuilt, images, device=torch.device("cpu"), batch_size=7), expected
+    )
+
+
+def test_a_bundle_from_before_the_transform_head_loads_without_one(tmp_path: Path) -> None:
+    """A bundle written before `transforms` existed (a fused score of three terms) loads with no
+    head and scores as it did."""
+    from detector.bundle import _content_version
+
+    model = _latent_model()
+    calibration = Calibration(threshold=0.5, target_fpr=0.1, method="conformal", scores=np.ones(9))
+    save_bundle(tmp_path / "b", model=model, calibration=calibration)
+
+    def as_written_before(manifest: dict) -> None:
+        for key in ("transforms", "transform_loss_weight", "transform_scored", "transform_weight"):
+            del manifest["model_config"][key]
+        manifest["model_version"] = _content_version(
+            manifest["model_config"], manifest["calibration"], manifest["files"]
+        )
+
+    _edit_manifest(tmp_path / "b", as_written_before)
+    loaded = load_bundle(tmp_path / "b").model
+    assert loaded.transform_head is None
+    x = torch.rand(3, 784)
+    torch.testing.assert_close(loaded.score(x), model.score(x))

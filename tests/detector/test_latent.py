@@ -61,7 +61,9 @@ def test_a_mixture_of_the_wrong_shape_is_refused() -> None:
 
 def _model(**changes) -> VAE:
     torch.manual_seed(0)
-    config = ModelConfig(kind="mlp", mlp_hidden=(32,), latent_dim=3, **changes)
+    # Issue 13's three-term score: no transform head unless a test asks for one.
+    no_head = {"transforms": 0, "transform_weight": 0.0}
+    config = ModelConfig(kind="mlp", mlp_hidden=(32,), latent_dim=3, **no_head | changes)
     return VAE(config).eval()
 
 
