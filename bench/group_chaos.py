@@ -43,6 +43,12 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--scoring", choices=["process", "inline"], default="process")
     parser.add_argument("--engine", choices=ENGINES, default="tansu", help="the broker")
+    parser.add_argument(
+        "--guarantee",
+        choices=["at_least_once", "exactly_once"],
+        default="at_least_once",
+        help="stream.processing_guarantee (exactly_once: any duplicate fails the run)",
+    )
     args = parser.parse_args()
 
     images = fashion_images()
@@ -55,7 +61,8 @@ def main() -> int:
     print(
         f"{args.runs} runs, mode {args.mode}: {args.records} records at {args.rate:.0f} rec/s, "
         f"3 workers, 6 partitions, a {'kill' if args.mode == 'kill' else 'SIGTERM restart'} "
-        f"every {args.kill_every:.0f} s, scoring {args.scoring}, broker {args.engine}"
+        f"every {args.kill_every:.0f} s, scoring {args.scoring}, broker {args.engine}, "
+        f"{args.guarantee}"
     )
     print("| run | lost | not reached | duplicates (unexplained) | per kill | kills "
           "| assignments | longest wait s | max lag | s |")  # fmt: skip
@@ -79,6 +86,7 @@ def main() -> int:
                     kills=args.kills,
                     worker_args=worker_args,
                     seed=run,
+                    exactly_once=args.guarantee == "exactly_once",
                 )
             failed += not report.passed
             print(

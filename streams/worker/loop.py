@@ -177,12 +177,17 @@ class Worker:
             polled = {}
         else:
             self._state.broker_connected = coordinator_known(self._consumer)
-        forgotten = self._delivery.take_forgotten()  # by a rebalance inside that poll
-        if forgotten:
-            self._buffer = [r for r in self._buffer if TopicPartition(*_TP(r)) not in forgotten]
+        self._drop_forgotten()  # by a rebalance inside that poll
         if unreadable is not None:
             self._skip_unreadable(unreadable)
         return polled
+
+    def _drop_forgotten(self) -> None:
+        """Buffered records of partitions the batches' owner forgot (a rebalance, an aborted
+        transaction) are stale: the consumer was sought back to where they are read again."""
+        forgotten = self._delivery.take_forgotten()
+        if forgotten:
+            self._buffer = [r for r in self._buffer if TopicPartition(*_TP(r)) not in forgotten]
 
     def _skip_unreadable(self, exc: KafkaError) -> None:
         """kafka-python could not parse the record at a partition's position, and polled again
@@ -277,12 +282,14 @@ class Worker:
         back. Acks count as progress for /healthz; so does being idle."""
         delivery = self._delivery
         acked = delivery.take_acks()
+        held = delivery.tick()
+        self._drop_forgotten()  # an aborted transaction forgets every partition
         busy = bool(self._buffer or delivery.in_scoring or delivery.has_work)
         if acked or not busy:
             self._state.progressed(has_work=busy)
         else:
             self._state.has_work = True
-        return delivery.tick()
+        return held
 
     # -- shutdown (rebalances: streams.worker.rebalance) -----------------------------------
 

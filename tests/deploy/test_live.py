@@ -228,13 +228,21 @@ def test_dashboard_and_rules_against_a_live_worker(
     # `vaewatch serve` too, for the dashboard's HTTP service row (starts while the worker does).
     service = start_serve_process(trained_bundle, log_dir=tmp_path / "logs")
     try:
-        # With a shadow (the same bundle) so that the model-lifecycle panels have data too.
+        # With a shadow (the same bundle) so that the model-lifecycle panels have data too, and
+        # exactly_once so that the transaction panels do.
         worker = start_worker(
             model=trained_bundle,
             topics=topics,
             log_dir=tmp_path / "logs",
             timeout_s=60,
-            extra_args=["--set", f"lifecycle.shadow_model={trained_bundle}"],
+            extra_args=[
+                "--set",
+                f"lifecycle.shadow_model={trained_bundle}",
+                "--set",
+                "stream.processing_guarantee=exactly_once",
+                "--set",
+                "stream.transaction_interval_ms=200",
+            ],
         )
     except BaseException:
         service.stop()

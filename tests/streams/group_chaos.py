@@ -51,6 +51,7 @@ class ChaosReport:
     max_lag: int  # the most records produced but not committed, sampled every 0.5 s
     seconds: float
     duplicates_per_kill: list[int] = field(default_factory=list)
+    exactly_once: bool = False  # then any duplicate fails, explained or not
 
     @property
     def passed(self) -> bool:
@@ -58,6 +59,7 @@ class ChaosReport:
             not self.lost
             and not self.unfinished
             and not self.unexplained_duplicates
+            and not (self.exactly_once and self.duplicates)
             and all(code == 0 for code in self.exit_codes)
         )
 
@@ -74,14 +76,33 @@ class ChaosReport:
 class _Group:
     """The members, started and stopped by the chaos loop."""
 
-    def __init__(self, *, model: Path, topics: StreamTopics, log_dir: Path, args: list[str]):
-        self._start = dict(model=model, topics=topics, log_dir=log_dir, extra_args=args)
+    def __init__(
+        self,
+        *,
+        model: Path,
+        topics: StreamTopics,
+        log_dir: Path,
+        args: list[str],
+        exactly_once: bool = False,
+    ):
+        self._start = dict(model=model, topics=topics, log_dir=log_dir)
+        self._args = args
+        self._group = topics.config.group_id
+        self._exactly_once = exactly_once
         self.members: list[WorkerProcess] = []
         self.logs: list[Path] = []
         self.started_at: dict[int, float] = {}
+        # exactly_once: each member keeps a transactional id, and its replacement after a kill
+        # takes it over (as a StatefulSet's pod would), which aborts what the victim left open
+        self.slots: dict[int, int] = {}  # pid -> slot
 
-    def start(self, *, wait: bool) -> WorkerProcess:
-        member = start_worker(**self._start, wait=wait, timeout_s=90.0)
+    def start(self, *, wait: bool, slot: int | None = None) -> WorkerProcess:
+        slot = len(self.slots) if slot is None else slot
+        args = list(self._args)
+        if self._exactly_once:
+            args += ["--set", f"stream.transactional_id={self._group}-{slot}"]
+        member = start_worker(**self._start, extra_args=args, wait=wait, timeout_s=90.0)
+        self.slots[member.process.pid] = slot
         self.members.append(member)
         self.logs.append(member.log_path)
         self.started_at[member.process.pid] = time.monotonic()
@@ -189,12 +210,20 @@ def run_chaos(
     worker_args: list[str] | None = None,
     settle_timeout_s: float = 180.0,
     seed: int = 0,
+    exactly_once: bool = False,
 ) -> ChaosReport:
-    """One chaos run on `broker` (anything with .bootstrap_servers); see the module's text."""
+    """One chaos run on `broker` (anything with .bootstrap_servers); see the module's text.
+    `exactly_once`: the members run stream.processing_guarantee=exactly_once, the outputs are
+    read read_committed, and any duplicate fails the run."""
     started = time.monotonic()
     chooser = random.Random(seed)
     topics = make_topics(broker, partitions=partitions)
-    group = _Group(model=model, topics=topics, log_dir=log_dir, args=list(worker_args or []))
+    args = list(worker_args or [])
+    if exactly_once:
+        args += ["--set", "stream.processing_guarantee=exactly_once"]
+    group = _Group(
+        model=model, topics=topics, log_dir=log_dir, args=args, exactly_once=exactly_once
+    )
     for _ in range(workers):
         group.start(wait=True)
     committed = _Committed(topics)
@@ -228,13 +257,13 @@ def run_chaos(
                 victim.process.send_signal(signal.SIGKILL)
                 victim.process.wait()
                 group.remove(victim)
-                group.start(wait=False)
+                group.start(wait=False, slot=group.slots[victim.process.pid])
         else:  # rolling: each member in turn, the next once its successor is ready
             for member in list(group.members):
                 time.sleep(kill_every_s)
                 exit_codes.append(member.stop(timeout_s=60))
                 group.remove(member)
-                group.start(wait=True)
+                group.start(wait=True, slot=group.slots[member.process.pid])
         producer.join()
         if producer.error is not None:
             raise producer.error
@@ -252,7 +281,7 @@ def run_chaos(
     final_committed = final.read()
     final.close()
     outputs = _outputs(topics, expected)
-    return _report(
+    report = _report(
         expected=expected,
         final_committed=final_committed,
         outputs=outputs,
@@ -262,6 +291,8 @@ def run_chaos(
         max_lag=max_lag,
         seconds=time.monotonic() - started,
     )
+    report.exactly_once = exactly_once
+    return report
 
 
 def _outputs(topics: StreamTopics, expected: Offsets) -> dict[tuple[int, int], list[float]]:
@@ -272,6 +303,7 @@ def _outputs(topics: StreamTopics, expected: Offsets) -> dict[tuple[int, int], l
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=50,
+        isolation_level="read_committed",  # what exactly_once promises is about these readers
     )
     found: dict[tuple[int, int], list[float]] = {}
     want = {(p, o) for p, n in expected.items() for o in range(n)}

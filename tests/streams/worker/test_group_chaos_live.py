@@ -43,3 +43,28 @@ def test_a_group_under_kills_and_rolling_restarts_loses_nothing(
         assert report.kills >= 2, report.summary()
     else:
         assert report.duplicates == 0 and report.stops == 3, report.summary()
+
+
+def test_an_exactly_once_group_under_kills_has_no_duplicates(
+    kafka_broker, trained_bundle: Path, fashion_mnist, tmp_path: Path
+) -> None:
+    """Issue 20's chaos proof: the same group, processing_guarantee=exactly_once, SIGKILLs;
+    a read_committed reader finds every record's score or dead letter once."""
+    report = run_chaos(
+        broker=kafka_broker,
+        model=trained_bundle,
+        log_dir=tmp_path,
+        images=fashion_mnist.test.images,
+        records=6000,
+        rate=500.0,
+        kill_every_s=3.0,
+        kills=3,
+        worker_args=[*_ARGS, "--set", "stream.transaction_interval_ms=300"],
+        exactly_once=True,
+    )
+    print(report.summary())
+    assert not report.lost, f"{report.summary()}; lost {report.lost[:20]}"
+    assert not report.unfinished, f"{report.summary()}; not reached {report.unfinished[:20]}"
+    assert report.duplicates == 0, report.summary()
+    assert report.kills >= 2, report.summary()
+    assert all(code == 0 for code in report.exit_codes), report.exit_codes
