@@ -361,7 +361,7 @@ def main() -> None:
         help="stream.processing_guarantee (exactly_once: the drain ends at the last commit)",
     )
     parser.add_argument(
-        "--transaction-interval-ms", type=int, default=1000, help="stream.transaction_interval_ms"
+        "--transaction-interval-ms", type=int, default=100, help="stream.transaction_interval_ms"
     )
     add_engine_options(parser)
     parser.add_argument("--profile", action="store_true", help="cProfile the worker thread")

@@ -148,11 +148,12 @@ class StreamConfig(BaseModel):
         "broker with transactions (Apache Kafka).",
     )
     transaction_interval_ms: int = Field(
-        1000,
+        100,
         ge=10,
-        description="exactly_once: a transaction is committed this often, ms. Longer amortises "
-        "the commit's round trips over more batches; outputs become visible to read_committed "
-        "subscribers only at the commit, so it adds up to this much latency.",
+        description="exactly_once: a transaction is committed this often, ms (Kafka Streams' "
+        "default for exactly-once too). Longer amortises the commit's round trips over more "
+        "batches; outputs become visible to read_committed subscribers only at the commit, so "
+        "it adds up to this much latency (BENCHMARKS.md).",
     )
     transactional_id: str = Field(
         "",
