@@ -113,7 +113,7 @@ class ModelConfig(BaseModel):
         1,
         description="How many of the rotations the score's transform term asks the head about, "
         "evenly spaced from the image itself: 1 (the image alone: no extra encoder pass), 2 (and "
-        "its half turn) or 4 (all quarter turns, as GEOM: 2.5x the scoring cost); at most "
+        "its half turn) or 4 (all quarter turns, as GEOM: 2.5-3x the scoring cost); at most "
         "transforms.",
     )
     transform_weight: float = Field(
