@@ -120,6 +120,7 @@ class Worker:
             self._state.group_stable = stable
         listener = PartitionListener(delivery=delivery, state=self._state)
         self._consumer.subscribe([self._config.input_topic], listener=listener)
+        self._fetch_input_metadata()
         self._state.progressed(has_work=False)
         self._state.loop_running = True
         try:
@@ -141,6 +142,24 @@ class Worker:
             return self._drain()
         finally:
             self._state.loop_running = False
+
+    def _fetch_input_metadata(self) -> None:
+        """Have the input topic's partitions in the consumer's metadata before the first poll
+        joins the group. kafka-python's leader assigns from the metadata it holds at the join;
+        when the topic is missing there, it can keep an empty assignment for good (as in
+        dpkp/kafka-python#2377). Fetched after subscribe(), this costs no second rebalance."""
+        topic = self._config.input_topic
+        try:
+            partitions = self._consumer.partitions_for_topic(topic)
+        except KafkaError as exc:
+            self._error("broker", exc)
+            return
+        if not partitions:
+            logger.warning(
+                "input topic %s has no partitions in the broker's metadata (not created yet?); "
+                "they are assigned once it exists",
+                topic,
+            )
 
     def _use(self, scorer: Scorer, publisher: ResultPublisher) -> None:
         """Score the next batches with `scorer` and name its model in their outputs, once the

@@ -118,9 +118,12 @@ class FakeConsumer:
 
     # -- kafka-python's API, the part the worker uses ----------------------------------------
 
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return set(range(self.broker.partitions)) if topic == self.broker.topic else set()
+
     def subscribe(self, topics: list[str], *, listener: Any) -> None:
         self._listener = listener
-        self.rebalance(TopicPartition(topics[0], p) for p in range(self.broker.partitions))
+        self.rebalance(TopicPartition(topics[0], p) for p in self.partitions_for_topic(topics[0]))
 
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict:
         self.polls += 1

@@ -276,3 +276,12 @@ def test_an_eviction_then_the_same_partitions_back_loses_nothing(overlaps: bool)
     assert _run(worker, consumer, steps)
     broker.check_commits()
     assert broker.committed == {P0: 12, P1: 5}
+
+
+def test_a_missing_input_topic_is_named_at_start_and_the_worker_still_subscribes(caplog) -> None:
+    broker = FakeBroker(topic="other")
+    worker, consumer, _ = _worker(broker, _config(), overlaps=False)
+    with caplog.at_level("WARNING", logger="streams.worker.loop"):
+        assert _run(worker, consumer, [])
+    assert "input topic images has no partitions" in caplog.text
+    assert consumer._listener is not None  # subscribed: partitions come once it exists
