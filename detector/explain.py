@@ -78,16 +78,10 @@ def decode_mean(model: VAE, z: np.ndarray) -> np.ndarray:
 def latent_codes(
     model: VAE, n: int, *, seed: int, temperature: float = 1.0, prior: bool = False
 ) -> np.ndarray:
-    """n latent codes from a CPU generator seeded with `seed`, drawn as `VAE.sample` draws them
-    (so at temperature 1 they decode to `vaewatch sample --seed`'s images): from the density
-    fitted to the training latents when the bundle has one and `prior` is not set, else from
-    the prior N(0, I). `temperature` scales the spread (of each mixture component, or of the
-    prior)."""
+    """n latent codes from a CPU generator seeded with `seed`, by `VAE.sample_latent` (so at
+    temperature 1 they decode to `vaewatch sample --seed`'s images)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    if prior or model.latent is None:
-        z = torch.randn(n, model.config.latent_dim, generator=generator) * temperature
-    else:
-        z = model.latent.sample(n, generator=generator, temperature=temperature)
+    z = model.sample_latent(n, generator=generator, prior=prior, temperature=temperature)
     return z.detach().cpu().numpy()
 
 

@@ -240,14 +240,25 @@ class VAE(nn.Module):
         self.score_normalisation.copy_(torch.stack([centres, scales], 1))
 
     @torch.no_grad()
+    def sample_latent(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        prior: bool = False,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """n latent codes N x latent_dim on the model's device, from the density fitted to the
+        training latents (or from the N(0, I) prior when `prior` is set or the model has none);
+        `temperature` scales the spread (of each mixture component, or of the prior)."""
+        device = self.fc_mu.weight.device
+        if prior or self.latent is None:
+            z = torch.randn(n, self.config.latent_dim, generator=generator) * temperature
+            return z.to(device)
+        return self.latent.sample(n, generator=generator, temperature=temperature)
+
     def sample(
         self, n: int, *, generator: torch.Generator | None = None, prior: bool = False
     ) -> torch.Tensor:
-        """n images N x 784 in [0, 1], the decoder's mean at z drawn from the fitted latent
-        density (or from the N(0, I) prior when `prior` is set or the model has no density)."""
-        device = self.fc_mu.weight.device
-        if prior or self.latent is None:
-            z = torch.randn(n, self.config.latent_dim, generator=generator).to(device)
-        else:
-            z = self.latent.sample(n, generator=generator)
-        return torch.sigmoid(self.decode(z))
+        """n images N x 784 in [0, 1], the decoder's mean at codes from `sample_latent`."""
+        return torch.sigmoid(self.decode(self.sample_latent(n, generator=generator, prior=prior)))

@@ -120,3 +120,14 @@ def test_a_transform_weight_needs_a_head() -> None:
         ModelConfig(transforms=0, transform_weight=1.0)
     with pytest.raises(ValueError, match="transform_scored"):
         ModelConfig(transforms=2, transform_scored=4)
+
+
+def test_sample_decodes_the_codes_sample_latent_draws() -> None:
+    """One way to draw latent codes: `sample` is `sample_latent` decoded (explain uses it too)."""
+    model = VAE(ModelConfig(kind="mlp", latent_dim=4)).eval()
+    codes = model.sample_latent(5, generator=torch.Generator().manual_seed(3), temperature=0.5)
+    images = model.sample(5, generator=torch.Generator().manual_seed(3))
+    assert codes.shape == (5, 4) and images.shape == (5, 784)
+    again = model.sample_latent(5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(images, torch.sigmoid(model.decode(again)))
+    torch.testing.assert_close(codes, again * 0.5)  # the prior's spread, scaled
