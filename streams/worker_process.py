@@ -7,6 +7,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,39 +117,30 @@ def run_worker_process(
         admin=lifecycle.admin if lifecycle_config.admin_reload else None,
     ).start()
 
-    backoff_s = stream.reconnect_backoff_max_ms / 1000.0
+    def connect(factory: Callable[[], Any], what: str) -> Any:
+        return connect_with_backoff(
+            factory,
+            what=what,
+            should_stop=stop.is_set,
+            on_error=metrics.count_error,
+            max_backoff_s=stream.reconnect_backoff_max_ms / 1000.0,
+        )
+
     consumer = producer = side_producer = None
     worker: Worker | None = None
     exactly_once = stream.processing_guarantee == "exactly_once"
     try:
-        producer = connect_with_backoff(
-            lambda: create_producer(
-                config=stream, transactional_id=transactional_id(stream) if exactly_once else None
-            ),
-            what="producer",
-            should_stop=stop.is_set,
-            on_error=metrics.count_error,
-            max_backoff_s=backoff_s,
+        tx_id = transactional_id(stream) if exactly_once else None
+        producer = connect(
+            lambda: create_producer(config=stream, transactional_id=tx_id), "producer"
         )
         # The shadow's comparisons are sent outside the transactions.
         side_producer = (
-            connect_with_backoff(
-                lambda: create_producer(config=stream),
-                what="producer",
-                should_stop=stop.is_set,
-                on_error=metrics.count_error,
-                max_backoff_s=backoff_s,
-            )
+            connect(lambda: create_producer(config=stream), "producer")
             if exactly_once
             else producer
         )
-        consumer = connect_with_backoff(
-            lambda: create_consumer(config=stream),
-            what="consumer",
-            should_stop=stop.is_set,
-            on_error=metrics.count_error,
-            max_backoff_s=backoff_s,
-        )
+        consumer = connect(lambda: create_consumer(config=stream), "consumer")
         if consumer is None or producer is None or side_producer is None:
             return 0  # stopped before a broker answered: nothing was consumed
         transactions = None
