@@ -213,6 +213,19 @@ def _request_the_service(url: str, images: np.ndarray) -> None:
         urllib.request.urlopen(bad, timeout=30)
 
 
+def _produce_records(topics: Any, images: np.ndarray, *, round_name: str) -> None:
+    """The images and N_MALFORMED malformed records, keyed by round so that keys stay unique."""
+    producer = create_producer(config=topics.config)
+    for i, image in enumerate(images):
+        key = f"{round_name}-{i}".encode()
+        producer.send(topics.config.input_topic, value=image.tobytes(), key=key)
+    for i in range(N_MALFORMED):
+        key = f"{round_name}-bad{i}".encode()
+        producer.send(topics.config.input_topic, value=b"\x01" * 100, key=key)
+    producer.flush(timeout=30)
+    producer.close()
+
+
 def _finite(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(series["value"][1])) for series in result)
 
@@ -296,16 +309,10 @@ def test_dashboard_and_rules_against_a_live_worker(
         # Real records: the first N test images (all classes) and some malformed ones.
         images = np.asarray(fashion_mnist.test.images[:N_IMAGES], dtype=np.uint8)
         images = images.reshape(len(images), 28 * 28)
-        producer = create_producer(config=topics.config)
-        for i, image in enumerate(images):
-            producer.send(topics.config.input_topic, value=image.tobytes(), key=str(i).encode())
-        for i in range(N_MALFORMED):
-            producer.send(topics.config.input_topic, value=b"\x01" * 100, key=f"bad{i}".encode())
-        producer.flush(timeout=30)
-        producer.close()
+        _produce_records(topics, images, round_name="first")
         total = N_IMAGES + N_MALFORMED
 
-        def worker_done() -> dict[str, dict[str, float]] | None:
+        def worker_done(total: int = total) -> dict[str, dict[str, float]] | None:
             counters = _worker_counters(worker.metrics_text())
             done = sum(counters.get("vaewatch_records_total", {}).values())
             return counters if done >= total else None
@@ -349,6 +356,23 @@ def test_dashboard_and_rules_against_a_live_worker(
                 lambda seen=seen: f", Prometheus has {seen[-3:]}",
             )
         assert time.monotonic() - zero_seen < 55, "the windows no longer start at zero"
+
+        # A second round of records and requests, so that every panel's rate window holds fresh
+        # increments however long the checks above took (on a slow machine the first round's
+        # transactions fell out of the one-minute window and their quantiles read NaN).
+        _request_the_service(service.url, fashion_mnist.test.images[8:12])
+        _produce_records(topics, images, round_name="second")
+        _wait(
+            "the worker to consume the second round",
+            lambda: worker_done(2 * total),
+            60,
+            log_hint,
+        )
+        _wait(
+            "Prometheus to scrape the second round's counts",
+            lambda: prom.value(f'sum(vaewatch_records_total{{job="{JOB}"}})') == 2 * total,
+            15,
+        )
 
         # Every panel query of the dashboard returns data.
         queries = dashboard_queries()
