@@ -6,6 +6,7 @@
     .venv/bin/python bench/worker_latency.py --rate 2000 --duration 60 --scores-format batch
     .venv/bin/python bench/worker_latency.py --rate 5000 --tree /tmp/base   # another checkout
     .venv/bin/python bench/worker_latency.py --rate 5000 --duration 30 --engine both --repeats 2
+    .venv/bin/python bench/worker_latency.py --rate 2000 --duration 20 --engine both --against-relay
 
 --engine picks the broker (bench/brokers.py): the embedded Tansu (default), a real Apache Kafka,
 or both alternating in one invocation, each run on a fresh broker; with more than one run a
@@ -27,6 +28,10 @@ RSS of the worker and of its scoring process is sampled from /proc every 5 s.
 10th record at once as an alert (no batching wait, no decoding, no scoring, no commits), with
 the worker's producer settings. Its latency is the floor of two Kafka hops through the broker
 with everything on this machine; what the worker adds is the difference.
+
+--against-relay runs the relay and the worker one after the other on each broker run (a fresh
+broker each, alternating, so that both see the same machine) and ends with a table per engine:
+both sides' p50 and p99, what the worker adds to the relay's p99 and the ratio of the two.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -386,6 +392,40 @@ def measure(
     }
 
 
+def _median(runs: list[tuple[str, dict[str, Any]]], engine: str, *path: str) -> float:
+    values = []
+    for name, result in runs:
+        if name == engine:
+            for key in path:
+                result = result[key]
+            values.append(result)
+    return statistics.median(values)
+
+
+def against_relay(
+    workers: list[tuple[str, dict[str, Any]]], relays: list[tuple[str, dict[str, Any]]]
+) -> str:
+    """A markdown table per engine: medians over its runs of the relay's and the worker's record-
+    to-alert p50 and p99, what the worker adds to the relay's p99, and the ratio of the p99s."""
+    lines = [
+        "| broker | runs | relay p50 / p99 (ms) | worker p50 / p99 (ms) | worker adds at p99 (ms) "
+        "| p99 ratio | machine CPU busy (relay / worker) |",
+        "|---|---:|---|---|---:|---:|---|",
+    ]
+    for engine in dict.fromkeys(engine for engine, _ in workers):
+        relay = {q: _median(relays, engine, "latency_ms", q) for q in ("p50", "p99")}
+        worker = {q: _median(workers, engine, "latency_ms", q) for q in ("p50", "p99")}
+        busy = [_median(runs, engine, "machine_cpu_busy") for runs in (relays, workers)]
+        lines.append(
+            f"| {engine} | {sum(1 for e, _ in workers if e == engine)} "
+            f"| {relay['p50']:.0f} / {relay['p99']:.0f} "
+            f"| {worker['p50']:.0f} / {worker['p99']:.0f} "
+            f"| {worker['p99'] - relay['p99']:+.0f} | {worker['p99'] / relay['p99']:.2f} "
+            f"| {busy[0]:.2f} / {busy[1]:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -413,20 +453,37 @@ def main() -> None:
         choices=["", "record", "batch"],
         help="also write scores (to lat.scores) in this format; default: alerts only",
     )
+    parser.add_argument(
+        "--against-relay",
+        action="store_true",
+        help="each run twice, the relay baseline then the worker, and a table of what it adds",
+    )
     add_engine_options(parser)
     args = parser.parse_args()
+    if args.against_relay and args.relay:
+        parser.error("--against-relay already runs the relay")
     images = fashion_images()
     order = run_order(args.engine, args.repeats)
     runs: list[tuple[str, dict[str, Any]]] = []
+    relay_runs: list[tuple[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.model or make_bundle(args.model_kind, Path(tmp) / "bundle", images)
         for number, engine in enumerate(order, 1):
             label = f"run {number}/{len(order)}, {engine}: " if len(order) > 1 else ""
             worker_log = worker_log_for(args, engine, number, len(order))
+            if args.against_relay:
+                relay_args = argparse.Namespace(**{**vars(args), "relay": True})
+                relay = measure(relay_args, engine, bundle, images, label=label, worker_log=None)
+                print(json.dumps(relay, indent=2), flush=True)
             result = measure(args, engine, bundle, images, label=label, worker_log=worker_log)
             print(json.dumps(result, indent=2), flush=True)
             runs.append((engine, result))
-    if len(runs) > 1:
+            if args.against_relay:
+                relay_runs.append((engine, relay))
+    if args.against_relay:
+        print(f"\nworker against the relay at {args.rate:,.0f} rec/s, {args.duration:g} s each:\n")
+        print(against_relay(runs, relay_runs))
+    elif len(runs) > 1:
         what = "relay baseline" if args.relay else "vaewatch worker"
         print(
             f"\n{what} at {args.rate:,.0f} rec/s for {args.duration:g} s, runs in the order "
