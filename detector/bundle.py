@@ -1,6 +1,8 @@
 """The model bundle: one directory that holds everything a scorer needs, verified on load.
 
-bundle.json               model config, calibration summary, version, file digests, metadata
+bundle.json               model config, calibration summary (with the precision it was computed
+                          in and the other precisions checked against it), version, file
+                          digests, metadata
 model.safetensors         weights (no pickle)
 calibration.safetensors   sorted calibration scores
 report/                   pictures and history written by the trainer (not needed to score)
@@ -85,6 +87,8 @@ def save_bundle(
         "target_fpr": float(calibration.target_fpr),
         "method": calibration.method,
         "n": calibration.n,
+        "precision": calibration.precision,
+        "precision_checks": calibration.precision_checks,
     }
     version = _content_version(config, calibration_summary, digests)
     manifest = {
@@ -222,6 +226,9 @@ def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -
             target_fpr=float(summary["target_fpr"]),
             method=str(summary["method"]),
             scores=scores,
+            # Bundles written before issue 21 lack both: fp32, nothing else checked.
+            precision=str(summary.get("precision", "fp32")),
+            precision_checks=dict(summary.get("precision_checks", {})),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path / MANIFEST}: bad calibration ({exc})") from None

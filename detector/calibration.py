@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from detector.config import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -14,12 +17,18 @@ class Calibration:
     `scores` are the sorted calibration scores of normal validation images; they turn any new
     score s into a conformal p-value (1 + #{calibration scores >= s}) / (n + 1), which is
     super-uniform for a new normal image. An image is an anomaly when its score > threshold.
+
+    `precision` is the precision the calibration scores were computed in; `precision_checks`
+    holds, per other precision, how its scores of the same images compared at this threshold
+    (trainer.calibrate.validate_precisions), with `passed` when they held the quality band.
     """
 
     threshold: float
     target_fpr: float
     method: str
     scores: np.ndarray
+    precision: str = "fp32"
+    precision_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         scores = np.sort(np.asarray(self.scores, dtype=np.float64).ravel())
@@ -28,6 +37,17 @@ class Calibration:
         if not np.all(np.isfinite(scores)):
             raise ValueError("calibration scores must be finite")
         object.__setattr__(self, "scores", scores)
+        if not all(isinstance(check, dict) for check in self.precision_checks.values()):
+            raise ValueError("precision_checks must map each precision to a mapping")
+        for name in (self.precision, *self.precision_checks):
+            if name not in PRECISIONS:
+                raise ValueError(f"precision {name!r} is unknown (one of {', '.join(PRECISIONS)})")
+
+    @property
+    def validated_precisions(self) -> tuple[str, ...]:
+        """The precisions this calibration holds for: its own and those whose check passed."""
+        passed = [p for p, check in sorted(self.precision_checks.items()) if check.get("passed")]
+        return (self.precision, *[p for p in passed if p != self.precision])
 
     @property
     def n(self) -> int:

@@ -10,6 +10,8 @@ IMAGE_SIDE = 28
 IMAGE_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 
 Likelihood = Literal["bernoulli", "gaussian_fixed", "gaussian_learned"]
+# The numeric precisions a detector can score in (detector.precision adds `auto`).
+PRECISIONS = ("fp32", "int8", "bf16")
 
 # Settings that bundles written before them lack, with the values that reproduce those bundles'
 # behaviour (no latent density: the score is the plain negative ELBO, samples come from N(0, I)).
@@ -146,4 +148,13 @@ class DetectorSettings(BaseModel):
     )
     max_batch_size: int = Field(
         8192, ge=1, description="Largest batch sent to the device at once; larger inputs are split."
+    )
+    precision: Literal["fp32", "int8", "bf16", "auto"] = Field(
+        "auto",
+        description="Numeric precision of CPU scoring: fp32; int8 (Linear layers dynamically "
+        "quantised: the MLP's fastest); bf16 (needs a CPU with AVX512-BF16 or AMX: the conv "
+        "model's fastest); auto = the fastest of these for the model kind that the bundle's "
+        "calibration validated (per-class AUROC and FPR within 0.003 of fp32), else fp32. On "
+        "CUDA always fp32 (int8 and bf16 are refused there). BENCHMARKS.md, CPU scoring "
+        "precision.",
     )

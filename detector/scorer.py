@@ -5,22 +5,49 @@ host buffer and sent to the GPU without blocking, converted to float there (4x f
 PCIe than float32), scored under inference mode, and the scores come back through a pinned
 buffer. `submit` returns at once on CUDA, so the caller can poll and decode the next batch while
 the GPU works; `PendingScores.result()` waits for the copy back.
+
+On the CPU (issue 21, BENCHMARKS.md "CPU scoring precision"): the model is scored through a
+prepared copy, made once per model and weights (`cpu_scoring_model`): the conv model's
+convolutions in channels-last and its last transposed convolution rewritten as an equivalent
+stride-1 convolution and a pixel shuffle, in chunks that stay in the cache (`CPU_CHUNK`); with
+`precision` int8, its Linear layers dynamically quantised to int8
+(`torch.ao.quantization.quantize_dynamic`). The scores are
+the model's own (fp32: within float rounding; int8: checked per bundle at calibration, see
+trainer.calibrate.validate_precisions). CUDA scores the model itself, in fp32, always.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import warnings
+import weakref
+from collections.abc import Collection
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from detector.bundle import Bundle, load_bundle
 from detector.calibration import Calibration
-from detector.config import IMAGE_PIXELS, DetectorSettings
+from detector.config import IMAGE_PIXELS, PRECISIONS, DetectorSettings
 from detector.model import VAE, to_model_input
 
+logger = logging.getLogger(__name__)
+
 _PINNED_SLOTS = 2  # one batch in flight on the GPU while the next one is being filled
+# Images per forward pass on the CPU: the conv model's activations (about 25 KB per image) fall
+# out of the cache in larger chunks (1.4-1.7x slower at 1,024); the MLP's GEMMs like them large.
+CPU_CHUNK = {"conv": 256, "mlp": 1024}
+# The precisions `auto` may pick on the CPU, fastest first, per model kind, measured side by
+# side (BENCHMARKS.md, "CPU scoring precision (issue 21)"): int8 only quantises Linear layers, so
+# it speeds up the MLP, not the conv model; bf16 needs a CPU with native bf16 (AVX512-BF16 or
+# AMX), without which it is slower than fp32. A precision is only picked for a bundle whose
+# calibration validated it.
+AUTO_ORDER = {"mlp": ("int8", "bf16", "fp32"), "conv": ("bf16", "fp32")}
 
 
 class DeviceError(ValueError):
@@ -42,6 +69,172 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class PrecisionError(ValueError):
+    """The configured precision cannot be used here. The message is one line."""
+
+
+def resolve_precision(
+    requested: str, device: torch.device, *, kind: str, validated: Collection[str] = ("fp32",)
+) -> str:
+    """The precision a detector scores in: fp32 or int8.
+
+    int8 and bf16 are CPU paths (dynamic quantisation with fbgemm/oneDNN's int8 kernels, oneDNN
+    bf16): `auto` never picks them on any other device (CUDA scores in fp32), and asking for
+    them there is an error. On the CPU `auto` picks the fastest precision for this model kind
+    (`AUTO_ORDER`) that the bundle's calibration validated (`validated`); bf16 only on a CPU
+    with native bf16."""
+    if requested not in (*PRECISIONS, "auto"):
+        raise PrecisionError(
+            f"detector.precision {requested!r} is unknown (use fp32, int8, bf16 or auto)"
+        )
+    if device.type != "cpu":
+        if requested != "auto" and requested != "fp32":
+            raise PrecisionError(
+                f"detector.precision {requested} runs on the CPU only, the device is {device} "
+                "(use fp32 or auto)"
+            )
+        return "fp32"
+    if requested != "auto":
+        return requested
+    usable = [p for p in AUTO_ORDER.get(kind, ()) if p in validated]
+    if not native_bf16():
+        usable = [p for p in usable if p != "bf16"]
+    return usable[0] if usable else "fp32"
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (else oneDNN emulates it, slower than fp32)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class _ChannelsLast(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+class _Contiguous(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+
+def _is_k4s2p1(layer: nn.Module, kind: type) -> bool:
+    """A stride-2, kernel-4, padding-1 convolution (or transposed one) of the plain sort."""
+    return (
+        type(layer) is kind
+        and layer.kernel_size == (4, 4)
+        and layer.stride == (2, 2)
+        and layer.padding == (1, 1)
+        and layer.dilation == (1, 1)
+        and layer.groups == 1
+        and layer.padding_mode == "zeros"
+        and getattr(layer, "output_padding", (0, 0)) == (0, 0)
+        and layer.bias is not None
+    )
+
+
+# A k4 s2 p1 transposed convolution writes output 2m + a from inputs m-1, m (a = 0) or m, m+1
+# (a = 1): a 3 x 3 stride-1 convolution per output parity, then a pixel shuffle. Parity a ->
+# {tap: kernel index}:
+_SHUFFLE_TAPS = {0: {0: 3, 1: 1}, 1: {1: 2, 2: 0}}
+
+
+@torch.no_grad()
+def _shuffled_conv(deconv: nn.ConvTranspose2d) -> nn.Module:
+    """A 3 x 3 stride-1 convolution to 4x the channels, then pixel_shuffle(2): the same map as
+    the transposed convolution `deconv`."""
+    w = deconv.weight  # in x out x 4 x 4
+    in_channels, out_channels = w.shape[:2]
+    kernel = w.new_zeros(out_channels, 2, 2, in_channels, 3, 3)
+    for a, taps_a in _SHUFFLE_TAPS.items():
+        for b, taps_b in _SHUFFLE_TAPS.items():
+            for j1, k1 in taps_a.items():
+                for j2, k2 in taps_b.items():
+                    kernel[:, a, b, :, j1, j2] = w[:, :, k1, k2].T
+    same = nn.Conv2d(in_channels, out_channels * 4, 3, padding=1)
+    same.weight.copy_(kernel.reshape(out_channels * 4, in_channels, 3, 3))
+    same.bias.copy_(deconv.bias.repeat_interleave(4))
+    return nn.Sequential(_Contiguous(), same, nn.PixelShuffle(2))
+
+
+def _rewrite_convolutions(model: VAE) -> None:
+    """In place, on a copy: the encoder's and decoder's convolutions in channels-last (1.2-3x
+    faster each on the 2-core machine), except a k4 s2 p1 transposed convolution to fewer than
+    4 channels (the decoder's last, 32 -> 1), which becomes its stride-1 equivalent
+    (`_shuffled_conv`, 1.6-2.6x faster) in the usual layout. Other layers stay as they are."""
+    for body in (model.encoder, model.decoder):
+        if not isinstance(body, nn.Sequential):
+            continue
+        for i, layer in enumerate(body):
+            if _is_k4s2p1(layer, nn.ConvTranspose2d) and layer.out_channels < 4:
+                body[i] = _shuffled_conv(layer)
+            elif type(layer) in (nn.Conv2d, nn.ConvTranspose2d):
+                layer.to(memory_format=torch.channels_last)
+                body[i] = nn.Sequential(_ChannelsLast(), layer)
+
+
+def _quantise_linear(model: VAE) -> VAE:
+    with warnings.catch_warnings():  # torch.ao's notice that the API moves to torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+class _Bf16(nn.Module):
+    """Scores `model` under CPU autocast to bf16: convolutions and matrix products in bf16,
+    the likelihood, the latent density and the softmax in fp32 (the model casts to float)."""
+
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model.score(x).float()
+
+
+def prepare_cpu_model(model: VAE, precision: str) -> VAE:
+    """A copy of `model` that scores the same on the CPU, faster: convolutions rewritten (conv
+    models), Linear layers in int8 (`precision` int8) or everything under bf16 autocast (bf16).
+    The model itself is not changed."""
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"precision {precision!r} is unknown (use fp32, int8 or bf16)")
+    prepared = copy.deepcopy(model).cpu().eval()
+    if model.config.kind == "conv":
+        _rewrite_convolutions(prepared)
+    if precision == "int8":
+        prepared = _quantise_linear(prepared)
+    elif precision == "bf16":
+        prepared = _Bf16(prepared)
+    return prepared.eval()
+
+
+# model -> {precision: (weights key, prepared copy)}; a model that is gone takes its copies along.
+_PREPARED: weakref.WeakKeyDictionary[VAE, dict[str, tuple[tuple, VAE]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _weights_key(model: VAE) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or written in place (training,
+    load_state_dict, set_density, set_score_normalisation), so a stale copy is never used. An
+    inference tensor has no version counter: a model holding one is prepared again each time."""
+    try:
+        return tuple((t.data_ptr(), t._version) for t in chain(model.parameters(), model.buffers()))
+    except RuntimeError:
+        return (object(),)
+
+
+def cpu_scoring_model(model: VAE, precision: str = "fp32") -> VAE:
+    """The prepared copy of `model` for `precision` (`prepare_cpu_model`), made once and reused
+    while the model's weights stay the same."""
+    key = _weights_key(model)
+    copies = _PREPARED.setdefault(model, {})
+    cached = copies.get(precision)
+    if cached is None or cached[0] != key:
+        copies[precision] = cached = (key, prepare_cpu_model(model, precision))
+    return cached[1]
+
+
 def as_image_batch(images: np.ndarray) -> np.ndarray:
     """Check and flatten a batch of 28x28 uint8 images to a C-contiguous N x 784 array."""
     images = np.asarray(images)
@@ -56,12 +249,26 @@ def as_image_batch(images: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def score_batches(
-    model: VAE, images: torch.Tensor, *, device: torch.device, batch_size: int
+    model: VAE,
+    images: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Deterministic scores of uint8 N x 784 images, `batch_size` at a time on `device`, as a
-    float32 CPU tensor. The model must be in eval mode (dropout off)."""
+    float32 CPU tensor. The model must be in eval mode (dropout off). On the CPU the model's
+    prepared copy scores (`cpu_scoring_model`, in `precision`), in chunks of at most
+    `CPU_CHUNK`; elsewhere the model itself, in fp32 (`precision` must be fp32)."""
+    if device.type == "cpu":
+        scorer = cpu_scoring_model(model, precision)
+        batch_size = min(batch_size, CPU_CHUNK.get(model.config.kind, batch_size))
+    elif precision != "fp32":
+        raise PrecisionError(f"precision {precision} runs on the CPU only, not on {device}")
+    else:
+        scorer = model
     parts = [
-        model.score(to_model_input(images[i : i + batch_size].to(device))).float().cpu()
+        scorer.score(to_model_input(images[i : i + batch_size].to(device))).float().cpu()
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(parts) if parts else torch.empty(0)
@@ -117,12 +324,28 @@ class Detector:
         version: str,
         device: str = "auto",
         max_batch_size: int = 8192,
+        precision: str = "auto",
     ) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.calibration = calibration
         self.version = version
         self.max_batch_size = max_batch_size
+        self.requested_precision = precision
+        self.precision = resolve_precision(
+            precision,
+            self.device,
+            kind=model.config.kind,
+            validated=calibration.validated_precisions,
+        )
+        if self.precision != calibration.precision:
+            validated = self.precision in calibration.validated_precisions
+            logger.log(
+                logging.INFO if validated else logging.WARNING,
+                "model %s was calibrated in %s and is scored in %s (%s at calibration)",
+                version, calibration.precision, self.precision,
+                "validated" if validated else "NOT validated",
+            )  # fmt: skip
         self._pinned_in: list[torch.Tensor] = []
         self._slot_free: list[torch.cuda.Event | None] = []
         self._next_slot = 0
@@ -132,14 +355,16 @@ class Detector:
                 for _ in range(_PINNED_SLOTS)
             ]
             self._slot_free = [None] * _PINNED_SLOTS
+        else:
+            cpu_scoring_model(self.model, self.precision)  # prepared now, not on the first batch
 
     @classmethod
     def from_bundle(
         cls, bundle: str | Path | Bundle, settings: DetectorSettings | None = None
     ) -> Detector:
         """The one way to make a detector of a bundle (its directory, or one already loaded),
-        scoring where and in the batches `settings` say (the `detector` section of the settings;
-        its defaults when None)."""
+        scoring where, in what precision and in the batches `settings` say (the `detector`
+        section of the settings; its defaults when None)."""
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle)
         settings = settings or DetectorSettings()
@@ -149,13 +374,19 @@ class Detector:
             version=bundle.version,
             device=settings.device,
             max_batch_size=settings.max_batch_size,
+            precision=settings.precision,
         )
 
     @property
     def settings(self) -> DetectorSettings:
-        """Where and in what batches this detector scores, with `auto` resolved: what another
-        bundle needs to be loaded alike (a hot swap must not move to another device)."""
-        return DetectorSettings(device=str(self.device), max_batch_size=self.max_batch_size)
+        """Where and in what batches this detector scores, with the device resolved: what another
+        bundle needs to be loaded alike (a hot swap must not move to another device). The
+        precision stays as asked (`auto` is resolved again for each bundle's calibration)."""
+        return DetectorSettings(
+            device=str(self.device),
+            max_batch_size=self.max_batch_size,
+            precision=self.requested_precision,
+        )
 
     @property
     def threshold(self) -> float:
@@ -182,6 +413,7 @@ class Detector:
             torch.from_numpy(images),
             device=self.device,
             batch_size=self.max_batch_size,
+            precision=self.precision,
         )
 
     def _submit_cuda(self, images: np.ndarray) -> PendingScores:

@@ -23,15 +23,29 @@ guarantee, and `calibrate_threshold` raises `CalibrationError` rather than quiet
 The same sorted scores give each new image a conformal p-value (detector.calibration):
 p = (1 + #{s_i >= S}) / (n + 1), and score > threshold implies p <= alpha, so the threshold and
 the p-values never disagree about an anomaly at level alpha.
+
+Precision (issue 21): the scores above are the fp32 model's. `validate_precisions` scores the
+same calibration images in the other precisions (int8 and bf16, on the CPU) and records in the
+calibration whether each keeps the decision rule: its FPR at this threshold on those images
+within `PRECISION_BAND` of fp32's, and with labelled anomalies also its AUROC. A detector set to
+`detector.precision: auto` only picks a precision that passed (detector.scorer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
+import torch
 
 from detector.calibration import Calibration
+from detector.model import VAE
+from detector.scorer import score_batches
+
+# Issue 21: per-class AUROC and test FPR at the calibrated threshold within this of fp32.
+PRECISION_BAND = 0.003
+_CHECK_BATCH = 1024
 
 
 class CalibrationError(Exception):
@@ -109,3 +123,74 @@ def calibrate_f1(
         method="f1",
         scores=_finite_scores(val_scores, "validation"),
     )
+
+
+def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
+    from trainer.evaluate import auroc  # trainer.evaluate imports this module
+
+    labels = np.r_[np.zeros(len(normal), bool), np.ones(len(anomalous), bool)]
+    return auroc(labels, np.r_[normal, anomalous])
+
+
+def check_precision(
+    model: VAE,
+    images: np.ndarray,
+    calibration: Calibration,
+    *,
+    precision: str,
+    anomalies: np.ndarray | None = None,
+    band: float = PRECISION_BAND,
+) -> dict[str, float | int | bool]:
+    """Score the normal `images` (the calibration images: uint8 N x 784) in `precision` and in
+    the calibration's own precision, on the CPU, and compare at the calibrated threshold: the
+    share flagged (the FPR on these normal images), the share of decisions that differ, the
+    largest score difference; with labelled `anomalies`, the AUROC of both. `passed` when the
+    FPR (and the AUROC) differ by at most `band`."""
+    cpu = torch.device("cpu")
+
+    def scores(batch: np.ndarray, p: str) -> np.ndarray:
+        tensor = torch.from_numpy(np.ascontiguousarray(batch))
+        return score_batches(model, tensor, device=cpu, batch_size=_CHECK_BATCH, precision=p)
+
+    model = model.eval()
+    reference, checked = scores(images, calibration.precision), scores(images, precision)
+    reference, checked = reference.numpy(), checked.numpy()
+    flagged_ref, flagged = reference > calibration.threshold, checked > calibration.threshold
+    result: dict[str, float | int | bool] = {
+        "n": len(images),
+        "fpr": float(flagged.mean()),
+        "fpr_reference": float(flagged_ref.mean()),
+        "decisions_changed": float((flagged != flagged_ref).mean()),
+        "max_abs_score_difference": float(np.abs(checked - reference).max()),
+    }
+    fpr_delta = abs(result["fpr"] - result["fpr_reference"])
+    passed = bool(np.all(np.isfinite(checked))) and fpr_delta <= band
+    if anomalies is not None and len(anomalies):
+        anomalous_ref = scores(anomalies, calibration.precision).numpy()
+        anomalous = scores(anomalies, precision).numpy()
+        result["n_anomalies"] = len(anomalies)
+        result["auroc"] = _auroc(checked, anomalous)
+        result["auroc_reference"] = _auroc(reference, anomalous_ref)
+        passed = passed and abs(result["auroc"] - result["auroc_reference"]) <= band
+    result["passed"] = passed
+    return result
+
+
+def validate_precisions(
+    model: VAE,
+    images: np.ndarray,
+    calibration: Calibration,
+    *,
+    precisions: tuple[str, ...] = ("int8", "bf16"),
+    anomalies: np.ndarray | None = None,
+) -> Calibration:
+    """`calibration` with a `check_precision` of each of `precisions` on its calibration images
+    (`images`: the normal validation images whose scores set it) recorded in it, so that the
+    bundle written with it says which precisions `detector.precision: auto` may pick."""
+    checks = dict(calibration.precision_checks)
+    for precision in precisions:
+        if precision != calibration.precision:
+            checks[precision] = check_precision(
+                model, images, calibration, precision=precision, anomalies=anomalies
+            )
+    return dataclasses.replace(calibration, precision_checks=checks)
