@@ -69,8 +69,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-class PrecisionError(ValueError):
-    """The configured precision cannot be used here. The message is one line."""
+class PrecisionError(DeviceError):
+    """The configured precision cannot be used (on this device). The message is one line; a
+    DeviceError, so the command line reports it as one (`vaewatch: error: ...`)."""
 
 
 def resolve_precision(

@@ -67,8 +67,11 @@ def conformal_rank(n: int, target_fpr: float) -> int:
     return math.ceil((n + 1) * (1.0 - target_fpr) - 1e-9)
 
 
-def calibrate_threshold(val_scores: np.ndarray, *, target_fpr: float) -> Calibration:
-    """Split-conformal threshold for `target_fpr` from normal validation scores (see module doc)."""
+def calibrate_threshold(
+    val_scores: np.ndarray, *, target_fpr: float, precision: str = "fp32"
+) -> Calibration:
+    """Split-conformal threshold for `target_fpr` from normal validation scores (see module doc),
+    computed in `precision` (a detector's `precision`, when one scored them)."""
     if not 0.0 < target_fpr < 1.0:
         raise CalibrationError(f"calibration.target_fpr must lie in (0, 1), got {target_fpr}")
     scores = np.sort(_finite_scores(val_scores, "validation"))
@@ -82,7 +85,11 @@ def calibrate_threshold(val_scores: np.ndarray, *, target_fpr: float) -> Calibra
             "normal images, or raise calibration.target_fpr)"
         )
     return Calibration(
-        threshold=float(scores[k - 1]), target_fpr=target_fpr, method="conformal", scores=scores
+        threshold=float(scores[k - 1]),
+        target_fpr=target_fpr,
+        method="conformal",
+        scores=scores,
+        precision=precision,
     )
 
 

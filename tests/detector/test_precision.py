@@ -19,6 +19,7 @@ from detector.config import DetectorSettings, ModelConfig
 from detector.model import VAE
 from detector.scorer import (
     Detector,
+    DeviceError,
     PrecisionError,
     cpu_scoring_model,
     resolve_precision,
@@ -157,6 +158,7 @@ def test_auto_on_a_cuda_device_resolves_to_fp32(kind: str) -> None:
             with pytest.raises(PrecisionError) as info:
                 resolve_precision(precision, cuda, kind=kind, validated=validated)
             assert "CPU only" in str(info.value) and "\n" not in str(info.value)
+            assert isinstance(info.value, DeviceError)  # the CLI's one-line user error
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

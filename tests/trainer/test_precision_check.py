@@ -45,3 +45,12 @@ def test_validate_precisions_keeps_the_threshold_and_scores(trained_bundle: Path
     np.testing.assert_array_equal(checked.scores, bundle.calibration.scores)
     assert checked.precision == "fp32" and set(checked.precision_checks) == {"int8", "bf16"}
     assert checked.validated_precisions[0] == "fp32"
+
+
+def test_a_threshold_set_from_int8_scores_says_so() -> None:
+    """What `vaewatch recalibrate` needs when its detector scored in another precision."""
+    from trainer.calibrate import calibrate_threshold
+
+    calibration = calibrate_threshold(np.arange(200.0), target_fpr=0.05, precision="int8")
+    assert calibration.precision == "int8" and calibration.validated_precisions == ("int8",)
+    assert calibrate_threshold(np.arange(200.0), target_fpr=0.05).precision == "fp32"
