@@ -11,9 +11,9 @@ prepared copy, made once per model and weights (`cpu_scoring_model`): the conv m
 convolutions in channels-last and its last transposed convolution rewritten as an equivalent
 stride-1 convolution and a pixel shuffle, in chunks that stay in the cache (`CPU_CHUNK`); with
 `precision` int8, its Linear layers dynamically quantised to int8
-(`torch.ao.quantization.quantize_dynamic`). The scores are
-the model's own (fp32: within float rounding; int8: checked per bundle at calibration, see
-trainer.calibrate.validate_precisions). CUDA scores the model itself, in fp32, always.
+(`torch.ao.quantization.quantize_dynamic`); with bf16, all of it under CPU autocast to bf16. The
+scores are the model's own (fp32: within float rounding; int8 and bf16: checked per bundle at
+calibration, see trainer.calibrate.validate_precisions). CUDA scores the model itself, in fp32.
 """
 
 from __future__ import annotations
