@@ -43,11 +43,13 @@ _PINNED_SLOTS = 2  # one batch in flight on the GPU while the next one is being 
 # out of the cache in larger chunks (1.4-1.7x slower at 1,024); the MLP's GEMMs like them large.
 CPU_CHUNK = {"conv": 256, "mlp": 1024}
 # The precisions `auto` may pick on the CPU, fastest first, per model kind, measured side by
-# side (BENCHMARKS.md, "CPU scoring precision (issue 21)"): int8 only quantises Linear layers, so
-# it speeds up the MLP, not the conv model; bf16 needs a CPU with native bf16 (AVX512-BF16 or
-# AMX), without which it is slower than fp32. A precision is only picked for a bundle whose
-# calibration validated it.
-AUTO_ORDER = {"mlp": ("int8", "bf16", "fp32"), "conv": ("bf16", "fp32")}
+# side (BENCHMARKS.md, "CPU scoring precision (issue 21)"); a precision is only picked for a
+# bundle whose calibration validated it. bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX),
+# without which it is slower than fp32. int8 (dynamic quantisation: the Linear layers only, so
+# the MLP's gain) is never picked by `auto`: its activations are quantised with one scale per
+# batch, so an image's score depends on the other images of its batch (by up to 0.74 on MLP
+# scores spread over 13), and the same record could be flagged or not by where a batch was cut.
+AUTO_ORDER = {"mlp": ("bf16", "fp32"), "conv": ("bf16", "fp32")}
 
 
 class DeviceError(ValueError):
@@ -77,7 +79,7 @@ class PrecisionError(DeviceError):
 def resolve_precision(
     requested: str, device: torch.device, *, kind: str, validated: Collection[str] = ("fp32",)
 ) -> str:
-    """The precision a detector scores in: fp32 or int8.
+    """The precision a detector scores in: fp32, int8 or bf16.
 
     int8 and bf16 are CPU paths (dynamic quantisation with fbgemm/oneDNN's int8 kernels, oneDNN
     bf16): `auto` never picks them on any other device (CUDA scores in fp32), and asking for

@@ -26,7 +26,12 @@ from detector.calibration import Calibration
 from detector.config import ModelConfig
 from detector.model import VAE, to_model_input
 from detector.scorer import resolve_device, score_batches
-from trainer.calibrate import CalibrationError, calibrate_f1, calibrate_threshold
+from trainer.calibrate import (
+    CalibrationError,
+    calibrate_f1,
+    calibrate_threshold,
+    validate_precisions,
+)
 from trainer.config import CalibrationConfig, DataConfig, TrainConfig
 from trainer.data import ImageSet, load_images, normal_mask, split_normal
 from trainer.latent import fit_score_statistics
@@ -290,6 +295,12 @@ def train_bundle(
     calib = calibrate(
         fitted.model, val_scores, calibration=calibration, anomalies=anomalies, device=device
     )
+    # Which faster CPU precisions decide like fp32 at this threshold (`detector.precision: auto`
+    # picks only those): the validation images scored again in each, on the CPU.
+    fitted.model.cpu()
+    calib = validate_precisions(
+        fitted.model, split.val, calib, anomalies=anomalies if len(anomalies) else None
+    )
     history = [record.__dict__ for record in fitted.history]
     metadata = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -304,7 +315,6 @@ def train_bundle(
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    fitted.model.cpu()
     phases["calibration"] = time.perf_counter() - clock
     clock = time.perf_counter()
     bundle = save_bundle(out, model=fitted.model, calibration=calib, metadata=metadata)

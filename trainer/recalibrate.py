@@ -23,7 +23,7 @@ import numpy as np
 from detector.bundle import Bundle, load_bundle, save_bundle
 from detector.config import DetectorSettings
 from detector.scorer import Detector
-from trainer.calibrate import CalibrationError, calibrate_threshold
+from trainer.calibrate import CalibrationError, calibrate_threshold, validate_precisions
 from trainer.config import DataConfig
 from trainer.data import DataError, ImageSet, load_images, normal_mask, read_image_file
 
@@ -111,10 +111,13 @@ def recalibrate_bundle(
         raise CalibrationError(f"--out {out}: must differ from --model (bundles are immutable)")
     bundle = load_bundle(model)
     target = bundle.calibration.target_fpr if target_fpr is None else target_fpr
-    # The CPU unless told otherwise: recalibration scores a few thousand images once.
-    scorer = Detector.from_bundle(bundle, detector or DetectorSettings(device="cpu"))
+    # The CPU unless told otherwise: recalibration scores a few thousand images once. In fp32,
+    # the reference that each faster precision is then checked against (`auto` picks those).
+    settings = (detector or DetectorSettings(device="cpu")).model_copy(update={"precision": "fp32"})
+    scorer = Detector.from_bundle(bundle, settings)
     scores = scorer.score(images).scores
     calibration = calibrate_threshold(scores, target_fpr=target)
+    calibration = validate_precisions(scorer.model.cpu(), images, calibration)
     metadata = recalibrated_metadata(
         bundle, source=source, n_images=len(images), extra=source_details
     )

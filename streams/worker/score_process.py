@@ -60,8 +60,10 @@ def _serve(
     outputs: Any,
     capacity: int,
     cpu_threads: int,
+    precision: str,
 ) -> None:
-    """The child's loop: (slot, n) in, scores of inputs[slot, :n] into outputs[slot, :n]."""
+    """The child's loop: (slot, n) in, scores of inputs[slot, :n] into outputs[slot, :n], in
+    the worker's detector's `precision` (so both scoring paths agree)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if cpu_threads:
@@ -89,7 +91,9 @@ def _serve(
         started = time.perf_counter()
         try:
             batch = torch.from_numpy(images[slot, :n])
-            scores[slot, :n] = score_batches(model, batch, device=device, batch_size=n).numpy()
+            scores[slot, :n] = score_batches(
+                model, batch, device=device, batch_size=n, precision=precision
+            ).numpy()
         except Exception as exc:  # reported to the worker, which dead-letters the batch
             conn.send((slot, 0.0, f"{type(exc).__name__}: {exc}"[:200]))
             continue
@@ -143,6 +147,7 @@ class ScoringProcess:
         model: VAE,
         capacity: int,
         cpu_threads: int,
+        precision: str = "fp32",
         timeout_s: float = 30.0,
         start_timeout_s: float = 120.0,
     ) -> None:
@@ -154,6 +159,7 @@ class ScoringProcess:
         }
         self.capacity = capacity
         self._cpu_threads = cpu_threads
+        self._precision = precision
         self._start_timeout_s = start_timeout_s
         self.timeout_s = timeout_s  # longest wait for one reply of a started child
         self._inputs = self._ctx.RawArray(ctypes.c_uint8, _SLOTS * capacity * IMAGE_PIXELS)
@@ -183,6 +189,7 @@ class ScoringProcess:
                 self._outputs,
                 self.capacity,
                 self._cpu_threads,
+                self._precision,
             ),
             name="vaewatch-scorer",
             daemon=True,

@@ -129,7 +129,11 @@ class ProcessScorer:
         self._on_error = on_error
         self._here = DeviceScorer(detector)
         self.process = ScoringProcess(
-            model=detector.model, capacity=capacity, cpu_threads=cpu_threads, timeout_s=timeout_s
+            model=detector.model,
+            capacity=capacity,
+            cpu_threads=cpu_threads,
+            precision=detector.precision,
+            timeout_s=timeout_s,
         )
         self.restarts = 0
         self.description = "in a child process (caught-up batches in the worker)"

@@ -135,7 +135,9 @@ def test_a_bundle_from_before_precisions_loads_as_fp32(tmp_path: Path) -> None:
 def test_auto_picks_the_fastest_validated_precision(monkeypatch) -> None:
     monkeypatch.setattr(scorer, "native_bf16", lambda: True)
     every = ("fp32", "int8", "bf16")
-    assert resolve_precision("auto", CPU, kind="mlp", validated=every) == "int8"
+    assert resolve_precision("auto", CPU, kind="mlp", validated=every) == "bf16"
+    # int8 only when asked for: its scores depend on the other images of a batch.
+    assert resolve_precision("auto", CPU, kind="mlp", validated=("fp32", "int8")) == "fp32"
     assert resolve_precision("auto", CPU, kind="mlp", validated=("fp32", "bf16")) == "bf16"
     assert resolve_precision("auto", CPU, kind="conv", validated=every) == "bf16"
     assert resolve_precision("auto", CPU, kind="conv", validated=("fp32", "int8")) == "fp32"
@@ -192,7 +194,7 @@ def test_a_bad_precision_is_a_one_line_settings_error() -> None:
     assert DetectorSettings().precision == "auto"
 
 
-def test_scoring_in_another_precision_than_calibrated_says_so_once(caplog) -> None:
+def test_scoring_in_another_precision_than_calibrated_says_so_once(caplog, monkeypatch) -> None:
     model = VAE(ModelConfig(kind="mlp", mlp_hidden=(8,), latent_dim=2))
     with caplog.at_level(logging.INFO, logger="detector.scorer"):
         same = Detector(model, _calibration(), version="v1", device="cpu", precision="auto")
@@ -204,10 +206,11 @@ def test_scoring_in_another_precision_than_calibrated_says_so_once(caplog) -> No
     assert "calibrated in fp32 and is scored in int8" in record.getMessage()
     assert record.levelno == logging.WARNING  # int8 was not validated for this calibration
     caplog.clear()
-    validated = _calibration(precision_checks={"int8": {"passed": True}})
+    monkeypatch.setattr(scorer, "native_bf16", lambda: True)
+    validated = _calibration(precision_checks={"bf16": {"passed": True}})
     with caplog.at_level(logging.INFO, logger="detector.scorer"):
         auto = Detector(model, validated, version="v3", device="cpu", precision="auto")
-    assert auto.precision == "int8"
+    assert auto.precision == "bf16"
     [record] = caplog.records
     assert record.levelno == logging.INFO and "validated" in record.getMessage()
     # A hot swap keeps `auto`, to be resolved again for the next bundle's calibration.

@@ -15,7 +15,9 @@ from detector.scorer import Detector, DeviceError, as_image_batch, resolve_devic
 
 @pytest.fixture(scope="module")
 def detector(trained_bundle: Path) -> Detector:
-    return Detector.from_bundle(trained_bundle, DetectorSettings(device="cpu", max_batch_size=64))
+    return Detector.from_bundle(
+        trained_bundle, DetectorSettings(device="cpu", max_batch_size=64, precision="fp32")
+    )
 
 
 def test_scores_match_the_model_and_calibration(

@@ -160,7 +160,8 @@ def test_cli_recalibrates_from_a_kafka_topic_range(
         "offsets": {"0": [0, 301]},
         "n_invalid": 1,
     }
-    expected = Detector.from_bundle(trained_bundle, CPU).score(normal[:300]).scores
+    fp32 = CPU.model_copy(update={"precision": "fp32"})  # recalibration's reference precision
+    expected = Detector.from_bundle(trained_bundle, fp32).score(normal[:300]).scores
     np.testing.assert_array_equal(bundle.calibration.scores, np.sort(expected.astype(np.float64)))
 
     too_far = f"kafka:{topics.config.input_topic}:0:0-9999"
