@@ -15,11 +15,13 @@ target FPR (0.01); FPR = share of the selection normals above it. Every choice (
 weights, mixture size, architecture) is made on these figures. The same models also score the
 10,000 test images, saved but printed only by `table --test NAME...` for final candidates.
 
-`train` fits one model per class and variant (config overrides on config.yaml) and saves, for
-every part (fit, cal, sel_normal, sel_anomaly, test), the per-image terms the scores are made of:
-reconstruction NLL and KL at z = mu, mu, total variation, the same for the horizontally flipped
-image, the importance-weighted bound (IWAE, k samples), and with a transformation head its
-log-probabilities. `table` evaluates score definitions from them.
+`train` fits one model per class and variant (config overrides on config.yaml, and the prototype
+models' `bench.` keys below) and saves, for every part (fit, cal, sel_normal, sel_anomaly, test),
+the per-image terms the scores are made of: reconstruction NLL and KL at z = mu, mu, total
+variation, the same for the horizontally flipped image, the importance-weighted bound (IWAE, k
+samples), and with a transformation head its log-probabilities. `table` evaluates score
+definitions from them; `--score "a,b,c:elbo+lat8-tv+rot0"` is the ensemble of variants a, b and
+c (the mean of their scores, each z-normalised per model).
 
     .venv/bin/python bench/detection_quality.py train --out /tmp/q2 --variant default=
     .venv/bin/python bench/detection_quality.py table --out /tmp/q2 --variant default
@@ -40,8 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import trainer.fit
+from detector.config import IMAGE_PIXELS, IMAGE_SIDE
 from detector.loss import kl_divergence, reconstruction_nll, total_variation
-from detector.model import to_model_input
+from detector.model import VAE, to_model_input
 from trainer.calibrate import calibrate_threshold
 from trainer.data import load_images
 from trainer.evaluate import auroc
@@ -55,6 +59,110 @@ ANOMALIES_PER_CLASS = 500
 IWAE_FIT_IMAGES = 2000  # the IWAE term's normalisation is fitted on this many fit images
 SPLIT_SEED = 22
 CHUNK = 2048
+
+
+# --- prototype models (bench-only overrides `bench.head=...`, `bench.arch=...`) -----------------
+#
+# Variants that are not config options (issue 22, round three; none was kept): the transform head
+# over more transformations than the four rotations (`bench.head=rf`: x mirror image, 8;
+# `bench.head=rfs`: x mirror x 5 shifts by 0 / +-7 pixels, 40, as GEOM's 72 on a smaller grid)
+# and a residual conv (`bench.arch=res`: one residual block of two 3x3 convolutions at 7 x 7 after
+# the encoder's convolutions and before the decoder's). The score's rot0 stays the head's
+# log-probability of "no transformation" on the image itself.
+
+HEAD_SETS = {
+    # (quarter turns, mirrored, dx, dy); the identity first
+    "rf": [(r, f, 0, 0) for f in (0, 1) for r in range(4)],
+    "rfs": [
+        (r, f, dx, dy)
+        for dx, dy in ((0, 0), (7, 0), (-7, 0), (0, 7), (0, -7))
+        for f in (0, 1)
+        for r in range(4)
+    ],
+}
+
+
+def _transformed(images: torch.Tensor, turns: int, mirrored: int, dx: int, dy: int) -> torch.Tensor:
+    out = images
+    if mirrored:
+        out = torch.flip(out, dims=(2,))
+    if turns:
+        out = torch.rot90(out, turns, dims=(1, 2))
+    if dx or dy:
+        pad = max(abs(dx), abs(dy))
+        padded = torch.nn.functional.pad(out, (pad, pad, pad, pad))
+        out = padded[:, pad - dy : pad - dy + IMAGE_SIDE, pad - dx : pad - dx + IMAGE_SIDE]
+    return out
+
+
+class _ResBlock(torch.nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+class PrototypeVAE(VAE):
+    def __init__(self, config, head: str | None = None, arch: str | None = None) -> None:
+        super().__init__(config)
+        if arch == "res":  # a residual block at 7 x 7 after the encoder's and before the decoder's
+            c2 = config.conv_channels[1]
+            enc = list(self.encoder)
+            self.encoder = torch.nn.Sequential(*enc[:5], _ResBlock(c2), *enc[5:])
+            dec = list(self.decoder)
+            self.decoder = torch.nn.Sequential(*dec[:3], _ResBlock(c2), *dec[3:])
+        self.head_set = HEAD_SETS[head] if head else None
+        if self.head_set:
+            features = self.transform_head.in_features
+            self.transform_head = torch.nn.Linear(features, len(self.head_set))
+
+    def rotations(self, x, which=None):
+        if self.head_set is None:
+            return super().rotations(x, which)
+        which = range(len(self.head_set)) if which is None else which
+        images = x.reshape(len(x), IMAGE_SIDE, IMAGE_SIDE)
+        return torch.cat([_transformed(images, *self.head_set[r]) for r in which]).reshape(
+            -1, IMAGE_PIXELS
+        )
+
+    def transform_log_probs(self, x, features=None, *, which=None):
+        if self.head_set is None:
+            return super().transform_log_probs(x, features, which=which)
+        t = len(self.head_set)
+        which = range(t) if which is None else which
+        n = len(x)
+        if features is None:
+            features = self.encoder(self.rotations(x, which))
+        elif len(which) > 1:
+            features = torch.cat([features, self.encoder(self.rotations(x, which[1:]))])
+        log_probs = torch.log_softmax(self.transform_head(features).float(), 1)
+        log_probs = log_probs.reshape(len(which), n, t)
+        picked = torch.as_tensor(list(which), device=log_probs.device)
+        return log_probs.gather(2, picked.view(-1, 1, 1).expand(-1, n, 1)).squeeze(2).T
+
+
+def split_overrides(overrides: str) -> tuple[list[str], dict[str, str]]:
+    """'k=v;bench.head=rf' -> (config overrides, bench options)."""
+    config, bench = [], {}
+    for item in (o for o in overrides.split(";") if o):
+        key, _, value = item.partition("=")
+        if key.startswith("bench."):
+            bench[key.removeprefix("bench.")] = value
+        else:
+            config.append(item)
+    return config, bench
+
+
+def model_factory(bench: dict[str, str]):
+    if not bench:
+        return VAE
+    return lambda config: PrototypeVAE(config, head=bench.get("head"), arch=bench.get("arch"))
 
 
 def validation_split(train_set, c: int) -> dict[str, np.ndarray]:
@@ -137,9 +245,8 @@ def train(args) -> None:
     test_set = load_images(base.data, split="test")
     for text in args.variant:
         name, _, overrides = text.partition("=")
-        settings = load_settings(
-            args.config, [o for o in overrides.split(";") if o] + ["train.progress=false"]
-        )
+        config_overrides, bench = split_overrides(overrides)
+        settings = load_settings(args.config, [*config_overrides, "train.progress=false"])
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "variant.json").write_text(json.dumps({"overrides": overrides}))
@@ -150,9 +257,13 @@ def train(args) -> None:
             parts = validation_split(train_set, c)
             parts["test"] = test_set.images
             started = time.perf_counter()
-            fitted = fit_vae(
-                parts["fit"], parts["cal"], model_config=settings.model, train=settings.train
-            )
+            trainer.fit.VAE = model_factory(bench)
+            try:
+                fitted = fit_vae(
+                    parts["fit"], parts["cal"], model_config=settings.model, train=settings.train
+                )
+            finally:
+                trainer.fit.VAE = VAE
             seconds = time.perf_counter() - started
             model = fitted.model.cpu().eval()
             torch.save(model.state_dict(), folder / f"class{c}.pt")
@@ -291,7 +402,9 @@ def table(args) -> None:
     if args.test:
         rows = [(spec, True) for spec in args.test]
     else:
-        rows = [(f"{name}:{d}", False) for name in models for d in definitions]
+        # a definition "a,b,c:score" is the ensemble of variants a, b, c (mean of their scores)
+        rows = [(d, False) for d in definitions if ":" in d]
+        rows += [(f"{name}:{d}", False) for name in models for d in definitions if ":" not in d]
     if args.grid:
         rows = [(f"{name}:{d}", False) for name in models for d in grid(args.grid)]
     results = []
@@ -339,7 +452,6 @@ def cost(args) -> None:
     alternating rounds, medians."""
     import statistics
 
-    from detector.model import VAE
     from trainer.fit import _train_epoch
 
     base = load_settings(args.config)
@@ -349,11 +461,12 @@ def cost(args) -> None:
     configs = {}
     for text in args.variant:
         name, _, overrides = text.partition("=")
-        configs[name] = load_settings(args.config, [o for o in overrides.split(";") if o])
+        config_overrides, bench = split_overrides(overrides)
+        configs[name] = (load_settings(args.config, config_overrides), model_factory(bench))
     models = {}
-    for name, settings in configs.items():
+    for name, (settings, factory) in configs.items():
         torch.manual_seed(0)
-        models[name] = VAE(settings.model).eval()
+        models[name] = factory(settings.model).eval()
     rates: dict[str, list[float]] = {name: [] for name in configs}
     epochs: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
@@ -364,9 +477,9 @@ def cost(args) -> None:
                     model.score(x[start : start + 1024])
                 rates[name].append(len(x) / (time.perf_counter() - started))
         if args.train_rounds:
-            for name, settings in configs.items():
+            for name, (settings, factory) in configs.items():
                 torch.manual_seed(0)
-                model = VAE(settings.model).train()
+                model = factory(settings.model).train()
                 optimizer = torch.optim.Adam(
                     [p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True
                 )
@@ -400,7 +513,9 @@ def main() -> int:
     p_train.add_argument("--force", action="store_true")
     p_table = sub.add_parser("table")
     p_table.add_argument("--variant", action="append", default=[])
-    p_table.add_argument("--score", action="append", default=[], help="e.g. elbo+lat8-tv@flip")
+    p_table.add_argument(
+        "--score", action="append", default=[], help="e.g. elbo+lat8-tv@flip, or a,b:elbo+lat8-tv"
+    )
     p_table.add_argument("--grid", default=None, help="mixture | weights")
     p_table.add_argument("--test", action="append", default=[], help="variants:score on test")
     p_table.add_argument("--json-out", type=Path, default=None)
