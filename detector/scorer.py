@@ -220,7 +220,9 @@ _PREPARED: weakref.WeakKeyDictionary[VAE, dict[str, tuple[tuple, VAE]]] = (
 def _weights_key(model: VAE) -> tuple:
     """Changes whenever a parameter or buffer is replaced or written in place (training,
     load_state_dict, set_density, set_score_normalisation), so a stale copy is never used. An
-    inference tensor has no version counter: a model holding one is prepared again each time."""
+    inference tensor has no version counter: a model holding one is prepared again each time.
+    Writes through `tensor.data` bypass the version counter (PyTorch's own caveat): weights are
+    changed through load_state_dict or in place under no_grad, never through `.data`."""
     try:
         return tuple((t.data_ptr(), t._version) for t in chain(model.parameters(), model.buffers()))
     except RuntimeError:

@@ -38,7 +38,12 @@ def test_scores_match_the_model_and_calibration(
 def test_batch_split_does_not_change_scores(detector: Detector, fashion_mnist) -> None:
     images = fashion_mnist.test.images[:200]
     whole = Detector(
-        detector.model, detector.calibration, version="v", device="cpu", max_batch_size=1000
+        detector.model,
+        detector.calibration,
+        version="v",
+        device="cpu",
+        max_batch_size=1000,
+        precision=detector.precision,
     )
     np.testing.assert_allclose(
         detector.score(images).scores, whole.score(images).scores, rtol=1e-5, atol=1e-3

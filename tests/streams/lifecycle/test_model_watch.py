@@ -183,10 +183,12 @@ def test_a_model_with_non_finite_scores_is_refused(
     trained_bundle: Path, second_bundle: Path, tmp_path: Path, watch
 ) -> None:
     def poisoned(path: Path) -> Detector:
-        detector = _loader(path)
-        for parameter in detector.model.parameters():
+        # The bundle's weights are poisoned before the detector is made from it, as a bad bundle
+        # would arrive (a detector prepares its CPU scoring copy of the weights when it is made).
+        bundle = load_bundle(path)
+        for parameter in bundle.model.parameters():
             parameter.data.fill_(float("nan"))
-        return detector
+        return Detector.from_bundle(bundle, CPU)
 
     link = tmp_path / "current"
     _flip(link, trained_bundle)
