@@ -107,6 +107,8 @@ def resolve_precision(
 
 def native_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (else oneDNN emulates it, slower than fp32)."""
+    # Private: torch has no public query for it (torch.backends.mkldnn tells only whether oneDNN
+    # is built in); this op is torch's own check, the one private torch API vaewatch uses.
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
