@@ -139,6 +139,44 @@ def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
     return auroc(labels, np.r_[normal, anomalous])
 
 
+def _cpu_scores(model: VAE, images: np.ndarray | None, precision: str) -> np.ndarray | None:
+    """`model`'s scores of uint8 N x 784 `images` on the CPU in `precision` (None for none)."""
+    if images is None or not len(images):
+        return None
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    cpu = torch.device("cpu")
+    scores = score_batches(model, tensor, device=cpu, batch_size=_CHECK_BATCH, precision=precision)
+    return scores.numpy()
+
+
+def _compare(
+    reference: tuple[np.ndarray, np.ndarray | None],
+    checked: tuple[np.ndarray, np.ndarray | None],
+    threshold: float,
+    band: float,
+) -> dict[str, float | int | bool]:
+    """The check's figures from (normal, anomalous) scores in the reference precision and in
+    the checked one."""
+    (normal_ref, anomalous_ref), (normal, anomalous) = reference, checked
+    flagged_ref, flagged = normal_ref > threshold, normal > threshold
+    result: dict[str, float | int | bool] = {
+        "n": len(normal),
+        "fpr": float(flagged.mean()),
+        "fpr_reference": float(flagged_ref.mean()),
+        "decisions_changed": float((flagged != flagged_ref).mean()),
+        "max_abs_score_difference": float(np.abs(normal - normal_ref).max()),
+    }
+    fpr_delta = abs(result["fpr"] - result["fpr_reference"])
+    passed = bool(np.all(np.isfinite(normal))) and fpr_delta <= band
+    if anomalous is not None and anomalous_ref is not None:
+        result["n_anomalies"] = len(anomalous)
+        result["auroc"] = _auroc(normal, anomalous)
+        result["auroc_reference"] = _auroc(normal_ref, anomalous_ref)
+        passed = passed and abs(result["auroc"] - result["auroc_reference"]) <= band
+    result["passed"] = passed
+    return result
+
+
 def check_precision(
     model: VAE,
     images: np.ndarray,
@@ -153,34 +191,10 @@ def check_precision(
     share flagged (the FPR on these normal images), the share of decisions that differ, the
     largest score difference; with labelled `anomalies`, the AUROC of both. `passed` when the
     FPR (and the AUROC) differ by at most `band`."""
-    cpu = torch.device("cpu")
-
-    def scores(batch: np.ndarray, p: str) -> np.ndarray:
-        tensor = torch.from_numpy(np.ascontiguousarray(batch))
-        return score_batches(model, tensor, device=cpu, batch_size=_CHECK_BATCH, precision=p)
-
     model = model.eval()
-    reference, checked = scores(images, calibration.precision), scores(images, precision)
-    reference, checked = reference.numpy(), checked.numpy()
-    flagged_ref, flagged = reference > calibration.threshold, checked > calibration.threshold
-    result: dict[str, float | int | bool] = {
-        "n": len(images),
-        "fpr": float(flagged.mean()),
-        "fpr_reference": float(flagged_ref.mean()),
-        "decisions_changed": float((flagged != flagged_ref).mean()),
-        "max_abs_score_difference": float(np.abs(checked - reference).max()),
-    }
-    fpr_delta = abs(result["fpr"] - result["fpr_reference"])
-    passed = bool(np.all(np.isfinite(checked))) and fpr_delta <= band
-    if anomalies is not None and len(anomalies):
-        anomalous_ref = scores(anomalies, calibration.precision).numpy()
-        anomalous = scores(anomalies, precision).numpy()
-        result["n_anomalies"] = len(anomalies)
-        result["auroc"] = _auroc(checked, anomalous)
-        result["auroc_reference"] = _auroc(reference, anomalous_ref)
-        passed = passed and abs(result["auroc"] - result["auroc_reference"]) <= band
-    result["passed"] = passed
-    return result
+    reference = tuple(_cpu_scores(model, x, calibration.precision) for x in (images, anomalies))
+    checked = tuple(_cpu_scores(model, x, precision) for x in (images, anomalies))
+    return _compare(reference, checked, calibration.threshold, band)
 
 
 def validate_precisions(
@@ -193,11 +207,15 @@ def validate_precisions(
 ) -> Calibration:
     """`calibration` with a `check_precision` of each of `precisions` on its calibration images
     (`images`: the normal validation images whose scores set it) recorded in it, so that the
-    bundle written with it says which precisions `detector.precision: auto` may pick."""
+    bundle written with it says which precisions `detector.precision: auto` may pick. The
+    reference scores are computed once for all the precisions checked."""
+    others = [p for p in precisions if p != calibration.precision]
+    if not others:
+        return calibration
+    model = model.eval()
     checks = dict(calibration.precision_checks)
-    for precision in precisions:
-        if precision != calibration.precision:
-            checks[precision] = check_precision(
-                model, images, calibration, precision=precision, anomalies=anomalies
-            )
+    reference = tuple(_cpu_scores(model, x, calibration.precision) for x in (images, anomalies))
+    for precision in others:
+        checked = tuple(_cpu_scores(model, x, precision) for x in (images, anomalies))
+        checks[precision] = _compare(reference, checked, calibration.threshold, PRECISION_BAND)
     return dataclasses.replace(calibration, precision_checks=checks)
