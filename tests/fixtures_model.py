@@ -30,8 +30,10 @@ __all__ = [
 ]
 
 SMALL_BUNDLE_NORMAL_CLASS = 0
-# The tests score on the CPU whatever the machine has: the same numbers everywhere.
+# The tests score on the CPU whatever the machine has, in `auto` precision (bf16 on a CPU with
+# native bf16 for a bundle that validated it); CPU_FP32 where a test compares with fp32 scores.
 CPU = DetectorSettings(device="cpu")
+CPU_FP32 = DetectorSettings(device="cpu", precision="fp32")
 
 
 @contextmanager

@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from detector.bundle import load_bundle
-from detector.config import DetectorSettings
 from detector.scorer import Detector, DeviceError, as_image_batch, resolve_device
+from tests.fixtures_model import CPU_FP32
 
 
 @pytest.fixture(scope="module")
 def detector(trained_bundle: Path) -> Detector:
-    return Detector.from_bundle(
-        trained_bundle, DetectorSettings(device="cpu", max_batch_size=64, precision="fp32")
-    )
+    return Detector.from_bundle(trained_bundle, CPU_FP32.model_copy(update={"max_batch_size": 64}))
 
 
 def test_scores_match_the_model_and_calibration(

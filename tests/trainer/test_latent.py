@@ -10,7 +10,7 @@ import torch
 import trainer.latent
 from detector import Detector, load_bundle
 from detector.config import ModelConfig
-from tests.fixtures_model import CPU
+from tests.fixtures_model import CPU_FP32
 from trainer.config import DataConfig, TrainConfig
 from trainer.data import load_images, split_normal
 from trainer.fit import fit_vae, score_images
@@ -154,8 +154,8 @@ def test_calibration_scores_are_the_detectors_scores_of_the_held_out_images(
     data = DataConfig.model_validate(bundle.metadata["data"])
     seed = bundle.metadata["train"]["seed"]
     split = split_normal(load_images(data, split="train"), data, seed=seed)
-    fp32 = CPU.model_copy(update={"precision": "fp32"})  # the calibration's own precision
-    scores = Detector.from_bundle(trained_bundle, fp32).score(split.val).scores
+    # In fp32, the calibration's own precision.
+    scores = Detector.from_bundle(trained_bundle, CPU_FP32).score(split.val).scores
     np.testing.assert_allclose(np.sort(scores), bundle.calibration.scores, rtol=1e-6, atol=1e-6)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from detector import Detector, load_bundle
-from tests.fixtures_model import CPU, SMALL_BUNDLE_NORMAL_CLASS, FashionMNIST
+from tests.fixtures_model import CPU, CPU_FP32, SMALL_BUNDLE_NORMAL_CLASS, FashionMNIST
 from trainer.recalibrate import recalibrate_bundle
 from vaewatch.cli import main
 
@@ -160,8 +160,8 @@ def test_cli_recalibrates_from_a_kafka_topic_range(
         "offsets": {"0": [0, 301]},
         "n_invalid": 1,
     }
-    fp32 = CPU.model_copy(update={"precision": "fp32"})  # recalibration's reference precision
-    expected = Detector.from_bundle(trained_bundle, fp32).score(normal[:300]).scores
+    # In fp32, recalibration's reference precision.
+    expected = Detector.from_bundle(trained_bundle, CPU_FP32).score(normal[:300]).scores
     np.testing.assert_array_equal(bundle.calibration.scores, np.sort(expected.astype(np.float64)))
 
     too_far = f"kafka:{topics.config.input_topic}:0:0-9999"
