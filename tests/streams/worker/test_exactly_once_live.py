@@ -142,11 +142,14 @@ def test_sigkilled_three_times_every_record_has_its_outputs_exactly_once(
                 extra_args=extra,
             )
             # A transaction committed past the last run's, then a kill in mid-stream (one is
-            # open: records keep coming and transactions last 300 ms).
-            _wait_past(topics, (committed_offsets(topics.config)[0] or 0) + 300)
-            time.sleep(0.1 * kill)
-            worker.process.send_signal(signal.SIGKILL)
-            worker.process.wait(timeout=10)
+            # open: records keep coming and transactions last 300 ms). Killed in any case: a
+            # failed wait left the worker running after the test (seen after a CI failure).
+            try:
+                _wait_past(topics, (committed_offsets(topics.config)[0] or 0) + 300)
+                time.sleep(0.1 * kill)
+            finally:
+                worker.process.send_signal(signal.SIGKILL)
+                worker.process.wait(timeout=10)
     finally:
         n = feeder.stop()
     last = start_worker(
