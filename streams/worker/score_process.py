@@ -7,9 +7,9 @@ process owns its own GIL: the worker's process consumes, decodes and publishes w
 scores, and the two use two cores.
 
 Images go to the child and scores come back through shared memory (one slot per batch in
-flight); only (slot, count) and (slot, seconds, error) cross the pipe. The child is started with
-`spawn` (forking a process that already runs kafka-python's threads and torch's thread pool is
-unsafe), ignores SIGINT and SIGTERM so that a worker draining on a signal can still score the
+flight); only the model (once, at start), (slot, count) and (slot, seconds, error) cross the
+pipe. The child is started with `spawn` (forking a process that already runs kafka-python's
+threads and torch's thread pool is unsafe), ignores SIGINT and SIGTERM so that a worker draining on a signal can still score the
 batch in hand, and exits when the pipe closes, including when the worker dies.
 
 This module imports neither Kafka nor the worker, so the child loads only torch and the model.
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector import VAE, ModelConfig
+from detector import VAE
 from detector.config import IMAGE_PIXELS
 from detector.scorer import as_image_batch, score_batches
 
@@ -54,8 +54,6 @@ class ScoringProcessTimeoutError(ScoringProcessDiedError):
 
 def _serve(
     conn: Connection,
-    config: ModelConfig,
-    state: dict[str, np.ndarray],
     inputs: Any,
     outputs: Any,
     capacity: int,
@@ -63,9 +61,14 @@ def _serve(
     precision: str,
 ) -> None:
     """The child's loop: (slot, n) in, scores of inputs[slot, :n] into outputs[slot, :n], in
-    the worker's detector's `precision` (so both scoring paths agree)."""
+    the worker's detector's `precision` (so both scoring paths agree). The model's config and
+    weights come first, through the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        config, state = conn.recv()
+    except (EOFError, OSError):  # the worker closed the pipe before it sent the model
+        os._exit(0)
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
     model = VAE(config)
@@ -106,6 +109,7 @@ class _Start:
 
     done: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
+    model_sent: threading.Event = field(default_factory=threading.Event)
 
 
 class PendingProcessScores:
@@ -183,8 +187,6 @@ class ScoringProcess:
             target=_serve,
             args=(
                 child,
-                self._config,
-                self._state,
                 self._inputs,
                 self._outputs,
                 self.capacity,
@@ -207,7 +209,21 @@ class ScoringProcess:
             daemon=True,
         ).start()
 
+    def _send_model(self, conn: Connection, start: _Start) -> None:
+        # Through the pipe after the start rather than as Process arguments: spawn writes those
+        # into a pipe that the child reads only once it has imported torch, so a model larger
+        # than the pipe's buffer held up Process.start(), and with it the worker's loop on a
+        # restart or a hot swap, for the whole import (1.2 s here).
+        try:
+            conn.send((self._config, self._state))
+        except OSError:  # the child died, or the worker closed the pipe: _await_ready reports it
+            return
+        start.model_sent.set()
+
     def _await_ready(self, conn: Connection, process: Any, start: _Start) -> None:
+        threading.Thread(
+            target=self._send_model, args=(conn, start), name="vaewatch-scorer-model", daemon=True
+        ).start()
         try:
             if not conn.poll(self._start_timeout_s):
                 start.error = f"did not load the model in {self._start_timeout_s:.0f} s"
@@ -326,7 +342,8 @@ class ScoringProcess:
 
     def _stop(self, *, timeout_s: float) -> None:
         if self._conn is not None:
-            self._send(None)
+            if self._start.model_sent.is_set():  # else the model is still on its way: no
+                self._send(None)  # second writer on the pipe; closing it stops the child too
             self._conn.close()
             self._conn = None
         if self._process is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -144,3 +145,43 @@ def test_the_process_scores_in_the_detectors_precision(
     finally:
         scorer.close()
     np.testing.assert_array_equal(in_child, in_worker)
+
+
+_GATE_HOOK = """\
+import os, sys, time
+if "--multiprocessing-fork" in sys.argv:  # a spawned child: wait until the test opens the gate
+    while not os.path.exists(os.environ["VAEWATCH_TEST_GATE"]):
+        time.sleep(0.05)
+"""
+
+
+def test_starting_a_child_does_not_wait_for_its_start_up(detector, tmp_path, monkeypatch) -> None:
+    """A worker restarting its child or hot-swapping its model goes on while the new child
+    imports torch: the child's start-up is held at a gate (a sitecustomize hook in the child),
+    and the start must return while the gate is still shut. It did not when the weights went as
+    Process arguments: spawn writes those into a pipe the child reads only after its imports."""
+    (tmp_path / "sitecustomize.py").write_text(_GATE_HOOK)
+    gate = tmp_path / "open"
+    monkeypatch.setenv("VAEWATCH_TEST_GATE", str(gate))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    started: list[ScoringProcess] = []
+    starting = threading.Thread(
+        target=lambda: started.append(
+            ScoringProcess(model=detector.model, capacity=64, cpu_threads=1)
+        ),
+        daemon=True,
+    )
+    starting.start()
+    starting.join(timeout=60)
+    try:
+        assert started, "ScoringProcess() waited for the child's start-up"
+        assert not started[0].ready()
+    finally:
+        gate.touch()
+        starting.join(timeout=60)
+    child = started[0]
+    try:
+        child.wait_ready()
+        assert child.ready()
+    finally:
+        child.close()
