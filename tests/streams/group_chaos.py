@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -27,7 +28,13 @@ import numpy as np
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from streams.codec import encode_images
-from tests.fixtures_broker import StreamTopics, WorkerProcess, make_topics, start_worker
+from tests.fixtures_broker import (
+    StreamTopics,
+    WorkerProcess,
+    make_topics,
+    start_worker,
+    wait_ready,
+)
 
 Offsets = dict[int, int]
 
@@ -107,6 +114,35 @@ class _Group:
         self.logs.append(member.log_path)
         self.started_at[member.process.pid] = time.monotonic()
         return member
+
+    def start_all(self, n: int) -> None:
+        """Start n members at once, then wait until each is ready (started one at a time,
+        each would wait out its own interpreter start and model load)."""
+        started = [self.start(wait=False) for _ in range(n)]
+        for member in started:
+            try:
+                wait_ready(member.url, timeout_s=90.0, process=member.process)
+            except (RuntimeError, TimeoutError):
+                for other in started:
+                    other.process.kill()
+                    other.process.wait()
+                raise RuntimeError(f"worker did not get ready; its log:\n{member.log()}") from None
+
+    def stop_all(self) -> list[int]:
+        """SIGTERM to every member at once, then their exit codes (the drains overlap; a
+        second SIGTERM would cut a drain short)."""
+        for member in self.members:
+            if member.process.poll() is None:
+                member.process.send_signal(signal.SIGTERM)
+        codes = []
+        for member in self.members:
+            try:
+                codes.append(member.process.wait(timeout=60))
+            except subprocess.TimeoutExpired:
+                member.process.kill()
+                member.process.wait()
+                raise
+        return codes
 
     def ready_members(self, *, min_age_s: float) -> list[WorkerProcess]:
         now = time.monotonic()
@@ -224,8 +260,7 @@ def run_chaos(
     group = _Group(
         model=model, topics=topics, log_dir=log_dir, args=args, exactly_once=exactly_once
     )
-    for _ in range(workers):
-        group.start(wait=True)
+    group.start_all(workers)
     committed = _Committed(topics)
     producer = _Producer(topics, images, n=records, rate=rate)
     producer.start()
@@ -275,8 +310,7 @@ def run_chaos(
         done.set()
         lag_thread.join()
         committed.close()
-        for member in list(group.members):
-            exit_codes.append(member.stop(timeout_s=60))
+        exit_codes += group.stop_all()
     final = _Committed(topics)
     final_committed = final.read()
     final.close()
