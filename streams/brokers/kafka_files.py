@@ -31,6 +31,9 @@ def server_properties(*, host: str, port: int, controller_port: int, data_dir: P
         "num.partitions": 1,
         "auto.create.topics.enable": "true",
         "group.initial.rebalance.delay.ms": 0,
+        # Kafka's floor is 6 s: a client may ask for less here, so that a test or a development
+        # setup sees a killed member leave the group within a second or two.
+        "group.min.session.timeout.ms": 1000,
         "offsets.topic.replication.factor": 1,
         # 50 partitions by default: creating them delays a cluster's first group or transaction.
         "offsets.topic.num.partitions": 4,

@@ -30,6 +30,14 @@ EOS = [
     "--set",
     "stream.max_batch_size=100",
 ]
+# Each restart joins a group that still holds the killed member until its session expires:
+# 2 s instead of the default 6 (the test broker allows it: group.min.session.timeout.ms).
+SHORT_SESSION = [
+    "--set",
+    "stream.session_timeout_ms=2000",
+    "--set",
+    "stream.heartbeat_interval_ms=500",
+]
 POISON_EVERY = 97  # every 97th record is 5 bytes: a bad_image dead letter
 
 
@@ -128,7 +136,7 @@ def test_sigkilled_three_times_every_record_has_its_outputs_exactly_once(
     kafka_broker, trained_bundle, tmp_path: Path
 ) -> None:
     topics = make_topics(kafka_broker)
-    extra = [*EOS, "--set", f"stream.transactional_id={topics.config.group_id}-w"]
+    extra = [*EOS, *SHORT_SESSION, "--set", f"stream.transactional_id={topics.config.group_id}-w"]
     # Records keep arriving through the kills: a fixed backlog ran out before the third kill
     # once scoring got faster (CI: nothing left to commit past, the test waited in vain).
     feeder = _Feeder(topics, rate=400)
@@ -171,21 +179,15 @@ def test_a_frozen_worker_is_fenced_and_its_transaction_never_shows(
     topics = make_topics(kafka_broker)
     n = 4000
     values = _values(n)
-    session = [
-        "--set",
-        "stream.session_timeout_ms=6000",
-        "--set",
-        "stream.heartbeat_interval_ms=500",
-    ]
     slow = ["--set", "stream.transaction_interval_ms=2000"]
     group = topics.config.group_id
     zombie = start_worker(
         model=trained_bundle,
         topics=topics,
         log_dir=tmp_path / "zombie",
-        extra_args=[*EOS, *session, *slow, "--set", f"stream.transactional_id={group}-a"],
+        extra_args=[*EOS, *SHORT_SESSION, *slow, "--set", f"stream.transactional_id={group}-a"],
     )
-    producing = threading.Thread(target=_produce, args=(topics, values), kwargs={"rate": 400})
+    producing = threading.Thread(target=_produce, args=(topics, values), kwargs={"rate": 800})
     producing.start()
     heir: WorkerProcess | None = None
     try:
@@ -195,7 +197,7 @@ def test_a_frozen_worker_is_fenced_and_its_transaction_never_shows(
             model=trained_bundle,
             topics=topics,
             log_dir=tmp_path / "heir",
-            extra_args=[*EOS, *session, "--set", f"stream.transactional_id={group}-b"],
+            extra_args=[*EOS, *SHORT_SESSION, "--set", f"stream.transactional_id={group}-b"],
             timeout_s=60,  # ready once the group gave it the frozen member's partition
         )
         producing.join()
