@@ -29,7 +29,11 @@ class LatentDensity(nn.Module):
     def __init__(self, dim: int, components: int) -> None:
         super().__init__()
         self.register_buffer("means", torch.zeros(components, dim))
-        self.register_buffer("scale_tril", torch.eye(dim).repeat(components, 1, 1))
+        # Identity factors. Not torch.eye: on the meta device (the bundle's shape check) it
+        # imports torch._dynamo, a second of every command's start-up.
+        scale_tril = torch.zeros(components, dim, dim)
+        scale_tril.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+        self.register_buffer("scale_tril", scale_tril)
         self.register_buffer("log_weights", torch.full((components,), -math.log(components)))
 
     @property

@@ -358,3 +358,17 @@ def test_a_bundle_from_before_the_transform_head_loads_without_one(tmp_path: Pat
     assert loaded.transform_head is None
     x = torch.rand(3, 784)
     torch.testing.assert_close(loaded.score(x), model.score(x))
+
+
+def test_loading_a_bundle_does_not_import_the_compiler(bundle_dir: Path) -> None:
+    """Every command and worker loads a bundle at start: its shape check builds the model on
+    the meta device, where torch.eye imported torch._dynamo (about a second, each time)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from detector.bundle import load_bundle; "
+        f"load_bundle({str(bundle_dir)!r}); print('torch._dynamo' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done.stderr
