@@ -84,6 +84,21 @@ def read_topic(
     return records
 
 
+def record_count(config: StreamConfig, topic: str) -> int:
+    """How many records `topic` holds, from its offsets (Apache Kafka; not Tansu, whose
+    ListOffsets is off: see end_offsets). Once the worker has committed its input, every output
+    it sent for it is in: a count of 0 proves a topic empty without waiting for nothing."""
+    consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers)
+    try:
+        tps = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})
+        ]
+        ends, starts = consumer.end_offsets(tps), consumer.beginning_offsets(tps)
+        return sum(ends[tp] - starts[tp] for tp in tps)
+    finally:
+        consumer.close()
+
+
 def raw_images(n: int, seed: int = 0) -> list[bytes]:
     """`n` random images as raw-codec record values."""
     images = np.random.default_rng(seed).integers(0, 256, (n, 784), dtype=np.uint8)

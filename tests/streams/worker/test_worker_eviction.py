@@ -87,7 +87,8 @@ def _source_offsets(topics: StreamTopics, n: int) -> tuple[set[int], set[int]]:
     config = topics.config
     scores = read_topic(config, config.scores_topic, until=n, timeout_s=60)
     scored = {json.loads(r.value)["offset"] for r in scores}
-    dead = read_topic(config, config.dlq_topic, until=max(1, n - len(scored)), timeout_s=2)
+    missing = n - len(scored)
+    dead = read_topic(config, config.dlq_topic, until=missing, timeout_s=30) if missing else []
     lettered = {int(dict(r.headers)["vaewatch.source.offset"]) for r in dead}
     return scored, lettered
 
