@@ -42,6 +42,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from detector import VAE, Calibration, Detector, ModelConfig, save_bundle
+from detector.config import DetectorSettings
 from streams.brokers.local import Broker
 from streams.codec import encode_images
 from streams.config import StreamConfig
@@ -365,13 +366,19 @@ def main() -> None:
     )
     add_engine_options(parser)
     parser.add_argument("--profile", action="store_true", help="cProfile the worker thread")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["fp32", "int8", "bf16", "auto"],
+        help="detector.precision (auto: fp32 for the untrained bundle, which validated nothing)",
+    )
     args = parser.parse_args()
     images = fashion_images()
     order = run_order(args.engine, args.repeats)
     runs: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.model or make_bundle(args.model_kind, Path(tmp) / "bundle", images)
-        detector = Detector.from_bundle(bundle)
+        detector = Detector.from_bundle(bundle, DetectorSettings(precision=args.precision))
         for number, engine in enumerate(order, 1):
             label = f"run {number}/{len(order)}, {engine}: " if len(order) > 1 else ""
             summary = drain_run(args, engine, detector, images, label)
