@@ -9,8 +9,9 @@ scores, and the two use two cores.
 Images go to the child and scores come back through shared memory (one slot per batch in
 flight); only the model (once, at start), (slot, count) and (slot, seconds, error) cross the
 pipe. The child is started with `spawn` (forking a process that already runs kafka-python's
-threads and torch's thread pool is unsafe), ignores SIGINT and SIGTERM so that a worker draining on a signal can still score the
-batch in hand, and exits when the pipe closes, including when the worker dies.
+threads and torch's thread pool is unsafe), ignores SIGINT and SIGTERM so that a worker
+draining on a signal can still score the batch in hand, and exits when the pipe closes,
+including when the worker dies.
 
 This module imports neither Kafka nor the worker, so the child loads only torch and the model.
 """
