@@ -213,8 +213,8 @@ class ScoringProcess:
     def _send_model(self, conn: Connection, start: _Start) -> None:
         # Through the pipe after the start rather than as Process arguments: spawn writes those
         # into a pipe that the child reads only once it has imported torch, so a model larger
-        # than the pipe's buffer held up Process.start(), and with it the worker's loop on a
-        # restart or a hot swap, for the whole import (1.2 s here).
+        # than the pipe's buffer held up Process.start() for the whole import (1.2 s here), and
+        # a starting worker connected to Kafka only after it instead of meanwhile.
         try:
             conn.send((self._config, self._state))
         except OSError:  # the child died, or the worker closed the pipe: _await_ready reports it

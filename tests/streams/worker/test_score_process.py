@@ -156,10 +156,10 @@ if "--multiprocessing-fork" in sys.argv:  # a spawned child: wait until the test
 
 
 def test_starting_a_child_does_not_wait_for_its_start_up(detector, tmp_path, monkeypatch) -> None:
-    """A worker restarting its child or hot-swapping its model goes on while the new child
-    imports torch: the child's start-up is held at a gate (a sitecustomize hook in the child),
-    and the start must return while the gate is still shut. It did not when the weights went as
-    Process arguments: spawn writes those into a pipe the child reads only after its imports."""
+    """A starting worker connects to Kafka while its scoring child imports torch: the child's
+    start-up is held at a gate (a sitecustomize hook in the child), and the start must return
+    while the gate is still shut. It did not when the weights went as Process arguments: spawn
+    writes those into a pipe the child reads only after its imports."""
     (tmp_path / "sitecustomize.py").write_text(_GATE_HOOK)
     gate = tmp_path / "open"
     monkeypatch.setenv("VAEWATCH_TEST_GATE", str(gate))
