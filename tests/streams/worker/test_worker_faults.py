@@ -32,7 +32,6 @@ from tests.fixtures_broker import (
     make_topics,
     metric_value,
     start_worker,
-    wait_ready,
 )
 from tests.fixtures_model import CPU
 from tests.streams.kafka_helpers import (
@@ -200,7 +199,13 @@ def _worker_with_frozen_scorer(
     # Full batches wait for the child to be ready (ScoringProcess.submit), so the first full
     # batch is handed to it frozen, however the group join and the model load race.
     os.kill(child, signal.SIGSTOP)
-    wait_ready(worker.url, timeout_s=60, process=worker.process)
+    # Then wait for the join, an event: /readyz may say ready only for the moment between the
+    # join and the loop blocking on the frozen child (it did not, once, when the child loaded
+    # after the join: the loop was already waiting for it).
+    while "partitions assigned" not in worker.log():
+        assert worker.process.poll() is None, worker.log()
+        assert time.monotonic() < deadline, f"the worker never joined:\n{worker.log()}"
+        time.sleep(0.05)
     return worker, child
 
 
