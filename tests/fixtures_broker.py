@@ -187,12 +187,25 @@ class WorkerProcess:
         """SIGTERM, then wait for the drain; returns the exit code."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout_s=timeout_s)
+
+    def wait(self, *, timeout_s: float) -> int:
+        """The exit code, once the process has ended; SIGKILL and raise past `timeout_s`."""
         try:
             return self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
             raise
+
+    def wait_ready(self, *, timeout_s: float) -> None:
+        """Until /readyz says ready; else SIGKILL, and an error that carries the log."""
+        try:
+            wait_ready(self.url, timeout_s=timeout_s, process=self.process)
+        except Exception:
+            self.process.kill()
+            self.process.wait()
+            raise RuntimeError(f"worker did not get ready; its log:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -252,10 +265,5 @@ def start_worker(
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     worker = WorkerProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
     if wait:
-        try:
-            wait_ready(worker.url, timeout_s=timeout_s, process=process)
-        except Exception:
-            process.kill()
-            process.wait()
-            raise RuntimeError(f"worker did not get ready; its log:\n{worker.log()}") from None
+        worker.wait_ready(timeout_s=timeout_s)
     return worker

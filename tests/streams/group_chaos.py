@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
 import threading
 import time
 import urllib.request
@@ -28,13 +27,7 @@ import numpy as np
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from streams.codec import encode_images
-from tests.fixtures_broker import (
-    StreamTopics,
-    WorkerProcess,
-    make_topics,
-    start_worker,
-    wait_ready,
-)
+from tests.fixtures_broker import StreamTopics, WorkerProcess, make_topics, start_worker
 
 Offsets = dict[int, int]
 
@@ -119,14 +112,14 @@ class _Group:
         """Start n members at once, then wait until each is ready (started one at a time,
         each would wait out its own interpreter start and model load)."""
         started = [self.start(wait=False) for _ in range(n)]
-        for member in started:
-            try:
-                wait_ready(member.url, timeout_s=90.0, process=member.process)
-            except (RuntimeError, TimeoutError):
-                for other in started:
-                    other.process.kill()
-                    other.process.wait()
-                raise RuntimeError(f"worker did not get ready; its log:\n{member.log()}") from None
+        try:
+            for member in started:
+                member.wait_ready(timeout_s=90.0)
+        except RuntimeError:
+            for other in started:
+                other.process.kill()
+                other.process.wait()
+            raise
 
     def stop_all(self) -> list[int]:
         """SIGTERM to every member at once, then their exit codes (the drains overlap; a
@@ -134,15 +127,7 @@ class _Group:
         for member in self.members:
             if member.process.poll() is None:
                 member.process.send_signal(signal.SIGTERM)
-        codes = []
-        for member in self.members:
-            try:
-                codes.append(member.process.wait(timeout=60))
-            except subprocess.TimeoutExpired:
-                member.process.kill()
-                member.process.wait()
-                raise
-        return codes
+        return [member.wait(timeout_s=60) for member in list(self.members)]
 
     def ready_members(self, *, min_age_s: float) -> list[WorkerProcess]:
         now = time.monotonic()
