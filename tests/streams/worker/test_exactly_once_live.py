@@ -48,26 +48,17 @@ def _values(n: int) -> list[bytes]:
     return values
 
 
-def _produce(topics: StreamTopics, values: list[bytes], *, rate: float | None = None) -> None:
-    producer = KafkaProducer(bootstrap_servers=topics.bootstrap_servers, acks="all", linger_ms=5)
-    for i, value in enumerate(values):
-        producer.send(topics.config.input_topic, value=value, partition=0)
-        if rate is not None and i % 50 == 49:
-            time.sleep(50 / rate)
-    producer.flush()
-    producer.close()
-
-
 class _Feeder(threading.Thread):
-    """Records at a steady rate on partition 0 until stopped (`_values`' pattern: every 97th a
-    poison record), so that a worker always has a stream in hand when it is killed, however
-    fast it drains; `stop()` returns how many were produced."""
+    """Records at a steady rate on partition 0 (`_values`' pattern: every 97th a poison record)
+    until `limit` are sent or it is stopped, so that a worker always has a stream in hand when
+    it is killed or frozen, however fast it drains; `stop()` returns how many were produced."""
 
-    def __init__(self, topics: StreamTopics, *, rate: float) -> None:
+    def __init__(self, topics: StreamTopics, *, rate: float, limit: int | None = None) -> None:
         super().__init__(daemon=True)
         self._topic = topics.config.input_topic
         self._servers = topics.bootstrap_servers
         self._rate = rate
+        self._limit = limit
         self._halt = threading.Event()
         self.count = 0
 
@@ -75,7 +66,7 @@ class _Feeder(threading.Thread):
         pool = _values(POISON_EVERY * 10)  # index i's value is pool[i % len(pool)]: same pattern
         producer = KafkaProducer(bootstrap_servers=self._servers, acks="all", linger_ms=5)
         started = time.monotonic()
-        while not self._halt.is_set():
+        while not self._halt.is_set() and self.count != self._limit:
             producer.send(self._topic, value=pool[self.count % len(pool)], partition=0)
             self.count += 1
             delay = started + self.count / self._rate - time.monotonic()
@@ -178,7 +169,6 @@ def test_a_frozen_worker_is_fenced_and_its_transaction_never_shows(
     aborts and rejoins; a read_committed subscriber sees every record's outputs once."""
     topics = make_topics(kafka_broker)
     n = 4000
-    values = _values(n)
     slow = ["--set", "stream.transaction_interval_ms=2000"]
     group = topics.config.group_id
     zombie = start_worker(
@@ -187,7 +177,7 @@ def test_a_frozen_worker_is_fenced_and_its_transaction_never_shows(
         log_dir=tmp_path / "zombie",
         extra_args=[*EOS, *SHORT_SESSION, *slow, "--set", f"stream.transactional_id={group}-a"],
     )
-    producing = threading.Thread(target=_produce, args=(topics, values), kwargs={"rate": 800})
+    producing = _Feeder(topics, rate=800, limit=n)
     producing.start()
     heir: WorkerProcess | None = None
     try:
