@@ -139,14 +139,21 @@ def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
     return auroc(labels, np.r_[normal, anomalous])
 
 
-def _cpu_scores(model: VAE, images: np.ndarray | None, precision: str) -> np.ndarray | None:
-    """`model`'s scores of uint8 N x 784 `images` on the CPU in `precision` (None for none)."""
-    if images is None or not len(images):
-        return None
-    tensor = torch.from_numpy(np.ascontiguousarray(images))
+def _cpu_scores(
+    model: VAE, images: np.ndarray, anomalies: np.ndarray | None, precision: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`model`'s scores of the uint8 N x 784 normal `images` and `anomalies` (None for none) on
+    the CPU in `precision`."""
     cpu = torch.device("cpu")
-    scores = score_batches(model, tensor, device=cpu, batch_size=_CHECK_BATCH, precision=precision)
-    return scores.numpy()
+
+    def scores(batch: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(np.ascontiguousarray(batch))
+        return score_batches(
+            model, tensor, device=cpu, batch_size=_CHECK_BATCH, precision=precision
+        ).numpy()
+
+    has_anomalies = anomalies is not None and len(anomalies) > 0
+    return scores(images), scores(anomalies) if has_anomalies else None
 
 
 def _compare(
@@ -192,8 +199,8 @@ def check_precision(
     largest score difference; with labelled `anomalies`, the AUROC of both. `passed` when the
     FPR (and the AUROC) differ by at most `band`."""
     model = model.eval()
-    reference = tuple(_cpu_scores(model, x, calibration.precision) for x in (images, anomalies))
-    checked = tuple(_cpu_scores(model, x, precision) for x in (images, anomalies))
+    reference = _cpu_scores(model, images, anomalies, calibration.precision)
+    checked = _cpu_scores(model, images, anomalies, precision)
     return _compare(reference, checked, calibration.threshold, band)
 
 
@@ -214,8 +221,8 @@ def validate_precisions(
         return calibration
     model = model.eval()
     checks = dict(calibration.precision_checks)
-    reference = tuple(_cpu_scores(model, x, calibration.precision) for x in (images, anomalies))
+    reference = _cpu_scores(model, images, anomalies, calibration.precision)
     for precision in others:
-        checked = tuple(_cpu_scores(model, x, precision) for x in (images, anomalies))
+        checked = _cpu_scores(model, images, anomalies, precision)
         checks[precision] = _compare(reference, checked, calibration.threshold, PRECISION_BAND)
     return dataclasses.replace(calibration, precision_checks=checks)

@@ -204,6 +204,12 @@ class ScoringProcess:
         self._busy = [None] * _SLOTS
         self._start = _Start()
         threading.Thread(
+            target=self._send_model,
+            args=(parent, self._start),
+            name="vaewatch-scorer-model",
+            daemon=True,
+        ).start()
+        threading.Thread(
             target=self._await_ready,
             args=(parent, self._process, self._start),
             name="vaewatch-scorer-start",
@@ -222,9 +228,6 @@ class ScoringProcess:
         start.model_sent.set()
 
     def _await_ready(self, conn: Connection, process: Any, start: _Start) -> None:
-        threading.Thread(
-            target=self._send_model, args=(conn, start), name="vaewatch-scorer-model", daemon=True
-        ).start()
         try:
             if not conn.poll(self._start_timeout_s):
                 start.error = f"did not load the model in {self._start_timeout_s:.0f} s"
