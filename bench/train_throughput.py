@@ -18,9 +18,12 @@ as a fresh process (same model, likelihood, batch 128 and Adam settings, all ten
 --epochs epochs without early stopping, the default latent mixture, fused score, conformal
 calibration, bundle and report, to a temporary folder), one after the other, --rounds times.
 Prints each one's wall seconds, the ratio, and vaewatch's phases from its "train phases" log
-line (start-up = the rest: interpreter, imports, settings):
+line (start-up = the rest: interpreter, imports, settings). Each --variant is one more
+`vaewatch train` per round, with its settings on top (the defaults' training against the one
+before the drawn rotations and CPU bf16, say):
 
-    .venv/bin/python bench/train_throughput.py --whole [--epochs 5] [--threads 2] [--rounds 1]
+    .venv/bin/python bench/train_throughput.py --whole [--epochs 5] [--threads 2] [--rounds 1] \\
+        [--variant vaewatch= --variant "before=train.transform_rotations=3;train.amp=false"]
 """
 
 from __future__ import annotations
@@ -143,6 +146,13 @@ WHOLE_SETTINGS = [
 _PHASES = re.compile(r"train phases \(s\): (.*)$", re.MULTILINE)
 
 
+def _phases(log: str) -> dict[str, float]:
+    """Seconds per phase from vaewatch train's "train phases" log line."""
+    found = _PHASES.search(log)
+    parts = found.group(1).split(", ") if found else []
+    return {name: float(value) for name, value in (part.rsplit(" ", 1) for part in parts)}
+
+
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
     """Wall seconds of a whole process, and its stderr."""
     started = time.perf_counter()
@@ -164,34 +174,44 @@ def whole(args: argparse.Namespace) -> int:
     if args.threads:
         seed_command += ["--threads", str(args.threads)]
     settings = [*WHOLE_SETTINGS, f"train.epochs={args.epochs}", f"train.device={args.device}"]
-    ours_command = [sys.executable, "-m", "vaewatch.cli", "--log-level", "INFO"]
-    for setting in settings:
-        ours_command += ["--set", setting]
-    seed_seconds, ours_seconds = [], []
+    variants = dict(parse_variant(v) for v in args.variant or ["vaewatch="])
+    commands = {}
+    for name, overrides in variants.items():
+        commands[name] = [sys.executable, "-m", "vaewatch.cli", "--log-level", "INFO"]
+        for setting in [*settings, *overrides]:
+            commands[name] += ["--set", setting]
+    seconds: dict[str, list[float]] = {"seed loop": [], **{name: [] for name in variants}}
     for round_ in range(1, args.rounds + 1):
-        seconds, _ = timed(seed_command, env)
-        seed_seconds.append(seconds)
-        seconds, log = timed([*ours_command, "train", "--out", str(temp / f"b{round_}")], env)
-        ours_seconds.append(seconds)
-        found = _PHASES.search(log)
-        phases = dict(part.rsplit(" ", 1) for part in found.group(1).split(", ")) if found else {}
-        phases = {name: float(value) for name, value in phases.items()}
-        rest = seconds - sum(phases.values())
-        breakdown = ", ".join(f"{name} {value:.1f}" for name, value in phases.items())
-        print(
-            f"round {round_}: seed loop {seed_seconds[-1]:.1f} s, vaewatch train {seconds:.1f} s "
-            f"({seed_seconds[-1] / seconds:.2f}x); vaewatch phases (s): {breakdown}, "
-            f"start-up and the rest {rest:.1f}",
-            flush=True,
-        )
+        took, _ = timed(seed_command, env)
+        seconds["seed loop"].append(took)
+        line = f"round {round_}: seed loop {took:.1f} s"
+        for name, command in commands.items():
+            took, log = timed([*command, "train", "--out", str(temp / f"{name}{round_}")], env)
+            seconds[name].append(took)
+            phases = _phases(log)
+            rest = took - sum(phases.values())
+            breakdown = ", ".join(f"{phase} {value:.1f}" for phase, value in phases.items())
+            line += (
+                f"; {name} {took:.1f} s ({seconds['seed loop'][-1] / took:.2f}x; phases: "
+                f"{breakdown}, start-up and the rest {rest:.1f})"
+            )
+        print(line, flush=True)
     shutil.rmtree(temp)
-    seed, ours = statistics.median(seed_seconds), statistics.median(ours_seconds)
+    seed = statistics.median(seconds["seed loop"])
     print(
         f"\nwhole processes, {args.epochs} epochs, device {args.device}, threads "
-        f"{args.threads or 'default'}, median of {args.rounds}: seed loop {seed:.1f} s, "
-        f"vaewatch train {ours:.1f} s, ratio {seed / ours:.2f}x"
+        f"{args.threads or 'default'}, median of {args.rounds}:"
     )
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        print(f"  {name:>20}: {median:6.1f} s  ratio {seed / median:.2f}x")
     return 0
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """NAME=key=value;key=value -> (NAME, [key=value, ...]); NAME= is the defaults."""
+    name, _, overrides = text.partition("=")
+    return name, [o for o in overrides.split(";") if o]
 
 
 def main() -> int:
@@ -202,6 +222,13 @@ def main() -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--whole", action="store_true", help="whole processes side by side")
     parser.add_argument("--rounds", type=int, default=1, help="with --whole: repetitions")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="with --whole: NAME=key=value;key=value settings on top of the seed's model "
+        "(repeatable; default: one run of the defaults, named vaewatch)",
+    )
     parser.add_argument("--seed-process", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

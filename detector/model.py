@@ -136,6 +136,16 @@ class VAE(nn.Module):
             -1, IMAGE_PIXELS
         )
 
+    def rotate(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Each of N x 784 images turned by its own rotation r[i] (r[i] * 360 / config.transforms
+        degrees, as in `rotations`), as one gather of pixels."""
+        turns = 4 // self.config.transforms
+        grid = torch.arange(IMAGE_PIXELS, device=x.device).view(IMAGE_SIDE, IMAGE_SIDE)
+        sources = torch.stack(
+            [torch.rot90(grid, k * turns).reshape(-1) for k in range(self.config.transforms)]
+        )
+        return x.gather(1, sources[r])
+
     def transform_log_probs(
         self,
         x: torch.Tensor,

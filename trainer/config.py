@@ -66,6 +66,15 @@ class TrainConfig(BaseModel):
         description="Learning rate over the epochs: constant, or cosine (from lr down to zero at "
         "the last epoch, Loshchilov & Hutter's SGDR without restarts).",
     )
+    transform_rotations: int = Field(
+        1,
+        ge=1,
+        description="With a transform head (model.transforms): how many rotations of each image "
+        "besides the image itself the head learns from per step, drawn at random each time (an "
+        "unbiased estimate of its loss over all rotations). Each one costs an encoder pass; "
+        "transforms - 1 or more trains on every rotation at every step, 2x the time per epoch "
+        "for the default conv model (BENCHMARKS.md, training throughput).",
+    )
     early_stopping_patience: int = Field(
         3,
         ge=0,
@@ -80,9 +89,11 @@ class TrainConfig(BaseModel):
         description="Seed of the initial weights, the shuffling and the validation split: the same "
         "seed and data give the same model.",
     )
-    amp: bool = Field(
-        True,
-        description="Mixed precision (bf16 autocast) when training on CUDA; ignored on the CPU.",
+    amp: bool | Literal["auto"] = Field(
+        "auto",
+        description="Mixed precision (bf16 autocast) in training: auto = on CUDA and on a CPU "
+        "with native bf16 (AVX512-BF16 or AMX), where it is faster than fp32; true = on CUDA and "
+        "on any CPU (one without native bf16 emulates it, slower); false = fp32 throughout.",
     )
     progress: bool | Literal["auto"] = Field(
         "auto",

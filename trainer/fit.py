@@ -25,7 +25,7 @@ from detector.bundle import Bundle, save_bundle
 from detector.calibration import Calibration
 from detector.config import ModelConfig
 from detector.model import VAE, to_model_input
-from detector.scorer import resolve_device, score_batches
+from detector.scorer import native_bf16, resolve_device, score_batches
 from trainer.calibrate import (
     CalibrationError,
     calibrate_f1,
@@ -60,6 +60,7 @@ class FitResult:
     history: list[EpochRecord] = field(default_factory=list)
     best_epoch: int = 0
     stopped_early: bool = False
+    bf16_autocast: bool = False  # what train.amp came to on this device (`bf16_autocast`)
     # Wall seconds of "epochs" (optimisation and validation passes) and "score statistics"
     # (trainer.latent); train_bundle adds its own phases and logs them all.
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -91,6 +92,37 @@ def score_images(
     return scores.numpy().astype(np.float64)
 
 
+def bf16_autocast(amp: bool | str, device: torch.device) -> bool:
+    """Whether training autocasts to bf16 (`train.amp`): `auto` on CUDA, and on a CPU only where
+    bf16 is native, since emulated bf16 is slower than fp32 there."""
+    if device.type == "cuda":
+        return amp is not False
+    if device.type == "cpu":
+        return amp is True or (amp == "auto" and native_bf16())
+    return False
+
+
+def transform_head_loss(
+    model: VAE, x: torch.Tensor, features: torch.Tensor, *, rotations: int
+) -> torch.Tensor:
+    """Per image: the transform head's cross-entropy summed over all `transforms` rotations, or,
+    with fewer `rotations` than the image has other rotations, an unbiased estimate of that sum:
+    the image itself plus `rotations` others drawn at random without replacement, weighted up.
+    `features`: the encoder's features of x (the unrotated images' pass is shared with the VAE)."""
+    others = model.config.transforms - 1
+    if rotations >= others:
+        return -model.transform_log_probs(x, features).sum(dim=1)
+    n = len(x)
+    # Column j of a random permutation of 1..others per image: `rotations` distinct draws each.
+    drawn = torch.rand(n, others, device=x.device).argsort(dim=1)[:, :rotations] + 1
+    drawn = drawn.T.reshape(-1)
+    rotated = model.rotate(x.repeat(rotations, 1), drawn)
+    logits = model.transform_head(torch.cat([features, model.encoder(rotated)])).float()
+    targets = torch.cat([torch.zeros(n, dtype=torch.long, device=x.device), drawn])
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    return nll[:n] + others / rotations * nll[n:].view(rotations, n).sum(dim=0)
+
+
 def _train_epoch(
     model: VAE,
     optimizer: torch.optim.Optimizer,
@@ -112,7 +144,9 @@ def _train_epoch(
                 features = model.encoder(x)
                 mu, logvar = model.fc_mu(features), model.fc_logvar(features)
                 logits = model.decode(model.reparameterize(mu, logvar))
-                head_loss = -model.transform_log_probs(x, features).sum(dim=1).mean()
+                head_loss = transform_head_loss(
+                    model, x, features, rotations=train.transform_rotations
+                ).mean()
         loss = model.loss(x, logits, mu, logvar).mean()
         if model.transform_head is not None:
             # Self-supervision (docs/model.md): tell the image's rotations apart.
@@ -158,12 +192,12 @@ def fit_vae(
         if train.lr_schedule == "cosine"
         else None
     )
-    use_amp = train.amp and device.type == "cuda"
+    use_amp = bf16_autocast(train.amp, device)
     x_train = torch.from_numpy(np.ascontiguousarray(train_images)).to(device)
     x_val = torch.from_numpy(np.ascontiguousarray(val_images)).to(device)
     n = len(x_train)
     batches = max(1, -(-n // train.batch_size))
-    result = FitResult(model=model)
+    result = FitResult(model=model, bf16_autocast=use_amp)
     # A bar only on a terminal: in a log file or CI output its carriage returns become one long
     # line; the per-epoch log line below says the same once per epoch.
     show_progress = train.progress is True or (train.progress == "auto" and sys.stderr.isatty())
@@ -311,6 +345,7 @@ def train_bundle(
         "n_val": len(split.val),
         "best_epoch": fitted.best_epoch,
         "stopped_early": fitted.stopped_early,
+        "bf16_autocast": fitted.bf16_autocast,
         "history": history,
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -78,6 +78,16 @@ def test_rotations_are_quarter_turns_identity_first() -> None:
     assert torch.equal(halves[1], torch.rot90(images, 2, dims=(1, 2)))
 
 
+def test_rotate_turns_each_image_by_its_own_rotation() -> None:
+    x = torch.rand(3, IMAGE_PIXELS)
+    for transforms in (2, 4):
+        model = VAE(HEADED.model_copy(update={"transforms": transforms}))
+        every = model.rotations(x).reshape(transforms, 3, IMAGE_PIXELS)
+        r = torch.tensor([transforms - 1, 0, 1])
+        expected = torch.stack([every[r[i], i] for i in range(3)])
+        assert torch.equal(model.rotate(x, r), expected), transforms
+
+
 def test_transform_log_probs_reuse_the_features_of_x() -> None:
     torch.manual_seed(0)
     model = VAE(HEADED).eval()

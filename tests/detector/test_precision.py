@@ -69,7 +69,11 @@ def test_quantised_scores_are_close_to_fp32_on_real_images(trained_bundle: Path,
         assert np.percentile(difference, 99) < 0.1 * spread, precision
         ranks = np.corrcoef(np.argsort(np.argsort(got)), np.argsort(np.argsort(fp32)))[0, 1]
         assert ranks > 0.999, precision
-        assert np.mean((got > threshold) != (fp32 > threshold)) <= 0.005, precision
+        flipped = (got > threshold) != (fp32 > threshold)
+        # Decisions change only next to the threshold (how many depends on how many scores lie
+        # there, which differs from bundle to bundle), never for an image far from it.
+        assert np.all(np.abs(fp32[flipped] - threshold) < 0.05 * spread), precision
+        assert np.mean(flipped) <= 0.01, precision
 
 
 def test_the_prepared_copy_follows_the_weights() -> None:

@@ -49,6 +49,26 @@ def test_same_seed_same_weights(tiny_data) -> None:
     )
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_on_cuda_and_on_cpus_with_native_bf16(monkeypatch, native: bool) -> None:
+    monkeypatch.setattr(fit, "native_bf16", lambda: native)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [fit.bf16_autocast(amp, cuda) for amp in ("auto", True, False)] == [True, True, False]
+    assert [fit.bf16_autocast(amp, cpu) for amp in ("auto", True, False)] == [native, True, False]
+    assert not fit.bf16_autocast("auto", torch.device("mps"))
+
+
+def test_training_in_bf16_on_the_cpu(tiny_data, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="trainer.fit")
+    bf16 = fit_vae(*tiny_data, model_config=TINY, train=_train(amp=True))
+    assert "bf16 autocast" in caplog.text
+    fp32 = fit_vae(*tiny_data, model_config=TINY, train=_train(amp=False))
+    assert all(np.isfinite(epoch.val_loss) for epoch in bf16.history)
+    assert bf16.history[-1].val_loss < bf16.history[0].val_loss
+    weights = zip(bf16.model.state_dict().values(), fp32.model.state_dict().values(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in weights)
+
+
 def test_history_and_best_epoch_weights(tiny_data) -> None:
     # A learning rate this high makes the validation loss bounce, so the best epoch is rarely
     # the last; the returned weights must be the best epoch's either way.
@@ -111,6 +131,9 @@ def test_bundle_holds_history_and_report(trained_bundle: Path) -> None:
     bundle = load_bundle(trained_bundle)
     assert bundle.metadata["n_val"] == 300 and bundle.metadata["n_train"] == 2700
     assert len(bundle.metadata["history"]) == bundle.metadata["train"]["epochs"]
+    assert bundle.metadata["bf16_autocast"] is fit.bf16_autocast(
+        bundle.metadata["train"]["amp"], torch.device("cpu")
+    )
     report = trained_bundle / "report"
     for name in ("reconstructions.png", "samples.png", "scores.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

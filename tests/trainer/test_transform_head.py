@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from detector.config import ModelConfig
+from detector.config import IMAGE_PIXELS, ModelConfig
+from detector.model import VAE
 from trainer.config import TrainConfig
 from trainer.evaluate import auroc
-from trainer.fit import fit_vae
+from trainer.fit import fit_vae, transform_head_loss
 from trainer.latent import score_terms
 
 HEADED = ModelConfig(
@@ -23,6 +24,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def headed(fashion_mnist):
+    """Trained with the default `transform_rotations` (1: one drawn rotation per image and
+    step besides the image itself)."""
     train = fashion_mnist.train
     shirts = train.images[train.labels == 0]
     result = fit_vae(
@@ -59,3 +62,22 @@ def test_score_statistics_include_the_transform_term(headed) -> None:
     centre, scale = model.score_normalisation[3]
     assert model.score_normalisation.shape == (4, 2)
     assert float(centre) >= 0.0 and float(scale) > 0.0
+
+
+@pytest.mark.parametrize("rotations", [1, 2])
+def test_the_drawn_rotations_estimate_the_loss_over_all_of_them(rotations: int) -> None:
+    torch.manual_seed(0)
+    model = VAE(HEADED).eval()
+    # A head that ignores the image and gives each rotation its own cross-entropy (about 6.0,
+    # 4.0, 2.1 and 0.2 nats): a draw that favours one rotation, or a wrong weight, moves the mean.
+    with torch.no_grad():
+        model.transform_head.weight.zero_()
+        model.transform_head.bias.copy_(torch.tensor([0.0, 2.0, 4.0, 6.0]))
+    x = torch.rand(1, IMAGE_PIXELS).repeat(20_000, 1)
+    with torch.inference_mode():
+        features = model.encoder(x)
+        every = transform_head_loss(model, x[:1], features[:1], rotations=3)
+        drawn = transform_head_loss(model, x, features, rotations=rotations)
+    torch.testing.assert_close(every, model.transform_loss(x[:1]))
+    assert float(drawn.std()) > 1.0  # it does draw
+    torch.testing.assert_close(drawn.mean(), every[0], rtol=0.01, atol=0.0)
