@@ -50,17 +50,10 @@ def produce_values(
     producer.close()
 
 
-def read_topic(
-    config: StreamConfig,
-    topic: str,
-    *,
-    until: int,
-    timeout_s: float = 60.0,
-    isolation_level: str = "read_uncommitted",
-) -> list[Any]:
-    """All records of `topic` from the start, once records with at least `until` distinct keys
-    have been read (or the timeout passed, then whatever came). Worker outputs are keyed
-    topic/partition/offset, so duplicates from re-delivery do not count twice."""
+def open_reader(
+    config: StreamConfig, topic: str, *, isolation_level: str = "read_uncommitted"
+) -> KafkaConsumer:
+    """A consumer of every partition of `topic` from the start, connected: for `read_topic`."""
     consumer = KafkaConsumer(
         bootstrap_servers=config.bootstrap_servers,
         enable_auto_commit=False,
@@ -70,6 +63,24 @@ def read_topic(
     )
     partitions = consumer.partitions_for_topic(topic) or {0}
     consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+    return consumer
+
+
+def read_topic(
+    config: StreamConfig,
+    topic: str,
+    *,
+    until: int,
+    timeout_s: float = 60.0,
+    isolation_level: str = "read_uncommitted",
+    reader: KafkaConsumer | None = None,
+) -> list[Any]:
+    """All records of `topic` from the start, once records with at least `until` distinct keys
+    have been read (or the timeout passed, then whatever came). Worker outputs are keyed
+    topic/partition/offset, so duplicates from re-delivery do not count twice. `reader`: one
+    `open_reader` connected beforehand (closed here), so that the wait starts without the lag of
+    connecting."""
+    consumer = reader or open_reader(config, topic, isolation_level=isolation_level)
     records: list[Any] = []
     keys: set[Any] = set()
     deadline = time.monotonic() + timeout_s

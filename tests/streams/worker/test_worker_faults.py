@@ -37,6 +37,7 @@ from tests.fixtures_model import CPU
 from tests.streams.kafka_helpers import (
     LENIENT_INPUT_TOPIC,
     committed_offsets,
+    open_reader,
     raw_images,
     read_json,
     read_topic,
@@ -320,9 +321,16 @@ def test_a_shutdown_while_the_broker_does_not_answer_keeps_to_drain_timeout_and_
     n, drain_s = 6000, 4
     _produce(topics, raw_images(n, seed=7))
     extra = [*BATCH, "--set", f"stream.drain_timeout_s={drain_s}"]
-    worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=extra)
+    # The reader connects before the worker starts and waits for its 100th score, not for its
+    # readiness first, so that the broker freezes within a poll of that score, while most of the
+    # records are still to be sent: a reader connected after the worker's join let a fast worker
+    # commit all 6,000 first (seen once in a full run).
+    reader = open_reader(topics.config, topics.config.scores_topic)
+    worker = start_worker(
+        model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=extra, wait=False
+    )
     try:
-        read_topic(topics.config, topics.config.scores_topic, until=100)
+        read_topic(topics.config, topics.config.scores_topic, until=100, reader=reader)
         os.kill(kafka_broker.pid, signal.SIGSTOP)
         time.sleep(1.0)  # the worker goes on sending into a broker that does not answer
         started = time.monotonic()
@@ -357,9 +365,12 @@ def test_a_second_signal_cuts_the_drain_short_and_a_restart_loses_nothing(
     n = 3000
     _produce(topics, raw_images(n, seed=8))
     extra = [*BATCH, "--set", "stream.drain_timeout_s=60"]
-    worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=extra)
+    reader = open_reader(topics.config, topics.config.scores_topic)  # as in the test above
+    worker = start_worker(
+        model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=extra, wait=False
+    )
     try:
-        read_topic(topics.config, topics.config.scores_topic, until=100)
+        read_topic(topics.config, topics.config.scores_topic, until=100, reader=reader)
         os.kill(kafka_broker.pid, signal.SIGSTOP)
         time.sleep(1.0)
         worker.process.send_signal(signal.SIGTERM)
