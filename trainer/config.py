@@ -72,8 +72,9 @@ class TrainConfig(BaseModel):
         description="With a transform head (model.transforms): how many rotations of each image "
         "besides the image itself the head learns from per step, drawn at random each time (an "
         "unbiased estimate of its loss over all rotations). Each one costs an encoder pass; "
-        "transforms - 1 or more trains on every rotation at every step, 2x the time per epoch "
-        "for the default conv model (BENCHMARKS.md, training throughput).",
+        "transforms - 1 or more trains on every rotation at every step, about 1.8x the time "
+        "per epoch for the default conv model, at the same AUROC (BENCHMARKS.md, training "
+        "throughput).",
     )
     early_stopping_patience: int = Field(
         3,
