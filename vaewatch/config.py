@@ -152,6 +152,33 @@ def _read_file(path: Path) -> dict[str, Any]:
     return loaded
 
 
+def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The leading part of a pydantic error location that names settings fields: without the
+    member tag that a union's error adds (train.amp.bool) and anything after it."""
+    model: Any = Settings
+    path = []
+    for part in loc:
+        fields = (
+            model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        )
+        if part not in fields:
+            break
+        path.append(part)
+        model = fields[part].annotation
+    return tuple(path)
+
+
+def _first_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first error, or for a value that fits none of a union's forms (true, false or
+    'auto'), one error naming the field and what each form wants."""
+    first = errors[0]
+    field = _field_path(first["loc"])
+    forms = [e for e in errors if _field_path(e["loc"]) == field]
+    if len(forms) > 1 and field and len(field) < len(first["loc"]):
+        return {**first, "loc": field, "msg": "; or ".join(e["msg"] for e in forms)}
+    return first
+
+
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
@@ -179,4 +206,4 @@ def load_settings(
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
+        raise ConfigError(f"{source}: {_describe(_first_error(exc.errors()))}") from None

@@ -54,6 +54,10 @@ def test_overrides_are_yaml_and_win_over_file_and_environment(tmp_path: Path) ->
         ("", ["nosuch.key=1"], "unknown section 'nosuch'"),
         ("", ["train.epochs"], "expected section.key=value"),
         ("", ["data.normal_classes=[1"], "data.normal_classes"),
+        # A union's forms, all named for the field itself (not "train.amp.bool").
+        ("", ["train.amp=maybe"], "train.amp: Input should be a valid boolean"),
+        ("", ["train.amp=maybe"], "; or Input should be 'auto' (got 'maybe')"),
+        ("", ["train.progress=7"], "train.progress: "),
     ],
 )
 def test_errors_are_one_line_naming_the_key(
