@@ -108,13 +108,13 @@ class Delivery:
         *,
         publisher: ResultPublisher,
         polled_at: float,
+        cut_at: float,
     ) -> InFlightBatch:
-        """A batch cut from polled records, handed to the scorer (`scoring`) or not."""
+        """A batch cut from polled records, handed to the scorer (`scoring`) or not; the
+        time.time() stamps of the poll that returned its oldest records and of its cut."""
         nbytes = sum(len(r.value or b"") for r in records)
         batch_id = self.ledger.open(offset_ranges(records), records=len(records), nbytes=nbytes)
-        batch = InFlightBatch(
-            batch_id, records, decoded, scoring, publisher, polled_at, time.time()
-        )
+        batch = InFlightBatch(batch_id, records, decoded, scoring, publisher, polled_at, cut_at)
         self._scoring.append(batch)
         return batch
 

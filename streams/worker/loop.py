@@ -221,8 +221,9 @@ class Worker:
         )
         self._score_buffered()
         decoded = all_invalid(1, UNREADABLE, exc)
+        now = time.time()
         self._delivery.open(
-            [record], decoded, None, publisher=self._publisher, polled_at=time.time()
+            [record], decoded, None, publisher=self._publisher, polled_at=now, cut_at=now
         )
         self._delivery.publish_all()
         self._consumer.seek(TopicPartition(record.topic, record.partition), record.offset + 1)
@@ -269,6 +270,7 @@ class Worker:
         to its owner; returns its size."""
         size = self._config.max_batch_size
         records, self._buffer = self._buffer[:size], self._buffer[size:]
+        cut_at = time.time()  # before decoding and scoring, which a caught-up batch does here
         try:
             decoded = decode_batch(
                 [r.value for r in records], codec=self._config.codec, keys=[r.key for r in records]
@@ -282,7 +284,12 @@ class Worker:
             self._scorer.submit(decoded.images, caught_up=caught_up) if decoded.n_valid else None
         )
         self._delivery.open(
-            records, decoded, scoring, publisher=self._publisher, polled_at=self._polled_at
+            records,
+            decoded,
+            scoring,
+            publisher=self._publisher,
+            polled_at=self._polled_at,
+            cut_at=cut_at,
         )
         return len(records)
 

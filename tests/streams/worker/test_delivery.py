@@ -50,7 +50,7 @@ def _tracker(consumer: RecordingConsumer, errors: list) -> Delivery:
 def _acknowledged_batch(tracker: Delivery, first: int, end: int) -> None:
     records = [Record("in", 0, o, b"x") for o in range(first, end)]
     decoded = all_invalid(len(records), "bad_image", ValueError("unused"))
-    batch = tracker.open(records, decoded, None, publisher=None, polled_at=0.0)
+    batch = tracker.open(records, decoded, None, publisher=None, polled_at=0.0, cut_at=0.0)
     tracker.ledger.acknowledge(batch.batch_id)
 
 

@@ -1,4 +1,5 @@
-"""The worker loop under rebalances, broker-free and deterministic: the real Worker, Delivery,
+"""The worker loop under rebalances (and where a batch's time is counted), broker-free and
+deterministic: the real Worker, Delivery,
 ledger and publisher against the fakes of tests/streams/fake_kafka.py, which keep a partition's
 position when an eager rebalance gives it back to the same member, as kafka-python 3.0 does.
 
@@ -11,6 +12,7 @@ fresh worker drains every partition to its end (nothing stalls)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -69,7 +71,15 @@ class _Killed(BaseException):
     """SIGKILL: the worker stops where it is."""
 
 
-def _worker(broker: FakeBroker, config: StreamConfig, *, overlaps: bool, seed: int = 0):
+def _worker(
+    broker: FakeBroker,
+    config: StreamConfig,
+    *,
+    overlaps: bool,
+    seed: int = 0,
+    scorer: FakeScorer | None = None,
+    registry: CollectorRegistry | None = None,
+):
     consumer, producer = FakeConsumer(broker), FakeProducer(broker, seed=seed)
     publisher = ResultPublisher(
         producer=producer,
@@ -81,9 +91,9 @@ def _worker(broker: FakeBroker, config: StreamConfig, *, overlaps: bool, seed: i
     )
     worker = Worker(
         config=config,
-        scorer=FakeScorer(overlaps=overlaps),
+        scorer=scorer or FakeScorer(overlaps=overlaps),
         publisher=publisher,
-        metrics=WorkerMetrics(registry=CollectorRegistry(), score_buckets=[0.5]),
+        metrics=WorkerMetrics(registry=registry or CollectorRegistry(), score_buckets=[0.5]),
         consumer=consumer,
         producer=producer,
         state=WorkerState(),
@@ -180,6 +190,38 @@ def test_records_dead_lettered_and_scored_alike_count_as_covered() -> None:
     worker, consumer, _ = _worker(broker, _config(), overlaps=False)
     assert _run(worker, consumer, [lambda: None])
     assert broker.committed[P0] == 4 and len(broker.covered) == 4
+
+
+class _SlowInlineScorer(FakeScorer):
+    """Scores in submit(), as the worker's own thread does for a caught-up batch, taking 50 ms."""
+
+    def __init__(self) -> None:
+        super().__init__(overlaps=False)
+
+    def submit(self, images: np.ndarray, *, caught_up: bool = False) -> _Pending:
+        time.sleep(0.05)
+        return super().submit(images, caught_up=caught_up)
+
+
+def test_a_batch_scored_inline_counts_its_scoring_as_score_not_batching() -> None:
+    """vaewatch_stage_seconds: batching ends when the batch is cut from the buffer, before it is
+    decoded and scored (it ended after, which put inline scoring under batching)."""
+    broker = FakeBroker(partitions=1)
+    broker.produce(0, [IMAGE] * 4)  # one batch per poll: none waits while another is scored
+    registry = CollectorRegistry()
+    config = _config(max_batch_delay_ms=0)
+    worker, consumer, producer = _worker(
+        broker, config, overlaps=False, scorer=_SlowInlineScorer(), registry=registry
+    )
+    steps = [lambda: None, lambda: broker.produce(0, [IMAGE] * 4), producer.ack, producer.ack]
+    assert _run(worker, consumer, steps)
+    seconds = {
+        stage: registry.get_sample_value("vaewatch_stage_seconds_sum", {"stage": stage})
+        for stage in ("batching", "score")
+    }
+    assert registry.get_sample_value("vaewatch_stage_seconds_count", {"stage": "score"}) == 2
+    assert seconds["score"] >= 2 * 0.05, seconds
+    assert seconds["batching"] < 0.05, seconds
 
 
 # -- the property ----------------------------------------------------------------------------
