@@ -1,7 +1,7 @@
 """The worker loop under rebalances (and where a batch's time is counted), broker-free and
-deterministic: the real Worker, Delivery,
-ledger and publisher against the fakes of tests/streams/fake_kafka.py, which keep a partition's
-position when an eager rebalance gives it back to the same member, as kafka-python 3.0 does.
+deterministic: the real Worker, Delivery, ledger and publisher against the fakes of
+tests/streams/fake_kafka.py, which keep a partition's position when an eager rebalance gives it
+back to the same member, as kafka-python 3.0 does.
 
 The rule checked at every commit: no committed offset passes a record that has neither a score
 nor a dead letter acknowledged by the broker. A property test drives the loop with any sequence
