@@ -88,7 +88,8 @@ class TrainConfig(BaseModel):
     seed: int = Field(
         0,
         description="Seed of the initial weights, the shuffling and the validation split: the same "
-        "seed and data give the same model.",
+        "seed and data give the same model on the same kind of CPU (with amp auto, one with "
+        "native bf16 trains in bf16 and one without in fp32).",
     )
     amp: bool | Literal["auto"] = Field(
         "auto",
