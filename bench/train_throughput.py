@@ -174,6 +174,8 @@ def whole(args: argparse.Namespace) -> int:
     if args.threads:
         seed_command += ["--threads", str(args.threads)]
     settings = [*WHOLE_SETTINGS, f"train.epochs={args.epochs}", f"train.device={args.device}"]
+    from one_class_auroc import parse_variant  # bench/ is on sys.path: this script's folder
+
     variants = dict(parse_variant(v) for v in args.variant or ["vaewatch="])
     commands = {}
     for name, overrides in variants.items():
@@ -206,12 +208,6 @@ def whole(args: argparse.Namespace) -> int:
         median = statistics.median(values)
         print(f"  {name:>20}: {median:6.1f} s  ratio {seed / median:.2f}x")
     return 0
-
-
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    """NAME=key=value;key=value -> (NAME, [key=value, ...]); NAME= is the defaults."""
-    name, _, overrides = text.partition("=")
-    return name, [o for o in overrides.split(";") if o]
 
 
 def main() -> int:
