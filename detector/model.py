@@ -130,16 +130,13 @@ class VAE(nn.Module):
         """Rotations of N x 784 images, stacked: len(which)*N x 784. Rotation r turns by
         r * 360 / config.transforms degrees; `which` defaults to all of them, r = 0 first."""
         which = range(self.config.transforms) if which is None else which
-        images = x.reshape(len(x), IMAGE_SIDE, IMAGE_SIDE)
-        turns = 4 // self.config.transforms  # quarter turns between successive rotations
-        return torch.cat([torch.rot90(images, r * turns, dims=(1, 2)) for r in which]).reshape(
-            -1, IMAGE_PIXELS
-        )
+        r = torch.as_tensor(list(which), device=x.device).repeat_interleave(len(x))
+        return self.rotate(x.repeat(len(which), 1), r)
 
     def rotate(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """Each of N x 784 images turned by its own rotation r[i] (r[i] * 360 / config.transforms
-        degrees, as in `rotations`), as one gather of pixels."""
-        turns = 4 // self.config.transforms
+        """Each of N x 784 images turned by its own rotation r[i]: r[i] * 360 / config.transforms
+        degrees, the way of torch.rot90, as one gather of pixels."""
+        turns = 4 // self.config.transforms  # quarter turns between successive rotations
         grid = torch.arange(IMAGE_PIXELS, device=x.device).view(IMAGE_SIDE, IMAGE_SIDE)
         sources = torch.stack(
             [torch.rot90(grid, k * turns).reshape(-1) for k in range(self.config.transforms)]

@@ -80,12 +80,13 @@ def test_rotations_are_quarter_turns_identity_first() -> None:
 
 def test_rotate_turns_each_image_by_its_own_rotation() -> None:
     x = torch.rand(3, IMAGE_PIXELS)
+    images = x.reshape(3, 28, 28)
     for transforms in (2, 4):
         model = VAE(HEADED.model_copy(update={"transforms": transforms}))
-        every = model.rotations(x).reshape(transforms, 3, IMAGE_PIXELS)
-        r = torch.tensor([transforms - 1, 0, 1])
-        expected = torch.stack([every[r[i], i] for i in range(3)])
-        assert torch.equal(model.rotate(x, r), expected), transforms
+        r = [transforms - 1, 0, 1]
+        turns = [k * 4 // transforms for k in r]
+        expected = torch.stack([torch.rot90(images[i], turns[i]) for i in range(3)])
+        assert torch.equal(model.rotate(x, torch.tensor(r)), expected.reshape(3, -1)), transforms
 
 
 def test_transform_log_probs_reuse_the_features_of_x() -> None:
