@@ -22,6 +22,7 @@ from tests.fixtures_model import CPU
 from tests.streams.kafka_helpers import (
     committed_offsets,
     end_offsets,
+    open_reader,
     produce_values,
     read_json,
     read_topic,
@@ -331,9 +332,13 @@ def test_a_killed_scoring_process_is_replaced_and_loses_nothing(
     n = 6000
     images = np.random.default_rng(2).integers(0, 256, (n, 784), dtype=np.uint8)
     produce_values(topics.config, encode_images(images, codec="raw"))
-    worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path)
+    # Killed while most records are still to be scored (a dead idle child is found only by the
+    # next batch): the reader connects first and waits for the 300th score, not the worker's
+    # join, as in the frozen-broker tests of test_worker_faults.py.
+    reader = open_reader(topics.config, topics.config.scores_topic)
+    worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, wait=False)
     try:
-        read_topic(topics.config, topics.config.scores_topic, until=300)
+        read_topic(topics.config, topics.config.scores_topic, until=300, reader=reader)
         os.kill(_scoring_process_pid(worker.process.pid), signal.SIGKILL)
         results = read_json(read_topic(topics.config, topics.config.scores_topic, until=n))
         text = worker.metrics_text()
