@@ -35,6 +35,7 @@ from tests.deploy.deploy_files import (
     exported_metric_families,
     exported_series_names,
     k8s_documents,
+    k8s_expand,
     k8s_kind,
     label_values_metric,
     load_yaml,
@@ -42,6 +43,7 @@ from tests.deploy.deploy_files import (
     promql_metric_names,
     recording_rule_names,
     rules,
+    shell_expand,
     template_queries,
 )
 from vaewatch.cli import build_parser
@@ -78,11 +80,6 @@ def _env_dict(environment: Any) -> dict[str, str]:
 def _container_env(container: dict[str, Any]) -> dict[str, str | None]:
     """Kubernetes env: value, or None for valueFrom (a Secret, a field of the pod)."""
     return {item["name"]: item.get("value") for item in container.get("env", [])}
-
-
-def _k8s_expand(arg: str, env: dict[str, str | None]) -> str:
-    """Kubernetes' $(VAR) expansion in args."""
-    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: str(env[m.group(1)]), arg)
 
 
 def _parse_vaewatch(argv: list[str]) -> Any:
@@ -130,7 +127,7 @@ def _all_env_sources() -> list[tuple[str, dict[str, str | None]]]:
     for path, doc in k8s_documents():
         spec = doc.get("spec", {})
         template = spec.get("template", {}).get("spec", {})
-        for container in template.get("containers", []):
+        for container in [*template.get("initContainers", []), *template.get("containers", [])]:
             sources.append((f"{path.name}:{container['name']}", _container_env(container)))
     return sources
 
@@ -355,7 +352,7 @@ def test_compose_stack_agrees_with_the_worker() -> None:
         0
     ]
     assert datasource["url"] == "http://prometheus:9090"
-    assert "9090:9090" in prometheus["ports"]
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"], "published on the host's loopback"
 
 
 def test_compose_gpu_overlay_reserves_a_gpu_for_the_worker() -> None:
@@ -448,15 +445,14 @@ def test_k8s_worker_agrees_with_the_settings(tmp_path: Path) -> None:
     assert monitor["spec"]["endpoints"][0]["port"] == service_port["name"]
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
 
-    # Probes: /healthz (alive) and /readyz (ready) on the metrics port.
-    def probe(kind: str) -> dict[str, Any]:
-        return container[kind]["httpGet"]
-
-    assert probe("livenessProbe")["path"] == "/healthz"
-    assert probe("readinessProbe")["path"] == "/readyz"
-    assert probe("startupProbe")["path"] == "/healthz"
-    for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert probe(kind)["port"] in ("metrics", port)
+    # Probes: /healthz (alive) and /readyz (ready); their ports are test_endpoints.py's.
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "/healthz" in " ".join(container["livenessProbe"]["exec"]["command"])
+    # The liveness command's own time limit is under the probe's (a frozen worker fails it).
+    command = container["livenessProbe"]["exec"]["command"]
+    limit = float(command[command.index("--max-time") + 1])
+    assert limit < container["livenessProbe"]["timeoutSeconds"]
 
     # GPU request.
     resources = container["resources"]
@@ -465,7 +461,7 @@ def test_k8s_worker_agrees_with_the_settings(tmp_path: Path) -> None:
     assert settings.detector.device in ("cuda", "auto")
 
     # The command parses; the bundle comes from a PVC mounted where --model points.
-    args = _parse_vaewatch(IMAGE_ENTRYPOINT[1:] + [_k8s_expand(a, env) for a in container["args"]])
+    args = _parse_vaewatch(IMAGE_ENTRYPOINT[1:] + [k8s_expand(a, env) for a in container["args"]])
     assert args.command == "worker"
     pvc_volume = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
     _one("PersistentVolumeClaim", pvc_volume["persistentVolumeClaim"]["claimName"])
@@ -473,8 +469,11 @@ def test_k8s_worker_agrees_with_the_settings(tmp_path: Path) -> None:
     assert PurePosixPath(str(args.model)).is_relative_to(models_mount["mountPath"])
     assert models_mount.get("readOnly") is True
     (init,) = pod["initContainers"]
-    waits_for = _k8s_expand(" ".join(init["args"]), _container_env(init))
-    assert f"test -f {args.model}/bundle.json" in waits_for, waits_for
+    # Shell variables ($MODEL_BUNDLE), not $(MODEL_BUNDLE): `podman kube play` (4.3) does not
+    # expand the latter, and the shell does either way.
+    assert "$(" not in " ".join(init["args"]), init["args"]
+    waits_for = shell_expand(" ".join(init["args"]), _container_env(init))
+    assert f'test -f "{args.model}/bundle.json"' in waits_for, waits_for
     assert any(m["name"] == pvc_volume["name"] for m in init["volumeMounts"])
     assert pod["securityContext"]["runAsNonRoot"] is True
 
@@ -483,7 +482,7 @@ def test_k8s_worker_agrees_with_the_settings(tmp_path: Path) -> None:
     (train_container,) = trainer["containers"]
     train_env = _container_env(train_container)
     train_args = _parse_vaewatch(
-        IMAGE_ENTRYPOINT[1:] + [_k8s_expand(a, train_env) for a in train_container["args"]]
+        IMAGE_ENTRYPOINT[1:] + [k8s_expand(a, train_env) for a in train_container["args"]]
     )
     assert train_args.command == "train" and str(train_args.out) == str(args.model)
     train_pvc = next(v for v in trainer["volumes"] if "persistentVolumeClaim" in v)
