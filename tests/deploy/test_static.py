@@ -8,12 +8,17 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
+from packaging.requirements import Requirement
 
+from streams.brokers.kafka_jars import kafka_version
 from tests.deploy.deploy_files import (
     COMPOSE,
     COMPOSE_GPU,
@@ -202,6 +207,30 @@ def test_every_vaewatch_env_var_is_a_settings_key() -> None:
 # -- the image ----------------------------------------------------------------------------------
 
 
+def test_dockerfile_torch_pins_are_the_projects() -> None:
+    """The CPU image's torch and torchvision pins are inside pyproject.toml's ranges and equal
+    to their upper bounds, the builds the test suite runs on; the image installs every other
+    dependency of pyproject.toml (deploy/image_requirements.py)."""
+    args = {
+        rest.split("=", 1)[0]: rest.split("=", 1)[1]
+        for name, rest in dockerfile_instructions()
+        if name == "ARG" and "=" in rest
+    }
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    ranges = {
+        Requirement(d).name: Requirement(d).specifier for d in project["project"]["dependencies"]
+    }
+    for package, arg in (("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION")):
+        assert args[arg] in ranges[package], f"{arg}={args[arg]} is outside {ranges[package]}"
+        assert f"<={args[arg]}" in str(ranges[package]), (package, args[arg], ranges[package])
+    script, pyproject = DEPLOY / "image_requirements.py", DEPLOY.parent / "pyproject.toml"
+    listed = subprocess.run(
+        [sys.executable, str(script), str(pyproject)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    wanted = [*project["build-system"]["requires"], *project["project"]["dependencies"]]
+    assert listed == [d for d in wanted if Requirement(d).name not in ("torch", "torchvision")]
+
+
 def test_dockerfile_image_contract() -> None:
     instructions = dockerfile_instructions()
     names = [name for name, _ in instructions]
@@ -251,12 +280,35 @@ def _service_command(service: dict[str, Any]) -> list[str]:
 def test_compose_kafka_is_kraft_from_the_official_image() -> None:
     services = compose()["services"]
     kafka = services["kafka"]
-    assert kafka["image"].startswith("apache/kafka:")
+    # The version the project's live tests and `make deploy-test` run (the pom's).
+    assert kafka["image"] == f"apache/kafka:{kafka_version()}", kafka["image"]
+    assert services["topics"]["image"] == kafka["image"]
+    (topics,) = _one("Job", "vaewatch-topics")["spec"]["template"]["spec"]["containers"]
+    assert topics["image"] == kafka["image"]
     env = _env_dict(kafka["environment"])
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
     assert "KAFKA_CONTROLLER_QUORUM_VOTERS" in env
     assert not any("ZOOKEEPER" in key for key in env)
     assert not any("zookeeper" in name for name in services)
+
+
+def test_compose_publishes_ports_on_loopback_only_and_movable() -> None:
+    """Kafka without authentication, Prometheus with its lifecycle API, Grafana's admin and the
+    HTTP service are for this host; and a port taken on it (a developer's own broker on 9092)
+    must not stop the stack: each published port has a variable."""
+    text = COMPOSE.read_text()
+    for name, service in compose()["services"].items():
+        for mapping in service.get("ports", []):
+            assert str(mapping).startswith("127.0.0.1:"), f"{name} publishes {mapping} widely"
+    for line in text.splitlines():
+        if line.strip().startswith('- "127.0.0.1:'):
+            assert re.search(r"\$\{[A-Z_]+_HOST_PORT:-\d+\}", line), line
+    moved = yaml.safe_load(
+        _interpolate(text.replace("KAFKA_HOST_PORT:-9092", "KAFKA_HOST_PORT:-19999"))
+    )
+    kafka_env = _env_dict(moved["services"]["kafka"]["environment"])
+    assert "PLAINTEXT_HOST://localhost:19999" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
+    assert moved["services"]["kafka"]["ports"] == ["127.0.0.1:19999:9092"]
 
 
 def test_compose_stack_agrees_with_the_worker() -> None:
