@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,7 +220,7 @@ def _tail(text: str, lines: int = 25) -> str:
 
 
 @contextlib.contextmanager
-def run_scope(podman: Podman):
+def run_scope(podman: Podman) -> Iterator[Podman]:
     """Removes this run's objects on the way out, and earlier dead runs' on the way in."""
     podman.remove_stale_runs()
     try:

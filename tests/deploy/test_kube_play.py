@@ -111,7 +111,10 @@ def played(
         play = render_worker(
             prefix=podman.prefix,
             image=VAEWATCH_IMAGE,
-            bootstrap_servers=f"kafka:{_inner_port(compose)}",
+            # Where compose's own worker finds the broker: its listener for the network.
+            bootstrap_servers=compose.services["worker"]["environment"][
+                "VAEWATCH_STREAM__BOOTSTRAP_SERVERS"
+            ],
             labels={LABEL: str(podman.run_id)},
         )
         (container,) = play.deployment["spec"]["template"]["spec"]["containers"]
@@ -147,12 +150,6 @@ def _wait_ready(worker: PlayedWorker) -> None:
         what="the readiness probe to pass",
         detail=lambda: worker.podman.logs(worker.container)[-3000:],
     )
-
-
-def _inner_port(compose: ComposeStack) -> str:
-    # The broker's listener for containers on the network: kafka:<port> of compose's worker.
-    servers = compose.services["worker"]["environment"]["VAEWATCH_STREAM__BOOTSTRAP_SERVERS"]
-    return servers.split(":")[1]
 
 
 def _records_scored(metrics_text: str) -> float:
