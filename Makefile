@@ -9,8 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # --engine kafka` (Apache Kafka 4.x runs on Java 17+; Maven fetches its jars, see kafka-jars).
 APT_PACKAGES := dataset-fashion-mnist prometheus chromium curl openjdk-17-jre-headless maven
 
-.PHONY: setup system-packages kafka-jars demo test lint bench container-packages image \
-	deploy-test
+.PHONY: setup system-packages kafka-jars demo test lint bench
 
 # Installs only the packages that are missing (no apt-get at all when none is).
 system-packages:
@@ -59,6 +58,8 @@ bench: setup
 # Podman and what deploy/ needs beside it: runc (the runtime that works where crun may not set
 # resource limits) and debootstrap (a Debian base image where no registry answers).
 CONTAINER_PACKAGES := podman runc debootstrap
+
+.PHONY: container-packages image deploy-test
 
 container-packages:
 	@$(MAKE) --no-print-directory system-packages APT_PACKAGES="$(CONTAINER_PACKAGES)"
