@@ -54,3 +54,26 @@ test: setup lint
 bench: setup
 	$(PY) bench/train_throughput.py
 	$(PY) bench/worker_throughput.py
+
+# Podman and what deploy/ needs beside it: runc (the runtime that works where crun may not set
+# resource limits) and debootstrap (a Debian base image where no registry answers).
+CONTAINER_PACKAGES := podman runc debootstrap
+
+.PHONY: container-packages image deploy-test
+
+container-packages:
+	@$(MAKE) --no-print-directory system-packages APT_PACKAGES="$(CONTAINER_PACKAGES)"
+
+# The CPU image of deploy/Dockerfile, vaewatch:cpu, with podman or docker (podman is installed
+# when neither is there). deploy/build-image.sh picks the base and the torch index for the host.
+image:
+	@command -v podman >/dev/null || command -v docker >/dev/null || \
+	  $(MAKE) --no-print-directory container-packages
+	deploy/build-image.sh
+
+# The compose stack and the Kubernetes worker, run in podman from the images built here and
+# checked end to end (deploy/README.md, "What has been run"). Bounded: pytest's own timeouts,
+# and this one for the whole run; everything it starts is removed on every way out.
+DEPLOY_TEST_TIMEOUT ?= 3600
+deploy-test: container-packages setup image
+	timeout --kill-after=60 $(DEPLOY_TEST_TIMEOUT) deploy/deploy-test.sh
