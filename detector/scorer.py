@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import weakref
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -111,7 +112,11 @@ def resolve_precision(
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (else oneDNN emulates it, slower than fp32)."""
+    """Whether this CPU computes in bf16 natively (else oneDNN emulates it, slower than fp32),
+    and torch may use it: ATen restricted below AVX-512 (ATEN_CPU_CAPABILITY=avx2, as
+    bench/cpu_modes.py runs the AVX2 case on an AVX-512 machine) rules it out."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     # Private: torch has no public query for it (torch.backends.mkldnn tells only whether oneDNN
     # is built in); this op is torch's own check, the one private torch API vaewatch uses.
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -191,6 +196,32 @@ def _rewrite_convolutions(model: VAE) -> None:
                 body[i] = nn.Sequential(_ChannelsLast(), layer)
 
 
+class _LatentByProduct(nn.Module):
+    """The latent density's -log q(z) with each component's inverse Cholesky factor computed
+    once: the K triangular solves of every batch become one small matrix product (the same
+    value up to float rounding; 7 % of the MLP's score on the AVX2 machine, BENCHMARKS.md)."""
+
+    def __init__(self, latent: nn.Module) -> None:
+        super().__init__()
+        tril = latent.scale_tril.double()
+        inverse = torch.linalg.inv(tril)  # K x d x d, lower triangular
+        k, d = latent.means.shape
+        self.components, self.dim = k, d
+        # z @ projection - offset = (L_k^-1 (z - m_k)) for every k, side by side: N x (K d)
+        self.register_buffer("projection", inverse.transpose(1, 2).permute(1, 0, 2).reshape(
+            d, k * d).float())  # fmt: skip
+        offset = torch.einsum("kij,kj->ki", inverse, latent.means.double())
+        self.register_buffer("offset", offset.reshape(k * d).float())
+        log_det = 2.0 * torch.log(torch.diagonal(tril, dim1=1, dim2=2)).sum(dim=1)
+        constant = -0.5 * (log_det + d * math.log(2.0 * math.pi)) + latent.log_weights.double()
+        self.register_buffer("constant", constant.float())
+
+    def negative_log_density(self, z: torch.Tensor) -> torch.Tensor:
+        solved = (z.float() @ self.projection - self.offset).view(len(z), self.components, -1)
+        log_components = -0.5 * solved.pow(2).sum(dim=2) + self.constant
+        return -torch.logsumexp(log_components, dim=1)
+
+
 class _Bf16(nn.Module):
     """Scores `model` under CPU autocast to bf16: convolutions and matrix products in bf16,
     the likelihood, the latent density and the softmax in fp32 (the model casts to float)."""
@@ -219,6 +250,8 @@ def prepare_cpu_model(model: VAE, precision: str, *, int8_ranges: dict | None = 
             "use fp32)"
         )
     prepared = copy.deepcopy(model).cpu().eval()
+    if prepared.latent is not None:
+        prepared.latent = _LatentByProduct(prepared.latent)
     if precision == "int8":
         quantise_layers(prepared, int8_ranges)
     if model.config.kind == "conv":

@@ -55,6 +55,17 @@ def test_the_prepared_fp32_copy_scores_as_the_model_does(kind: str, fashion_mnis
     np.testing.assert_allclose(got, _fp32_model_scores(model, images), rtol=1e-5, atol=1e-3)
 
 
+def test_the_prepared_copy_of_a_trained_bundle_scores_as_its_model(
+    trained_bundle: Path, fashion_mnist
+) -> None:
+    """With a fitted latent mixture (its inverse factors computed once in the copy) and fitted
+    score normalisation: the same scores up to float rounding."""
+    model = load_bundle(trained_bundle).model
+    images = fashion_mnist.test.images[:500]
+    got = score_batches(model, torch.from_numpy(images), device=CPU, batch_size=256).numpy()
+    np.testing.assert_allclose(got, _fp32_model_scores(model, images), rtol=1e-5, atol=1e-4)
+
+
 def test_quantised_scores_are_close_to_fp32_on_real_images(trained_bundle: Path, fashion_mnist):
     """int8 and bf16 scores of 2,000 real test images: the same ranking and the same decisions
     at the calibrated threshold, up to a few images next to it."""
