@@ -9,22 +9,25 @@ takes one scale per batch: an image's score moved with its batch-mates.)
 
 Which layers: the networks' big GEMMs and convolutions, those that cost the time (BENCHMARKS.md,
 "CPU scoring precision"): the MLP's Linear layers that read the image or a hidden layer, the
-conv model's convolutions between hidden layers. The small layers stay in fp32: the latent heads
-(fc_mu, fc_logvar, the transform head), the decoder's first Linear (it reads z), the conv
-encoder's first convolution (one input channel: int8 is no faster there) and the conv decoder's
-last (its output, the logits, must not be rounded to 8 bits).
+conv encoder's hidden convolution. The small layers stay in fp32: the latent heads (fc_mu,
+fc_logvar, the transform head), the decoder's first Linear (it reads z), the conv encoder's first
+convolution (one input channel: int8 is no faster there) and the conv decoder: oneDNN's quantised
+transposed convolution gave wrong results here (off by the whole output on a 64 -> 32 layer),
+fbgemm's took 2x the fp32 time, and the last layer's output, the logits, must not be rounded to
+8 bits.
 
-Weights in 7 bits, one scale per output channel (per tensor for a transposed convolution, the
-only form torch's kernels take): on a CPU without VNNI (AVX2) the int8 kernels add pairs of
-u8 x s8 products in 16 bits, which full 8-bit weights can overflow (fbgemm's results differed
-from exact integer arithmetic by 0.1 on a 784 x 400 layer here); with 7 bits they cannot, so
-the integer part is exact on every x86 CPU.
+Weights in 7 bits, one scale per output channel: on a CPU without VNNI (AVX2) the int8 kernels
+add pairs of u8 x s8 products in 16 bits, which full 8-bit weights can overflow (fbgemm's results
+differed from exact integer arithmetic by 0.1 on a 784 x 400 layer here); with 7 bits they
+cannot, so the integer part is exact on every x86 CPU.
 
 Kernels: fbgemm's Linear that takes and returns float (quantising its input with the stored
 scale inside the kernel), oneDNN's quantised convolutions (the faster of fbgemm, oneDNN and
 torch's `x86` mix here). These are torch's own quantised kernels behind `torch.ao.nn.quantized`
-(deprecated in favour of torchao, whose eager int8 paths on the CPU go through `torch._int_mm`,
-30-100x slower than fp32 here; its static paths need torch.compile).
+(an API deprecated in favour of torchao, which was not tried). Per-row dynamic quantisation,
+the other batch-independent form, needs an int8 matrix product with a scale per row: torch's
+`torch._int_mm` measured 30-100x slower than fp32 on this CPU, and fbgemm's dynamic Linear takes
+one scale per batch.
 """
 
 from __future__ import annotations
@@ -115,18 +118,11 @@ def _scale(value: float, levels: int) -> float:
     return max(value, 1e-8) / levels
 
 
-def _weight_scales(weight: torch.Tensor, axis: int | None) -> torch.Tensor:
-    if axis is None:
-        return weight.abs().max().clamp_min(1e-12) / WEIGHT_LEVELS
-    others = [d for d in range(weight.dim()) if d != axis]
-    return weight.abs().amax(dim=others).clamp_min(1e-12) / WEIGHT_LEVELS
-
-
-def _quantise_weight(weight: torch.Tensor, axis: int | None) -> torch.Tensor:
+def _quantise_weight(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """7-bit symmetric weights, one scale per slice along `axis` (the output channels)."""
     weight = weight.detach().float()
-    scales = _weight_scales(weight, axis)
-    if axis is None:
-        return torch.quantize_per_tensor(weight, float(scales), 0, torch.qint8)
+    others = [d for d in range(weight.dim()) if d != axis]
+    scales = weight.abs().amax(dim=others).clamp_min(1e-12) / WEIGHT_LEVELS
     zero = torch.zeros(len(scales), dtype=torch.long)
     return torch.quantize_per_channel(weight, scales.double(), zero, axis, torch.qint8)
 
@@ -155,36 +151,24 @@ class Int8Linear(nn.Module):
 
 
 class Int8Conv(nn.Module):
-    """A convolution (or transposed one) and the ReLU after it in int8 (oneDNN): its input
-    rounded to 8 bits with a fixed scale, its output with another, returned as float in
-    channels-last."""
+    """A convolution and the ReLU after it in int8 (oneDNN): its input rounded to 8 bits with a
+    fixed scale, its output with another, returned as float in channels-last."""
 
-    def __init__(self, conv: nn.Conv2d | nn.ConvTranspose2d, ranges: list[float]) -> None:
+    def __init__(self, conv: nn.Conv2d, ranges: list[float]) -> None:
         super().__init__()
         self.input_scale = _scale(ranges[0], INPUT_LEVELS)
         self.output_scale = _scale(ranges[1], INPUT_LEVELS)
         bias = conv.bias.detach().float() if conv.bias is not None else None
-        args = (list(conv.stride), list(conv.padding))
         with _engine("onednn"):
-            if isinstance(conv, nn.ConvTranspose2d):
-                # torch's quantised transposed convolution takes per-tensor weights only
-                self.packed = torch.ops.quantized.conv_transpose2d_prepack(
-                    _quantise_weight(conv.weight, None), bias, *args,
-                    list(conv.output_padding), list(conv.dilation), conv.groups,
-                )  # fmt: skip
-                # (no fused ReLU form: the quint8 output with zero point 0 holds no value below 0,
-                # so the rounding to the output scale is the ReLU)
-                self.op = torch.ops.quantized.conv_transpose2d
-            else:
-                self.packed = torch.ops.quantized.conv2d_prepack(
-                    _quantise_weight(conv.weight, 0), bias, *args, list(conv.dilation), conv.groups
-                )
-                self.op = torch.ops.quantized.conv2d_relu
+            self.packed = torch.ops.quantized.conv2d_prepack(
+                _quantise_weight(conv.weight, 0), bias, list(conv.stride), list(conv.padding),
+                list(conv.dilation), conv.groups,
+            )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         q = torch.quantize_per_tensor(x, self.input_scale, 0, torch.quint8)
-        return self.op(q, self.packed, self.output_scale, 0).dequantize()
+        return torch.ops.quantized.conv2d_relu(q, self.packed, self.output_scale, 0).dequantize()
 
 
 def quantise_layers(model: VAE, ranges: dict) -> None:
