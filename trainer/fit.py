@@ -330,10 +330,15 @@ def train_bundle(
         fitted.model, val_scores, calibration=calibration, anomalies=anomalies, device=device
     )
     # Which faster CPU precisions decide like fp32 at this threshold (`detector.precision: auto`
-    # picks only those): the validation images scored again in each, on the CPU.
+    # picks only those): the validation images scored again in each, on the CPU; int8's fixed
+    # activation scales from the training images.
     fitted.model.cpu()
     calib = validate_precisions(
-        fitted.model, split.val, calib, anomalies=anomalies if len(anomalies) else None
+        fitted.model,
+        split.val,
+        calib,
+        anomalies=anomalies if len(anomalies) else None,
+        range_images=split.train,
     )
     history = [record.__dict__ for record in fitted.history]
     metadata = {

@@ -117,7 +117,11 @@ def recalibrate_bundle(
     scorer = Detector.from_bundle(bundle, settings)
     scores = scorer.score(images).scores
     calibration = calibrate_threshold(scores, target_fpr=target)
-    calibration = validate_precisions(scorer.model.cpu(), images, calibration)
+    # int8 keeps the bundle's activation ranges (from its training images): the same weights
+    # score the same in int8 too; a bundle without them gets them from these images.
+    calibration = validate_precisions(
+        scorer.model.cpu(), images, calibration, int8_ranges=bundle.calibration.int8_ranges
+    )
     metadata = recalibrated_metadata(
         bundle, source=source, n_images=len(images), extra=source_details
     )
