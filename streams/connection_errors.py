@@ -1,0 +1,325 @@
+"""Why a Kafka client could not connect or was refused, in one line a user can act on.
+
+kafka-python retries a failed connection until its bootstrap times out and then raises only
+`KafkaTimeoutError('Unable to bootstrap')`; the cause (a wrong password, a certificate the
+client or the broker does not accept, a listener that speaks another protocol) goes to its log.
+The clients of streams.kafka_io record each failed connection (streams.client_internals.
+recording_kafka_client) and raise BrokerConnectionError with the most telling cause instead.
+Authorization errors (a missing ACL) are named with the resource and the operation to grant.
+The message never holds the SASL password.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import ssl
+import threading
+
+from kafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    InvalidReceiveError,
+    KafkaError,
+    KafkaTimeoutError,
+    SaslAuthenticationFailedError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailedError,
+    UnsupportedSaslMechanismError,
+)
+
+from streams.client_internals import certificate_dates
+from streams.config import StreamConfig
+
+MASK = "**********"
+# What kafka-python's transports put in a failed TLS connection's message: '[SSL: REASON] ...'.
+_SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
+_VERIFY_FAILED = re.compile(r"certificate verify failed: ([^(]+?)\s*(?:\(_ssl\.c:\d+\))?$")
+# The broker's TLS alert about the client's certificate (mutual TLS).
+_CLIENT_CERT_ALERTS = {
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate unknown",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "bad certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "certificate expired",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "certificate revoked",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "certificate required",
+    "TLSV1_ALERT_UNKNOWN_CA": "unknown CA",
+}
+
+
+class BrokerConnectionError(KafkaTimeoutError):
+    """No connection to the broker within the bootstrap timeout; the message (one line) says
+    why. A KafkaTimeoutError, which is what kafka-python raises in its place."""
+
+    def __str__(self) -> str:  # KafkaError's would put the class name in front
+        return str(self.args[0]) if self.args else "cannot connect to Kafka"
+
+
+class ClosedDuringSaslError(KafkaError):
+    """The broker closed the connection in the middle of the SASL exchange: what it does when
+    it refuses the credentials (its refusal itself can be lost, streams.client_internals.
+    recording_kafka_client says why)."""
+
+
+class ClosedAfterSetupError(KafkaError):
+    """The broker answered the connection's set-up, then closed it at its next request: what
+    a SASL listener does with a client that skips SASL."""
+
+
+class ClosedAtSaslHandshakeError(KafkaError):
+    """The broker closed the connection at the SASL handshake: it refused the mechanism."""
+
+
+class ClosedBeforeAnswerError(KafkaError):
+    """The broker closed the connection before it answered the first request (ApiVersions):
+    what a TLS listener does with a client that does not speak TLS."""
+
+
+# ApiVersions, SaslHandshake, SaslAuthenticate: a connection that sent this many requests and
+# never completed its set-up failed in the SASL exchange.
+_SASL_EXCHANGE_REQUESTS = 3
+
+
+class ConnectionFailures:
+    """The most telling recent reason a client's connections failed: the broker's own error
+    (SASL refused, TLS certificate problems, a protocol mismatch) outranks a connection closed
+    during SASL authentication, which outranks a refused or dropped connection."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cause: BaseException | None = None
+        self._rank = -1
+
+    def record(self, exc: BaseException, requests_sent: int = 0) -> None:
+        """`requests_sent`: how many the connection sent before it failed; negative when it
+        failed after a set-up that went through."""
+        disconnected = "disconnected" in str(exc)
+        if _is_telling(exc):
+            rank = 2
+        elif requests_sent < 0 and disconnected:
+            exc, rank = ClosedAfterSetupError(str(exc)), 1
+        elif requests_sent >= _SASL_EXCHANGE_REQUESTS:
+            exc, rank = ClosedDuringSaslError(str(exc)), 1
+        elif requests_sent == _SASL_EXCHANGE_REQUESTS - 1 and disconnected:
+            exc, rank = ClosedAtSaslHandshakeError(str(exc)), 1
+        elif requests_sent == 1 and disconnected:
+            exc, rank = ClosedBeforeAnswerError(str(exc)), 1
+        else:
+            rank = 0
+        with self._lock:
+            if rank >= self._rank:
+                self._cause, self._rank = exc, rank
+
+    @property
+    def cause(self) -> BaseException | None:
+        return self._cause
+
+
+def _is_telling(exc: BaseException) -> bool:
+    text = _chain_text(exc)
+    return isinstance(
+        exc, (SaslAuthenticationFailedError, UnsupportedSaslMechanismError, InvalidReceiveError)
+    ) or bool(_SSL_REASON.search(text) or "certificate verify failed" in text)
+
+
+def _chain_text(exc: BaseException) -> str:
+    """The messages of an exception and the ones it was raised from or while handling."""
+    parts, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts.append(str(current))
+        current = current.__cause__ or current.__context__
+    return " | ".join(parts)
+
+
+def _masked(text: str, config: StreamConfig) -> str:
+    secret = config.sasl_password.get_secret_value() if config.sasl_password else ""
+    return text.replace(secret, MASK) if secret else text
+
+
+def describe_connection_failure(
+    cause: BaseException | None, config: StreamConfig, *, timeout_ms: int
+) -> str:
+    """One line: which brokers, with which security protocol, and why no connection came up."""
+    where = f"cannot connect to Kafka at {config.bootstrap_servers} ({config.security_protocol})"
+    if cause is None:
+        why = (
+            f"no answer within {timeout_ms} ms (a firewall that drops packets, a wrong address, "
+            "or a broker too busy to answer)"
+        )
+    else:
+        why = _why(cause, config)
+    return _masked(f"{where}: {why}", config)
+
+
+def _why(exc: BaseException, config: StreamConfig) -> str:
+    text = _chain_text(exc)
+    if isinstance(exc, SaslAuthenticationFailedError):
+        return (
+            f"SASL authentication of user {config.sasl_username!r} "
+            f"({config.sasl_mechanism or 'PLAIN'}) failed: wrong user name or password? (the "
+            f"broker says: {_broker_message(exc)})"
+        )
+    if isinstance(exc, ClosedDuringSaslError):
+        return (
+            f"SASL authentication of user {config.sasl_username!r} "
+            f"({config.sasl_mechanism or 'PLAIN'}) failed: the broker closed the connection "
+            "during the exchange (wrong user name or password?)"
+        )
+    if isinstance(exc, (UnsupportedSaslMechanismError, ClosedAtSaslHandshakeError)):
+        return (
+            f"the listener does not accept SASL mechanism {config.sasl_mechanism or 'PLAIN'} "
+            "(the broker's sasl.enabled.mechanisms): check stream.sasl_mechanism"
+        )
+    if isinstance(exc, ClosedAfterSetupError):
+        hint = (
+            ": does the listener expect SASL? set stream.security_protocol to SASL_SSL and the "
+            "sasl_* settings"
+            if not config.security_protocol.startswith("SASL")
+            else ""
+        )
+        return f"the broker closed the connection after its set-up{hint}"
+    verify = _VERIFY_FAILED.search(text.split(" | ")[0]) or _VERIFY_FAILED.search(text)
+    if verify:
+        return _server_certificate(verify.group(1).strip(), config)
+    reason = _SSL_REASON.search(text)
+    if reason and reason.group(1) in _CLIENT_CERT_ALERTS:
+        return _client_certificate(_CLIENT_CERT_ALERTS[reason.group(1)], config)
+    if reason and reason.group(1) == "WRONG_VERSION_NUMBER":
+        return (
+            "the TLS handshake failed: the listener does not speak TLS (wrong version number); "
+            "check stream.security_protocol and the port"
+        )
+    if isinstance(exc, ClosedBeforeAnswerError) and not config.security_protocol.endswith("SSL"):
+        return (
+            "the broker closed the connection before answering its first request: if the "
+            "listener uses TLS, set stream.security_protocol to SSL or SASL_SSL"
+        )
+    if isinstance(exc, ClosedBeforeAnswerError):
+        return "the broker closed the connection before answering its first request"
+    if isinstance(exc, InvalidReceiveError) and _looks_like_tls(text):
+        return (
+            "the listener speaks TLS but stream.security_protocol is "
+            f"{config.security_protocol}: set it to SSL or SASL_SSL"
+        )
+    if isinstance(exc, ConnectionRefusedError) or re.search(
+        "ECONNREFUSED|Connection refused", text
+    ):
+        return "connection refused: nothing listens there"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _broker_message(exc: BaseException) -> str:
+    # kafka-python repeats the class name: "[Error 58] SaslAuthenticationFailedError: X: msg".
+    return str(exc).rsplit(f"{type(exc).__name__}: ", 1)[-1]
+
+
+def _looks_like_tls(text: str) -> bool:
+    """A TLS record read as a Kafka frame: its length's first bytes are the TLS record type
+    (0x15 alert, 0x16 handshake) and major version 3."""
+    match = re.search(r"Invalid frame length: (\d+)", text)
+    if match is None:
+        return False
+    length = int(match.group(1))
+    return (length >> 24) in (0x15, 0x16) and (length >> 16) & 0xFF == 0x03
+
+
+def _server_certificate(problem: str, config: StreamConfig) -> str:
+    cafile = config.ssl_cafile or "the system's trust store (stream.ssl_cafile is not set)"
+    if "expired" in problem:
+        return f"the broker's TLS certificate has expired ({problem})"
+    if "not yet valid" in problem:
+        return f"the broker's TLS certificate is not valid yet ({problem}): check the clocks"
+    if "mismatch" in problem or "not valid for" in problem:
+        return (
+            f"the broker's TLS certificate is not valid for the host name it was reached by "
+            f"({problem}); use a name the certificate lists, in bootstrap_servers and the "
+            "broker's advertised listeners"
+        )
+    if "issuer" in problem or "self-signed" in problem or "self signed" in problem:
+        return (
+            f"the broker's TLS certificate is not signed by a CA in {cafile} ({problem}); set "
+            "stream.ssl_cafile to the CA that signed it"
+        )
+    return f"the broker's TLS certificate was not accepted ({problem})"
+
+
+def _client_certificate(alert: str, config: StreamConfig) -> str:
+    if not config.ssl_certfile:
+        return (
+            f"the broker asks for a client certificate (TLS alert: {alert}): set "
+            "stream.ssl_certfile and stream.ssl_keyfile (mutual TLS)"
+        )
+    what = f"the broker refused the client certificate {config.ssl_certfile} (TLS alert: {alert})"
+    dates = certificate_dates(config.ssl_certfile)
+    if dates is not None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        not_before, not_after = (_cert_time(d) for d in dates)
+        if not_after is not None and not_after < now:
+            return f"{what}: it expired on {dates[1]}"
+        if not_before is not None and now < not_before:
+            return f"{what}: it is not valid before {dates[0]}"
+    return f"{what}: it is not signed by a CA the broker trusts, or it was revoked"
+
+
+def _cert_time(text: str) -> datetime.datetime | None:
+    try:
+        return datetime.datetime.fromtimestamp(
+            ssl.cert_time_to_seconds(text), datetime.timezone.utc
+        )
+    except ValueError:
+        return None
+
+
+# -- authorization: a missing ACL ------------------------------------------------------------
+
+
+def describe_authorization_error(exc: BaseException, config: StreamConfig) -> str | None:
+    """One line naming the refused resource and the ACL that would allow it; None when `exc`
+    is no authorization error."""
+    principal = (
+        f"User:{config.sasl_username}"
+        if config.security_protocol.startswith("SASL") and config.sasl_username
+        else "this client's principal"
+    )
+    if isinstance(exc, TopicAuthorizationFailedError):
+        topics = _names(exc) or "a topic"
+        return (
+            f"not authorized for topic {topics} ({type(exc).__name__}): grant {principal} the "
+            "ACL it needs (`vaewatch acls` lists them)"
+        )
+    if isinstance(exc, GroupAuthorizationFailedError):
+        return (
+            f"not authorized for consumer group {config.group_id!r} ({type(exc).__name__}): grant "
+            f"{principal} READ on it (`vaewatch acls`)"
+        )
+    if isinstance(exc, TransactionalIdAuthorizationFailedError):
+        return (
+            f"not authorized for the transactional id ({type(exc).__name__}): grant {principal} "
+            "WRITE on it (`vaewatch acls` for exactly_once)"
+        )
+    if isinstance(exc, ClusterAuthorizationFailedError):
+        return f"not authorized for a cluster operation ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _names(exc: BaseException) -> str:
+    """The topic names kafka-python puts in an authorization error (a set, as its argument)."""
+    names: list[str] = []
+    for arg in exc.args:
+        if isinstance(arg, (set, frozenset, list, tuple)):
+            names += sorted(str(n) for n in arg)
+        elif isinstance(arg, str) and arg:
+            names += re.findall(r"'([^']+)'", arg) or []
+    return ", ".join(dict.fromkeys(names))
+
+
+def describe_kafka_error(exc: BaseException, config: StreamConfig) -> str:
+    """The one-line message of any Kafka client error: an authorization error with its
+    resource, a connection error with its cause, else the exception itself (password masked)."""
+    if isinstance(exc, BrokerConnectionError):
+        return str(exc)
+    text = describe_authorization_error(exc, config)
+    if text is None:
+        text = f"{type(exc).__name__}: {exc}" if isinstance(exc, KafkaError) else str(exc)
+    return _masked(text, config)
