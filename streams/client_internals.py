@@ -180,3 +180,22 @@ def certificate_dates(path: str) -> tuple[str, str] | None:
     except (OSError, ssl.SSLError, ValueError):
         return None
     return fields.get("notBefore", ""), fields.get("notAfter", "")
+
+
+def unauthorized_topics(consumer: KafkaConsumer) -> set[str]:
+    """The topics the last metadata answer refused this client (TOPIC_AUTHORIZATION_FAILED).
+    kafka-python keeps them in its cluster metadata and logs them, but its consumer neither
+    raises nor reports them: a subscription to a topic it may not read is just assigned nothing
+    (Java's consumer raises TopicAuthorizationException from poll())."""
+    cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+    return set(getattr(cluster, "unauthorized_topics", ()) or ())
+
+
+def request_metadata_update(consumer: KafkaConsumer) -> None:
+    """Ask for fresh metadata at the next poll. kafka-python refreshes a refused topic only
+    every metadata_max_age_ms (5 minutes): this lets an ACL granted meanwhile take effect
+    within seconds (Java's consumer has no public call either)."""
+    cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+    request = getattr(cluster, "request_update", None)
+    if callable(request):
+        request()

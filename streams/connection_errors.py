@@ -11,10 +11,13 @@ The message never holds the SASL password.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import re
 import ssl
 import threading
+from collections.abc import Iterator
 
 from kafka.errors import (
     ClusterAuthorizationFailedError,
@@ -52,6 +55,14 @@ class BrokerConnectionError(KafkaTimeoutError):
 
     def __str__(self) -> str:  # KafkaError's would put the class name in front
         return str(self.args[0]) if self.args else "cannot connect to Kafka"
+
+
+class BrokerRefusedError(KafkaError):
+    """The broker refused what a command asked (a missing ACL, a record it does not take).
+    The message, one line, says what and why."""
+
+    def __str__(self) -> str:  # KafkaError's would put the class name in front
+        return str(self.args[0]) if self.args else "the broker refused the request"
 
 
 class ClosedDuringSaslError(KafkaError):
@@ -206,7 +217,13 @@ def _why(exc: BaseException, config: StreamConfig) -> str:
         "ECONNREFUSED|Connection refused", text
     ):
         return "connection refused: nothing listens there"
-    return f"{type(exc).__name__}: {text}"
+    return _named(exc)
+
+
+def _named(exc: BaseException) -> str:
+    """'ClassName: message', once (kafka-python's errors name their class themselves)."""
+    text, name = str(exc), type(exc).__name__
+    return text if text.startswith((name, "[Error")) else f"{name}: {text}"
 
 
 def _broker_message(exc: BaseException) -> str:
@@ -274,19 +291,25 @@ def _cert_time(text: str) -> datetime.datetime | None:
 # -- authorization: a missing ACL ------------------------------------------------------------
 
 
-def describe_authorization_error(exc: BaseException, config: StreamConfig) -> str | None:
-    """One line naming the refused resource and the ACL that would allow it; None when `exc`
-    is no authorization error."""
+def describe_authorization_error(
+    exc: BaseException, config: StreamConfig, *, operation: str | None = None
+) -> str | None:
+    """One line naming the refused resource and the ACL that would allow it (`operation` on
+    a topic, when the caller knows which it needs); None when `exc` is no authorization
+    error."""
     principal = (
         f"User:{config.sasl_username}"
         if config.security_protocol.startswith("SASL") and config.sasl_username
+        else "the principal of stream.ssl_certfile"
+        if config.ssl_certfile
         else "this client's principal"
     )
     if isinstance(exc, TopicAuthorizationFailedError):
         topics = _names(exc) or "a topic"
+        grant = f"{operation} on it" if operation else "the ACLs it needs"
         return (
-            f"not authorized for topic {topics} ({type(exc).__name__}): grant {principal} the "
-            "ACL it needs (`vaewatch acls` lists them)"
+            f"not authorized for topic {topics} ({type(exc).__name__}): grant {principal} "
+            f"{grant} (`vaewatch acls` lists them)"
         )
     if isinstance(exc, GroupAuthorizationFailedError):
         return (
@@ -298,8 +321,14 @@ def describe_authorization_error(exc: BaseException, config: StreamConfig) -> st
             f"not authorized for the transactional id ({type(exc).__name__}): grant {principal} "
             "WRITE on it (`vaewatch acls` for exactly_once)"
         )
-    if isinstance(exc, ClusterAuthorizationFailedError):
-        return f"not authorized for a cluster operation ({type(exc).__name__}: {exc})"
+    if isinstance(exc, ClusterAuthorizationFailedError) or (
+        "ClusterAuthorizationFailedError" in str(exc) and "InitProducerId" in str(exc)
+    ):
+        return (
+            "not authorized to produce (ClusterAuthorizationFailedError at InitProducerId): "
+            f"grant {principal} WRITE on the topic (on Kafka 3.0 and later it implies the "
+            "IDEMPOTENT_WRITE an idempotent producer needs)"
+        )
     return None
 
 
@@ -310,16 +339,53 @@ def _names(exc: BaseException) -> str:
         if isinstance(arg, (set, frozenset, list, tuple)):
             names += sorted(str(n) for n in arg)
         elif isinstance(arg, str) and arg:
-            names += re.findall(r"'([^']+)'", arg) or []
+            names += re.findall(r"'([^']+)'", arg) or [n.strip() for n in arg.split(",")]
     return ", ".join(dict.fromkeys(names))
 
 
-def describe_kafka_error(exc: BaseException, config: StreamConfig) -> str:
+def describe_kafka_error(
+    exc: BaseException, config: StreamConfig, *, operation: str | None = None
+) -> str:
     """The one-line message of any Kafka client error: an authorization error with its
-    resource, a connection error with its cause, else the exception itself (password masked)."""
+    resource (and the `operation` to grant on a topic, when the caller knows it), a connection
+    error with its cause, else the exception itself (password masked)."""
     if isinstance(exc, BrokerConnectionError):
         return str(exc)
-    text = describe_authorization_error(exc, config)
-    if text is None:
-        text = f"{type(exc).__name__}: {exc}" if isinstance(exc, KafkaError) else str(exc)
-    return _masked(text, config)
+    text = describe_authorization_error(exc, config, operation=operation)
+    return _masked(text if text is not None else _named(exc), config)
+
+
+@contextlib.contextmanager
+def kafka_errors_in_one_line(
+    config: StreamConfig, *, what: str, operation: str | None = None
+) -> Iterator[None]:
+    """For a command: a Kafka error inside becomes BrokerRefusedError, one line naming `what`
+    it was about and the cause (an error with a `cause` attribute, such as a count of failed
+    sends, names that cause too; a refused topic, the `operation` to grant on it);
+    BrokerConnectionError says why already and passes through."""
+    try:
+        yield
+    except BrokerConnectionError:
+        raise
+    except KafkaError as exc:
+        cause = getattr(exc, "cause", None)
+        why = describe_kafka_error(cause or exc, config, operation=operation)
+        prefix = f"{exc}: " if cause is not None else ""
+        raise BrokerRefusedError(f"{what}: {prefix}{why}") from None
+
+
+class _WithoutTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def one_line_connection_logs() -> None:
+    """kafka-python's transport logs a connection that failed after its TLS handshake (the
+    broker refusing the client certificate) with a traceback, at every retry; vaewatch names
+    the cause in one line itself, so below DEBUG those records keep only their message (which
+    names the exception)."""
+    transport = logging.getLogger("kafka.net.transport")
+    if not any(isinstance(f, _WithoutTraceback) for f in transport.filters):
+        transport.addFilter(_WithoutTraceback())

@@ -16,7 +16,14 @@ from typing import Any, Literal
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    NoError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    for_code,
+)
 
 from streams.client_internals import recording_kafka_client
 from streams.config import StreamConfig
@@ -197,6 +204,28 @@ def ensure_topics(
             _wait_for_leaders(admin, wanted, timeout_s=timeout_s)
     finally:
         admin.close()
+
+
+def topic_access_error(config: StreamConfig, topic: str) -> KafkaError | None:
+    """Why this client sees no partitions of `topic`: TopicAuthorizationFailedError (no ACL
+    lets it describe the topic), UnknownTopicOrPartitionError, or None when it does see them.
+    A consumer's listing of all topics leaves out both alike; a metadata answer for the topic
+    alone tells them apart."""
+    admin = _connected(
+        lambda **client: KafkaAdminClient(**_common_options(config), **client), config
+    )
+    try:
+        (described,) = admin.describe_topics([topic])
+    finally:
+        admin.close()
+    error = for_code(described["error_code"])
+    if error is NoError:
+        return None
+    return (
+        TopicAuthorizationFailedError({topic})
+        if error is TopicAuthorizationFailedError
+        else error(topic)
+    )
 
 
 def _wait_for_leaders(admin: KafkaAdminClient, topics: list[str], *, timeout_s: float) -> None:

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from detector import Detector
 from streams.client_internals import force_close_producer
 from streams.config import MetricsConfig, StreamConfig
+from streams.connection_errors import describe_kafka_error
 from streams.kafka_io import connect_with_backoff, create_consumer, create_producer
 from streams.lifecycle.config import LifecycleConfig
 from streams.lifecycle.metrics import LifecycleMetrics
@@ -124,6 +125,7 @@ def run_worker_process(
             should_stop=stop.is_set,
             on_error=metrics.count_error,
             max_backoff_s=stream.reconnect_backoff_max_ms / 1000.0,
+            describe=lambda exc: describe_kafka_error(exc, stream),
         )
 
     consumer = producer = side_producer = None

@@ -20,7 +20,6 @@ passes the security settings.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -48,7 +47,13 @@ from streams.kafka_io import security_options
 from tests.fixtures_broker import StreamTopics, make_topics
 from tests.kafka_certs import CertificateAuthority
 
-__all__ = ["SecuredKafka", "secured_kafka", "start_secured_kafka"]
+__all__ = [
+    "SecuredKafka",
+    "secured_kafka",
+    "start_secured_kafka",
+    "stream_env",
+    "use_stream_env",
+]
 
 Listener = Literal["sasl", "mtls"]
 ADMIN = "admin"
@@ -133,26 +138,39 @@ class SecuredKafka:
         finally:
             admin.close()
 
-    def client_env(self, listener: Listener = "sasl", **overrides: Any) -> dict[str, str]:
-        """The worker principal's security settings as VAEWATCH_STREAM__* variables, for a
-        `vaewatch` subprocess (the password from the environment, as in production)."""
-        config = self.config(listener, **overrides)
-        env = dict(os.environ)
-        for key in (
-            "bootstrap_servers",
-            "security_protocol",
-            "sasl_mechanism",
-            "sasl_username",
-            "ssl_cafile",
-            "ssl_certfile",
-            "ssl_keyfile",
-        ):
-            value = getattr(config, key)
-            if value is not None:
-                env[f"VAEWATCH_STREAM__{key.upper()}"] = str(value)
-        if config.sasl_password is not None:
-            env["VAEWATCH_STREAM__SASL_PASSWORD"] = config.sasl_password.get_secret_value()
-        return env
+
+_ENV_KEYS = (
+    "bootstrap_servers",
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_username",
+    "sasl_password",
+    "ssl_cafile",
+    "ssl_certfile",
+    "ssl_keyfile",
+)
+
+
+def stream_env(config: StreamConfig) -> dict[str, str]:
+    """The address and security settings of `config` as VAEWATCH_STREAM__* variables, for a
+    `vaewatch` child (the password from the environment, as in production)."""
+    env = {}
+    for key in _ENV_KEYS:
+        value = getattr(config, key)
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        if value is not None:
+            env[f"VAEWATCH_STREAM__{key.upper()}"] = str(value)
+    return env
+
+
+def use_stream_env(monkeypatch: pytest.MonkeyPatch, config: StreamConfig) -> None:
+    """Set stream_env(config) in this test's environment, which `vaewatch` children inherit,
+    and no other VAEWATCH_STREAM__ variable of ours."""
+    for key in _ENV_KEYS:
+        monkeypatch.delenv(f"VAEWATCH_STREAM__{key.upper()}", raising=False)
+    for key, value in stream_env(config).items():
+        monkeypatch.setenv(key, value)
 
 
 def _acl(spec: AclSpec) -> ACL:

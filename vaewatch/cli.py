@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.bundle import BundleError
+from streams.connection_errors import BrokerRefusedError, one_line_connection_logs
 from vaewatch import config_command, serve_commands, stream_commands, train_commands
 from vaewatch.config import ConfigError, load_settings
 from vaewatch.secret_settings import mask_secrets_in_logs
@@ -24,6 +25,7 @@ _OVERRIDES_AFTER = "overrides_after_command"
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     BundleError,
+    BrokerRefusedError,
     *train_commands.USER_ERRORS,
     *stream_commands.USER_ERRORS,
     *serve_commands.USER_ERRORS,
@@ -118,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(config_path, args.overrides)
         mask_secrets_in_logs(settings)
+        one_line_connection_logs()
         return int(args.run(args, settings) or 0)
     except USER_ERRORS as exc:
         print(f"vaewatch: error: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, TransactionalIdAuthorizationFailedError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streams.client_internals import (
@@ -53,6 +53,7 @@ class Transactions:
         self._interval_s = config.transaction_interval_ms / 1000.0
         self._metrics = metrics
         self._on_error = on_error
+        self._transactional_id = transactional_id(config)
         self.open = False
         self._opened_at = 0.0
 
@@ -61,6 +62,12 @@ class Transactions:
         Raises TransactionsUnavailableError, one line, when the broker has no transactions."""
         try:
             self._producer.init_transactions()
+        except TransactionalIdAuthorizationFailedError:
+            raise TransactionsUnavailableError(
+                f"stream.processing_guarantee=exactly_once: not authorized for transactional id "
+                f"{self._transactional_id!r} (TransactionalIdAuthorizationFailedError): grant "
+                "WRITE on it (`vaewatch acls` lists what the worker needs)"
+            ) from None
         except KafkaError as exc:
             raise TransactionsUnavailableError(
                 "stream.processing_guarantee=exactly_once needs a broker with transactions: "

@@ -15,7 +15,7 @@ from streams.acls import client_acls
 from streams.kafka_io import ensure_topics
 from streams.topic_range import parse_topic_range, read_topic_range
 from tests.fixtures_broker import start_worker
-from tests.fixtures_secured_kafka import WORKER, WORKER_PASSWORD, SecuredKafka
+from tests.fixtures_secured_kafka import WORKER, WORKER_PASSWORD, SecuredKafka, use_stream_env
 from tests.streams.kafka_helpers import produce_values, raw_images, read_json, read_topic
 
 pytestmark = pytest.mark.slow
@@ -31,13 +31,6 @@ def _worker_config(secured: SecuredKafka, topics, listener: str, **overrides):
     return secured.config(listener, **{n: getattr(topics.config, n) for n in names}, **overrides)
 
 
-def _secured_env(monkeypatch, secured: SecuredKafka, listener: str) -> None:
-    """The worker principal's security settings in the environment of `vaewatch` children."""
-    for key, value in secured.client_env(listener).items():
-        if key.startswith("VAEWATCH_STREAM__"):
-            monkeypatch.setenv(key, value)
-
-
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 @pytest.mark.parametrize("listener", LISTENERS)
 def test_the_worker_scores_every_record_with_exactly_its_acls(
@@ -47,7 +40,7 @@ def test_the_worker_scores_every_record_with_exactly_its_acls(
     config = _worker_config(secured_kafka, topics, listener, processing_guarantee=guarantee)
     secured_kafka.grant(client_acls("worker", config, principal=PRINCIPAL))
     produce_values(topics.config, raw_images(N))
-    _secured_env(monkeypatch, secured_kafka, listener)
+    use_stream_env(monkeypatch, config)
     worker = start_worker(
         model=trained_bundle,
         topics=topics,
@@ -88,7 +81,7 @@ def test_vaewatch_produce_creates_its_topic_and_sends(
     secured_kafka.grant(
         client_acls("produce", config, principal=PRINCIPAL, topic=target, create_topics=True)
     )
-    _secured_env(monkeypatch, secured_kafka, listener)
+    use_stream_env(monkeypatch, config)
     done = subprocess.run(
         [
             sys.executable,
