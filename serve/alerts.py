@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError, UnknownTopicOrPartitionError
+from kafka.errors import KafkaError, TopicAuthorizationFailedError, UnknownTopicOrPartitionError
 
 from streams.broker_refusals import RepeatedErrorLog
+from streams.client_internals import unauthorized_topics
 from streams.codec import decode_batch
 from streams.config import StreamConfig
 from streams.connection_errors import describe_kafka_error
@@ -195,8 +196,11 @@ class AlertFollower:
         while time.monotonic() < deadline and not self._stop.is_set():
             try:
                 polled = sources.poll(timeout_ms=200, max_records=1)
+                if tp.topic in unauthorized_topics(sources):  # poll() only logs it
+                    raise TopicAuthorizationFailedError({tp.topic})
             except KafkaError as exc:  # a source topic this client may not read
-                return None, f"cannot read it back: {describe_kafka_error(exc, self.stream)}"
+                why = describe_kafka_error(exc, self.stream, operation="READ")
+                return None, f"cannot read it back: {why}"
             for record in polled.get(tp, []):
                 if record.offset != offset:
                     return None, f"{tp.topic}/{tp.partition}/{offset} is gone (retention)"
