@@ -144,8 +144,10 @@ def _chain_text(exc: BaseException) -> str:
 
 
 def _masked(text: str, config: StreamConfig) -> str:
-    secret = config.sasl_password.get_secret_value() if config.sasl_password else ""
-    return text.replace(secret, MASK) if secret else text
+    for secret in (config.sasl_password, config.ssl_key_password):
+        if secret is not None and secret.get_secret_value():
+            text = text.replace(secret.get_secret_value(), MASK)
+    return text
 
 
 def describe_connection_failure(

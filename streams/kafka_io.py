@@ -32,6 +32,7 @@ from streams.connection_errors import (
     ConnectionFailures,
     describe_connection_failure,
 )
+from streams.tls import check_client_tls_files
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +53,24 @@ def security_options(config: StreamConfig) -> dict[str, Any]:
         for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             if getattr(config, key) is not None:
                 options[key] = getattr(config, key)
+        if config.ssl_key_password is not None:
+            options["ssl_password"] = config.ssl_key_password.get_secret_value()
     return options
 
 
 def _connected(make: Callable[..., Any], config: StreamConfig) -> Any:
     """`make(kafka_client=...)`: a client whose failed connections are recorded, so that a
-    bootstrap that times out raises BrokerConnectionError naming the cause."""
+    bootstrap that times out raises BrokerConnectionError naming the cause. TLS files that
+    cannot be used raise TLSSettingsError at once."""
+    if config.security_protocol.endswith("SSL"):
+        password = config.ssl_key_password
+        check_client_tls_files(
+            prefix="stream.",
+            cafile=config.ssl_cafile,
+            certfile=config.ssl_certfile,
+            keyfile=config.ssl_keyfile,
+            password=password.get_secret_value() if password is not None else None,
+        )
     failures = ConnectionFailures()
     try:
         return make(kafka_client=recording_kafka_client(failures.record))

@@ -16,6 +16,7 @@ from typing import Any
 
 from detector.bundle import BundleError
 from streams.connection_errors import BrokerRefusedError, one_line_connection_logs
+from streams.tls import TLSSettingsError
 from vaewatch import config_command, serve_commands, stream_commands, train_commands
 from vaewatch.config import ConfigError, load_settings
 from vaewatch.secret_settings import mask_secrets_in_logs
@@ -26,6 +27,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     BundleError,
     BrokerRefusedError,
+    TLSSettingsError,
     *train_commands.USER_ERRORS,
     *stream_commands.USER_ERRORS,
     *serve_commands.USER_ERRORS,
