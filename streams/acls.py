@@ -45,10 +45,10 @@ def principal_of(config: StreamConfig, given: str | None = None) -> str:
     if config.security_protocol.startswith("SASL") and config.sasl_username:
         return f"User:{config.sasl_username}"
     raise AclError(
-        "name the principal with --principal: with stream.security_protocol "
-        f"{config.security_protocol} and no stream.sasl_username it is what the broker makes "
-        "of the client certificate's subject (e.g. User:CN=worker,O=acme; Strimzi and Aiven "
-        "use the common name alone, User:worker)"
+        "name the principal with --principal (User:NAME): stream.sasl_username is not set "
+        f"(security_protocol {config.security_protocol}); for mutual TLS it is what the broker "
+        "makes of the client certificate's subject (the whole name by default, "
+        "User:CN=worker,O=acme; Strimzi and Aiven map it to the common name, User:worker)"
     )
 
 
@@ -78,7 +78,7 @@ def client_acls(
         outputs = {
             config.alert_topic: "publish alerts",
             config.scores_topic: "publish scores",
-            config.dlq_topic: "dead-letter unreadable records",
+            config.dlq_topic: "publish dead letters",
             shadow_topic: "publish the shadow model's comparisons",
         }
         specs += [acl("topic", name, "write", why) for name, why in outputs.items() if name]

@@ -17,7 +17,13 @@ from typing import Any
 from detector.bundle import BundleError
 from streams.connection_errors import BrokerRefusedError, one_line_connection_logs
 from streams.tls import TLSSettingsError
-from vaewatch import config_command, serve_commands, stream_commands, train_commands
+from vaewatch import (
+    acls_command,
+    config_command,
+    serve_commands,
+    stream_commands,
+    train_commands,
+)
 from vaewatch.config import ConfigError, load_settings
 from vaewatch.secret_settings import mask_secrets_in_logs
 
@@ -31,6 +37,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     *train_commands.USER_ERRORS,
     *stream_commands.USER_ERRORS,
     *serve_commands.USER_ERRORS,
+    *acls_command.USER_ERRORS,
 )
 
 
@@ -101,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream_commands.register(subparsers)
     config_command.register(subparsers)
     serve_commands.register(subparsers)
+    acls_command.register(subparsers)
     return parser
 
 
