@@ -33,7 +33,13 @@ from tests.fixtures_secured_kafka import (
     stream_env,
     use_stream_env,
 )
-from tests.streams.kafka_helpers import produce_values, raw_images, read_json, read_topic
+from tests.streams.kafka_helpers import (
+    produce_values,
+    raw_images,
+    read_json,
+    read_topic,
+    wait_committed,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -342,3 +348,66 @@ def test_the_console_says_which_topic_it_may_not_read(secured_kafka, trained_bun
 def _get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as answer:
         return json.loads(answer.read())
+
+
+def _headers(record) -> dict[str, str]:
+    return {k: v.decode("utf-8", "replace") for k, v in (record.headers or [])}
+
+
+@pytest.mark.skip(
+    reason="needs issue 27's refused-output handling: a write the broker refuses (here a "
+    "missing WRITE ACL on the alert topic) becomes a dead letter and never halts the partition"
+)
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_a_missing_write_acl_on_one_output_topic_never_halts_the_partition(
+    secured_kafka, trained_bundle, tmp_path, monkeypatch, guarantee
+) -> None:
+    """The worker may write its scores and dead letters but not its alerts: every record is
+    scored and committed, each refused alert becomes a dead letter naming the alert topic and
+    the broker's reason, one line in the log says so, and nothing is lost."""
+    n = 200
+    topics = secured_kafka.topics()
+    config = _worker_config(secured_kafka, topics, processing_guarantee=guarantee)
+    secured_kafka.grant(
+        a
+        for a in client_acls("worker", config, principal=PRINCIPAL)
+        if not (a.name == config.alert_topic and a.operation == "write")
+    )
+    produce_values(topics.config, raw_images(n))  # noise: every record is an anomaly
+    use_stream_env(monkeypatch, config)
+    worker = start_worker(
+        model=trained_bundle,
+        topics=topics,
+        log_dir=tmp_path,
+        extra_args=["--set", f"stream.processing_guarantee={guarantee}"],
+        timeout_s=60,
+    )
+    try:
+        scores = read_json(
+            read_topic(
+                topics.config,
+                config.scores_topic,
+                until=n,
+                isolation_level="read_committed",
+            )
+        )
+        anomalies = {s["offset"] for s in scores if s["anomaly"]}
+        letters = read_topic(
+            topics.config,
+            config.dlq_topic,
+            until=len(anomalies),
+            isolation_level="read_committed",
+        )
+        assert wait_committed(topics.config, n) == n, worker.log()
+    finally:
+        assert worker.stop() == 0, worker.log()
+    assert sorted({s["offset"] for s in scores}) == list(range(n))
+    assert anomalies, "random noise should be anomalous"
+    refused = {int(_headers(r)["vaewatch.source.offset"]) for r in letters}
+    assert refused == anomalies
+    details = {_headers(r).get("vaewatch.error.detail", "") for r in letters}
+    assert all(config.alert_topic in d and "TopicAuthorizationFailed" in d for d in details)
+    assert any(
+        config.alert_topic in line and "TopicAuthorizationFailed" in line
+        for line in worker.log().splitlines()
+    ), worker.log()
