@@ -48,7 +48,7 @@ def principal_of(config: StreamConfig, given: str | None = None) -> str:
         "name the principal with --principal (User:NAME): stream.sasl_username is not set "
         f"(security_protocol {config.security_protocol}); for mutual TLS it is what the broker "
         "makes of the client certificate's subject (the whole name by default, "
-        "User:CN=worker,O=acme; Strimzi and Aiven map it to the common name, User:worker)"
+        "User:CN=worker,O=acme, or what its ssl.principal.mapping.rules make of it)"
     )
 
 
