@@ -20,7 +20,9 @@ passes the security settings.
 from __future__ import annotations
 
 import itertools
+import json
 import time
+import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +41,21 @@ from kafka.admin import (
     ResourceType,
 )
 
+from serve.config import ServeConfig
+from serve.server import BackgroundServer, build_service
 from streams.acls import AclSpec
 from streams.brokers.apache_kafka import KafkaBroker
 from streams.brokers.local import free_port
 from streams.config import StreamConfig
 from streams.kafka_io import security_options
 from tests.fixtures_broker import StreamTopics, make_topics
+from tests.fixtures_model import CPU
 from tests.kafka_certs import CertificateAuthority
+from tests.streams.kafka_helpers import produce_values
 
 __all__ = [
     "SecuredKafka",
+    "first_alert_card",
     "secured_kafka",
     "start_secured_kafka",
     "stream_env",
@@ -171,6 +178,37 @@ def use_stream_env(monkeypatch: pytest.MonkeyPatch, config: StreamConfig) -> Non
         monkeypatch.delenv(f"VAEWATCH_STREAM__{key.upper()}", raising=False)
     for key, value in stream_env(config).items():
         monkeypatch.setenv(key, value)
+
+
+def first_alert_card(
+    bundle: Path, *, config: StreamConfig, producer_config: StreamConfig, timeout_s: float = 60
+) -> dict[str, Any]:
+    """Run `vaewatch serve` with live alerts on `config` (the console's principal), send one
+    alert naming input offset 0 once it follows the alert topic (with `producer_config`), and
+    return the card it shows for it."""
+    service = build_service(
+        bundle, config=ServeConfig(port=0, live_alerts=True), detector=CPU, stream=config
+    )
+    server = BackgroundServer(service).start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not _get_json(f"{server.url}/v1/alerts")["connected"]:
+            assert time.monotonic() < deadline, "the console did not follow the alert topic"
+            time.sleep(0.1)
+        alert = {"topic": config.input_topic, "partition": 0, "offset": 0, "score": 1.0}
+        produce_values(producer_config, [json.dumps(alert).encode()], topic=config.alert_topic)
+        while not (recent := _get_json(f"{server.url}/v1/alerts")["recent"]):
+            assert time.monotonic() < deadline, "no alert card"
+            time.sleep(0.1)
+    finally:
+        server.stop()
+    (card,) = recent
+    return card
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return json.loads(answer.read())
 
 
 def _acl(spec: AclSpec) -> ACL:

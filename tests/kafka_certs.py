@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CertificateAuthority", "IssuedCert"]
+__all__ = ["CertificateAuthority", "IssuedCert", "https_files"]
 
 _DAY = datetime.timedelta(days=1)
 
@@ -150,3 +150,15 @@ class CertificateAuthority:
         return IssuedCert(
             cert_pem=cert.public_bytes(serialization.Encoding.PEM), key_pem=_key_pem(key)
         )
+
+
+def https_files(folder: Path, *, server: str, client: str) -> dict[str, Path]:
+    """A CA (`ca`), a server certificate for 127.0.0.1 (`cert`, `key`) and a client
+    certificate (`client_cert`, `client_key`) it signed, and another CA's certificate
+    (`other_ca`), as files in `folder`."""
+    ca = CertificateAuthority()
+    files = {"ca": ca.write(folder / "ca.crt")}
+    files["cert"], files["key"] = ca.issue(server, hosts=("127.0.0.1",)).write(folder, "server")
+    files["client_cert"], files["client_key"] = ca.issue(client).write(folder, "client")
+    files["other_ca"] = CertificateAuthority("another CA").write(folder / "other-ca.crt")
+    return files

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kafka_certs import CertificateAuthority
+from tests.kafka_certs import https_files
 from vaewatch.cli import main
 
 TOKEN = "t0ken over TLS"
@@ -21,13 +21,7 @@ TOKEN = "t0ken over TLS"
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("https")
-    ca = CertificateAuthority()
-    files = {"ca": ca.write(folder / "ca.crt")}
-    files["cert"], files["key"] = ca.issue("serve", hosts=("127.0.0.1",)).write(folder, "serve")
-    files["client_cert"], files["client_key"] = ca.issue("console user").write(folder, "client")
-    files["other_ca"] = CertificateAuthority("another CA").write(folder / "other-ca.crt")
-    return files
+    return https_files(tmp_path_factory.mktemp("https"), server="serve", client="console user")
 
 
 def _context(certs: dict[str, Path], *, cafile: str = "ca", client: bool = False):
@@ -91,7 +85,7 @@ def test_client_certificates_when_required(start_service, trained_bundle, certs)
         ),
         (
             ["serve.ssl_certfile={cert}", "serve.ssl_keyfile={client_key}"],
-            r"serve\.ssl_certfile: \S+serve\.crt with its key does not load",
+            r"serve\.ssl_certfile: \S+server\.crt with its key does not load",
         ),
         (["serve.ssl_keyfile={key}"], r"serve: .*ssl_keyfile and ssl_ca_certs need ssl_certfile"),
     ],

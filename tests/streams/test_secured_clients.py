@@ -4,24 +4,24 @@ client's principal holds exactly the ACLs `vaewatch acls` lists for it, and noth
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
-import urllib.request
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from serve.config import ServeConfig
-from serve.server import BackgroundServer, build_service
 from streams.acls import client_acls
 from streams.kafka_io import ensure_topics
 from streams.topic_range import parse_topic_range, read_topic_range
 from tests.fixtures_broker import start_worker
-from tests.fixtures_model import CPU
-from tests.fixtures_secured_kafka import WORKER, WORKER_PASSWORD, SecuredKafka, use_stream_env
+from tests.fixtures_secured_kafka import (
+    WORKER,
+    WORKER_PASSWORD,
+    SecuredKafka,
+    first_alert_card,
+    use_stream_env,
+)
 from tests.streams.kafka_helpers import produce_values, raw_images, read_json, read_topic
 
 pytestmark = pytest.mark.slow
@@ -151,11 +151,6 @@ def test_topic_creation_with_create_acls(secured_kafka, listener) -> None:
     assert described == dict.fromkeys(wanted, 3)
 
 
-def _get_json(url: str, *, timeout_s: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout_s) as answer:
-        return json.loads(answer.read())
-
-
 @pytest.mark.parametrize("listener", LISTENERS)
 def test_the_console_follows_alerts_and_reads_their_images_back(
     secured_kafka, trained_bundle, listener
@@ -166,28 +161,7 @@ def test_the_console_follows_alerts_and_reads_their_images_back(
     topics = secured_kafka.topics()
     config = _worker_config(secured_kafka, topics, listener)
     secured_kafka.grant(client_acls("serve", config, principal=PRINCIPAL))
-    image = raw_images(1, seed=5)
-    produce_values(topics.config, image)
-    server = BackgroundServer(
-        build_service(
-            trained_bundle,
-            config=ServeConfig(port=0, live_alerts=True),
-            detector=CPU,
-            stream=config,
-        )
-    ).start()
-    try:
-        deadline = time.monotonic() + 60
-        while not _get_json(f"{server.url}/v1/alerts")["connected"]:
-            assert time.monotonic() < deadline, "the console did not connect"
-            time.sleep(0.1)
-        alert = {"topic": config.input_topic, "partition": 0, "offset": 0, "score": 1.0}
-        produce_values(topics.config, [json.dumps(alert).encode()], topic=config.alert_topic)
-        while not (recent := _get_json(f"{server.url}/v1/alerts")["recent"]):
-            assert time.monotonic() < deadline, "no alert card"
-            time.sleep(0.1)
-    finally:
-        server.stop()
-    (card,) = recent
+    produce_values(topics.config, raw_images(1, seed=5))
+    card = first_alert_card(trained_bundle, config=config, producer_config=topics.config)
     assert "image_error" not in card, card
     assert card["offset"] == 0 and card.get("reconstruction_png"), sorted(card)

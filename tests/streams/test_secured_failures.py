@@ -19,17 +19,15 @@ from typing import Any
 
 import pytest
 
-from serve.config import ServeConfig
-from serve.server import BackgroundServer, build_service
 from streams.acls import client_acls
 from streams.connection_errors import BrokerConnectionError
 from streams.kafka_io import create_consumer, create_producer, ensure_topics
 from tests.fixtures_broker import WorkerProcess, start_worker
-from tests.fixtures_model import CPU
 from tests.fixtures_secured_kafka import (
     WORKER,
     WORKER_PASSWORD,
     SecuredKafka,
+    first_alert_card,
     stream_env,
     use_stream_env,
 )
@@ -321,33 +319,11 @@ def test_the_console_says_which_topic_it_may_not_read(secured_kafka, trained_bun
         a for a in client_acls("serve", config, principal=PRINCIPAL) if a.name == config.alert_topic
     )
     produce_values(topics.config, raw_images(1))
-    alert = {"topic": config.input_topic, "partition": 0, "offset": 0, "score": 1.0}
-    produce_values(topics.config, [json.dumps(alert).encode()], topic=config.alert_topic)
-    server = BackgroundServer(
-        build_service(
-            trained_bundle,
-            config=ServeConfig(port=0, live_alerts=True),
-            detector=CPU,
-            stream=config,
-        )
-    ).start()
-    try:
-        deadline = time.monotonic() + 60
-        while not (recent := _get_json(f"{server.url}/v1/alerts")["recent"]):
-            assert time.monotonic() < deadline, "no alert card"
-            time.sleep(0.1)
-    finally:
-        server.stop()
-    (card,) = recent
+    card = first_alert_card(trained_bundle, config=config, producer_config=topics.config)
     assert re.match(
         rf"cannot read it back: not authorized for topic {re.escape(config.input_topic)} ",
         card["image_error"],
     ), card["image_error"]
-
-
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        return json.loads(answer.read())
 
 
 def _headers(record) -> dict[str, str]:

@@ -22,7 +22,7 @@ from streams.config import MetricsConfig
 from streams.tls import TLSSettingsError
 from streams.worker.health import MetricsServer
 from streams.worker_process import metrics_basic_auth, metrics_tls
-from tests.kafka_certs import CertificateAuthority
+from tests.kafka_certs import https_files
 from vaewatch.cli import main
 
 USER, PASSWORD = "prometheus", "scr4pe #secret"
@@ -30,12 +30,7 @@ USER, PASSWORD = "prometheus", "scr4pe #secret"
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("metrics-tls")
-    ca = CertificateAuthority()
-    files = {"ca": ca.write(folder / "ca.crt")}
-    files["cert"], files["key"] = ca.issue("worker", hosts=("127.0.0.1",)).write(folder, "worker")
-    files["scraper_cert"], files["scraper_key"] = ca.issue("prometheus").write(folder, "scraper")
-    return files
+    return https_files(tmp_path_factory.mktemp("metrics-tls"), server="worker", client="prometheus")
 
 
 def _server(certs: dict[str, Path], **settings) -> MetricsServer:
@@ -119,7 +114,7 @@ def test_client_certificates_when_a_client_ca_is_set(certs) -> None:
         context = ssl.create_default_context(cafile=str(certs["ca"]))
         with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
             _request(server, "/healthz", context)
-        context.load_cert_chain(str(certs["scraper_cert"]), str(certs["scraper_key"]))
+        context.load_cert_chain(str(certs["client_cert"]), str(certs["client_key"]))
         assert _request(server, "/metrics", context, auth=(USER, PASSWORD))[0] == 200
     finally:
         server.stop()
@@ -144,7 +139,7 @@ def test_files_it_cannot_use_are_one_line(certs, trained_bundle, capsys) -> None
         metrics_tls(MetricsConfig(tls_cert_file="/no/such.crt"))
     # `vaewatch worker` stops before it connects to anything, with that line.
     args = ["--set", f"metrics.tls_cert_file={certs['cert']}"]
-    args += ["--set", f"metrics.tls_key_file={certs['scraper_key']}"]  # another certificate's
+    args += ["--set", f"metrics.tls_key_file={certs['client_key']}"]  # another certificate's
     assert main([*args, "worker", "--model", str(trained_bundle)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert re.match(
