@@ -102,7 +102,7 @@ def create_consumer(
     """A consumer with manual commits in `group_id` (default stream.group_id); with `grouped`
     false, in no group at all, so it takes no partitions from the workers and commits nothing (a
     reader beside them, such as the console's alert view: it assigns itself partitions). Raises
-    KafkaTimeoutError when no broker answers."""
+    BrokerConnectionError (a KafkaTimeoutError) naming why when no broker lets it in."""
     if not grouped:
         group_id = None
     elif group_id is None:
