@@ -6,7 +6,7 @@ client or the broker does not accept, a listener that speaks another protocol) g
 The clients of streams.kafka_io record each failed connection (streams.client_internals.
 recording_kafka_client) and raise BrokerConnectionError with the most telling cause instead.
 Authorization errors (a missing ACL) are named with the resource and the operation to grant.
-The message never holds the SASL password.
+The messages never hold the SASL password or the key password.
 """
 
 from __future__ import annotations
@@ -49,20 +49,21 @@ _CLIENT_CERT_ALERTS = {
 }
 
 
-class BrokerConnectionError(KafkaTimeoutError):
+class _OwnMessage:
+    """An error whose str() is its message alone (KafkaError's puts its class name first)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else type(self).__name__  # type: ignore[attr-defined]
+
+
+class BrokerConnectionError(_OwnMessage, KafkaTimeoutError):
     """No connection to the broker within the bootstrap timeout; the message (one line) says
     why. A KafkaTimeoutError, which is what kafka-python raises in its place."""
 
-    def __str__(self) -> str:  # KafkaError's would put the class name in front
-        return str(self.args[0]) if self.args else "cannot connect to Kafka"
 
-
-class BrokerRefusedError(KafkaError):
+class BrokerRefusedError(_OwnMessage, KafkaError):
     """The broker refused what a command asked (a missing ACL, a record it does not take).
     The message, one line, says what and why."""
-
-    def __str__(self) -> str:  # KafkaError's would put the class name in front
-        return str(self.args[0]) if self.args else "the broker refused the request"
 
 
 class ClosedDuringSaslError(KafkaError):
@@ -93,7 +94,8 @@ _SASL_EXCHANGE_REQUESTS = 3
 class ConnectionFailures:
     """The most telling recent reason a client's connections failed: the broker's own error
     (SASL refused, TLS certificate problems, a protocol mismatch) outranks a connection closed
-    during SASL authentication, which outranks a refused or dropped connection."""
+    during the SASL exchange (or after the set-up), which outranks one closed before the
+    first answer, which outranks a refused or dropped connection."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -102,16 +104,16 @@ class ConnectionFailures:
 
     def record(self, exc: BaseException, requests_sent: int = 0) -> None:
         """`requests_sent`: how many the connection sent before it failed; negative when it
-        failed after a set-up that went through."""
+        failed after a set-up that went through. A close further into the set-up says more."""
         disconnected = "disconnected" in str(exc)
         if _is_telling(exc):
-            rank = 2
+            rank = 3
         elif requests_sent < 0 and disconnected:
-            exc, rank = ClosedAfterSetupError(str(exc)), 1
+            exc, rank = ClosedAfterSetupError(str(exc)), 2
         elif requests_sent >= _SASL_EXCHANGE_REQUESTS:
-            exc, rank = ClosedDuringSaslError(str(exc)), 1
+            exc, rank = ClosedDuringSaslError(str(exc)), 2
         elif requests_sent == _SASL_EXCHANGE_REQUESTS - 1 and disconnected:
-            exc, rank = ClosedAtSaslHandshakeError(str(exc)), 1
+            exc, rank = ClosedAtSaslHandshakeError(str(exc)), 2
         elif requests_sent == 1 and disconnected:
             exc, rank = ClosedBeforeAnswerError(str(exc)), 1
         else:
@@ -198,10 +200,12 @@ def _why(exc: BaseException, config: StreamConfig) -> str:
     reason = _SSL_REASON.search(text)
     if reason and reason.group(1) in _CLIENT_CERT_ALERTS:
         return _client_certificate(_CLIENT_CERT_ALERTS[reason.group(1)], config)
-    if reason and reason.group(1) == "WRONG_VERSION_NUMBER":
+    if reason and reason.group(1) in ("WRONG_VERSION_NUMBER", "UNEXPECTED_EOF_WHILE_READING"):
+        # A plaintext listener answers a TLS ClientHello with garbage, or by closing.
         return (
-            "the TLS handshake failed: the listener does not speak TLS (wrong version number); "
-            "check stream.security_protocol and the port"
+            "the TLS handshake failed: the listener does not speak TLS "
+            f"({reason.group(1).lower().replace('_', ' ')}); check stream.security_protocol "
+            "and the port"
         )
     if isinstance(exc, ClosedBeforeAnswerError) and not config.security_protocol.endswith("SSL"):
         return (

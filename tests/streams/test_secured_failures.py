@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from streams.acls import client_acls
+from streams.config import StreamConfig
 from streams.connection_errors import BrokerConnectionError
 from streams.kafka_io import create_consumer, create_producer, ensure_topics
 from tests.fixtures_broker import WorkerProcess, start_worker
@@ -387,3 +388,13 @@ def test_a_missing_write_acl_on_one_output_topic_never_halts_the_partition(
         config.alert_topic in line and "TopicAuthorizationFailed" in line
         for line in worker.log().splitlines()
     ), worker.log()
+
+
+def test_tls_to_a_plaintext_listener_says_so(kafka_broker) -> None:
+    config = StreamConfig(
+        bootstrap_servers=kafka_broker.bootstrap_servers,
+        security_protocol="SSL",
+        bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
+    )
+    with pytest.raises(BrokerConnectionError, match=r"the listener does not speak TLS"):
+        create_consumer(config=config, grouped=False)
