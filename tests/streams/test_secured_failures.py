@@ -137,6 +137,17 @@ def _readyz(worker: WorkerProcess) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
+def _wait_until_model_loaded(worker: WorkerProcess, *, timeout_s: float = 60.0):
+    """/readyz's (status, body) once it says the model is loaded."""
+    deadline = time.monotonic() + timeout_s
+    status, body = _readyz(worker)
+    while not body["checks"]["model_loaded"]:
+        assert time.monotonic() < deadline, f"model not loaded after {timeout_s} s: {body}"
+        time.sleep(0.1)
+        status, body = _readyz(worker)
+    return status, body
+
+
 def _wait_for_line(worker: WorkerProcess, pattern: str, *, timeout_s: float = 60.0) -> str:
     """The first line of the worker's log that matches `pattern` (waits for it)."""
     deadline = time.monotonic() + timeout_s
@@ -183,7 +194,9 @@ def test_a_worker_that_cannot_connect_says_why_and_stays_unready(
         line = _wait_for_line(worker, r"cannot connect to Kafka")
         took = time.monotonic() - started
         assert re.search(failure.cause, line), line
-        status, body = _readyz(worker)
+        # Unready for that reason alone: once the model is loaded (and so before it is
+        # stopped: a worker stopped while its scoring process still starts is another story).
+        status, body = _wait_until_model_loaded(worker)
         assert status == 503 and body["checks"]["broker_connected"] is False, body
         metrics = worker.metrics_text()
         assert 'vaewatch_errors_total{kind="broker"}' in metrics
