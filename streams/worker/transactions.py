@@ -53,7 +53,6 @@ class Transactions:
         self._interval_s = config.transaction_interval_ms / 1000.0
         self._metrics = metrics
         self._on_error = on_error
-        self._transactional_id = transactional_id(config)
         self.open = False
         self._opened_at = 0.0
 
@@ -63,10 +62,11 @@ class Transactions:
         try:
             self._producer.init_transactions()
         except TransactionalIdAuthorizationFailedError:
+            tx_id = self._producer.config.get("transactional_id")  # the one it asked for
             raise TransactionsUnavailableError(
                 f"stream.processing_guarantee=exactly_once: not authorized for transactional id "
-                f"{self._transactional_id!r} (TransactionalIdAuthorizationFailedError): grant "
-                "WRITE on it (`vaewatch acls` lists what the worker needs)"
+                f"{tx_id!r} (TransactionalIdAuthorizationFailedError): grant WRITE on it "
+                "(`vaewatch acls` lists what the worker needs)"
             ) from None
         except KafkaError as exc:
             raise TransactionsUnavailableError(
