@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 
 from streams.codec import encode_images
 from streams.config import StreamConfig
+from streams.connection_errors import kafka_errors_in_one_line
 from streams.kafka_io import create_producer, ensure_topics
 from streams.signals import stop_on_signals
 
@@ -25,6 +27,28 @@ logger = logging.getLogger(__name__)
 LABEL_HEADER = "label"
 ANOMALY_HEADER = "anomaly"
 ID_HEADER = "id"
+
+
+class SendFailedError(KafkaError):
+    """Some sends of a replay were not acknowledged: how many, and the first one's error
+    (`cause`)."""
+
+    def __init__(self, failed: int, first: BaseException) -> None:
+        super().__init__(f"{failed} records were not sent")
+        self.cause = first
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Failures:
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: BaseException | None = None
+
+    def record(self, exc: BaseException) -> None:
+        self.count += 1
+        self.first = self.first or exc
 
 
 @dataclass(frozen=True)
@@ -79,8 +103,11 @@ def replay(
     should_stop: Callable[[], bool] = lambda: False,
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Send the planned rows; `rate` records/s (0 = as fast as possible). Returns the count sent.
-    Paced against a fixed schedule (record i at start + i/rate), so the rate stays steady."""
+    """Send the planned rows; `rate` records/s (0 = as fast as possible). Returns the count sent
+    and acknowledged; raises SendFailedError when the broker refused some (a missing WRITE
+    ACL, say). Paced against a fixed schedule (record i at start + i/rate), so the rate stays
+    steady."""
+    failures = _Failures()
     chunk = 256 if rate <= 0 else max(1, min(256, int(rate / 1000)))
     start = time.monotonic()
     sent = 0
@@ -104,13 +131,15 @@ def replay(
             ]
             if label is not None:
                 headers.append((LABEL_HEADER, str(label).encode()))
-            producer.send(topic, value=value, headers=headers)
+            producer.send(topic, value=value, headers=headers).add_errback(failures.record)
         sent += len(rows)
         now = time.monotonic()
         if on_progress is not None and now - last_progress >= 0.5:
             last_progress = now
             on_progress(sent)
     producer.flush()
+    if failures.first is not None:
+        raise SendFailedError(failures.count, failures.first)
     if on_progress is not None:
         on_progress(sent)
     return sent
@@ -133,30 +162,33 @@ def replay_to_topic(
 ) -> tuple[int, float]:
     """`vaewatch produce`: plan `count` rows, send them to `topic` (created with `partitions`
     when that is set and the topic is missing) until done or SIGTERM/SIGINT; returns (records
-    sent, seconds it took)."""
-    if partitions:
-        ensure_topics(config=config, topics=[topic], partitions=partitions)
-    plan = plan_replay(
-        labels=labels,
-        normal_classes=normal_classes,
-        count=count,
-        anomaly_fraction=anomaly_fraction,
-        seed=seed,
-        size=len(images),
-    )
-    producer = create_producer(config=config)
-    started = time.monotonic()
-    with stop_on_signals() as stop:
-        sent = replay(
-            producer=producer,
-            topic=topic,
-            images=images,
+    sent, seconds it took). What the broker refuses raises BrokerRefusedError (one line)."""
+    with kafka_errors_in_one_line(config, what=topic, operation="WRITE"):
+        if partitions:
+            ensure_topics(config=config, topics=[topic], partitions=partitions)
+        plan = plan_replay(
             labels=labels,
-            plan=plan,
-            codec=codec,
-            rate=rate,
-            split=split,
-            should_stop=stop.is_set,
+            normal_classes=normal_classes,
+            count=count,
+            anomaly_fraction=anomaly_fraction,
+            seed=seed,
+            size=len(images),
         )
-    producer.close()
-    return sent, time.monotonic() - started
+        producer = create_producer(config=config)
+        started = time.monotonic()
+        try:
+            with stop_on_signals() as stop:
+                sent = replay(
+                    producer=producer,
+                    topic=topic,
+                    images=images,
+                    labels=labels,
+                    plan=plan,
+                    codec=codec,
+                    rate=rate,
+                    split=split,
+                    should_stop=stop.is_set,
+                )
+        finally:
+            producer.close()
+        return sent, time.monotonic() - started

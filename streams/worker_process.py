@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import sys
 import threading
 import time
@@ -18,10 +19,12 @@ from prometheus_client import CollectorRegistry
 from detector import Detector
 from streams.client_internals import force_close_producer
 from streams.config import MetricsConfig, StreamConfig
+from streams.connection_errors import describe_kafka_error
 from streams.kafka_io import connect_with_backoff, create_consumer, create_producer
 from streams.lifecycle.config import LifecycleConfig
 from streams.lifecycle.metrics import LifecycleMetrics
 from streams.lifecycle.model_lifecycle import build_lifecycle, reload_on_sighup
+from streams.tls import server_tls_context
 from streams.worker.health import MetricsServer
 from streams.worker.loop import Worker, WorkerState
 from streams.worker.metrics import WorkerMetrics, score_buckets
@@ -39,6 +42,26 @@ def build_metrics(*, detector: Detector, registry: CollectorRegistry) -> WorkerM
     )
     metrics.serving(detector)
     return metrics
+
+
+def metrics_tls(config: MetricsConfig) -> ssl.SSLContext | None:
+    """The metrics endpoint's TLS context, or None for plain HTTP; TLSSettingsError (one
+    line) when its files cannot be used."""
+    if not config.tls_cert_file:
+        return None
+    return server_tls_context(
+        setting="metrics.tls_cert_file",
+        certfile=config.tls_cert_file,
+        keyfile=config.tls_key_file,
+        client_cafile=config.tls_client_ca_file,
+        client_auth="required" if config.tls_client_ca_file else "none",
+    )
+
+
+def metrics_basic_auth(config: MetricsConfig) -> tuple[str, str] | None:
+    if config.basic_auth_username is None or config.basic_auth_password is None:
+        return None
+    return config.basic_auth_username, config.basic_auth_password.get_secret_value()
 
 
 def tune_interpreter(stream: StreamConfig, *, detector: Detector) -> None:
@@ -88,6 +111,7 @@ def run_worker_process(
     `model_path` is watched for new bundles and `shadow` scores beside the serving model
     (docs/lifecycle.md)."""
     registry = registry if registry is not None else CollectorRegistry()
+    tls = metrics_tls(metrics_config)  # a file it cannot use fails before anything starts
     tune_interpreter(stream, detector=detector)
     metrics = build_metrics(detector=detector, registry=registry)
     # Started before the Kafka clients: the scoring process loads the model meanwhile.
@@ -115,6 +139,8 @@ def run_worker_process(
         readiness=state.readiness,
         liveness=state.liveness,
         admin=lifecycle.admin if lifecycle_config.admin_reload else None,
+        tls=tls,
+        basic_auth=metrics_basic_auth(metrics_config),
     ).start()
 
     def connect(factory: Callable[[], Any], what: str) -> Any:
@@ -124,6 +150,7 @@ def run_worker_process(
             should_stop=stop.is_set,
             on_error=metrics.count_error,
             max_backoff_s=stream.reconnect_backoff_max_ms / 1000.0,
+            describe=lambda exc: describe_kafka_error(exc, stream),
         )
 
     consumer = producer = side_producer = None

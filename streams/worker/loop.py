@@ -27,6 +27,7 @@ from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
 from kafka.structs import TopicPartition
 
 from detector import Scores
+from streams.broker_refusals import BrokerRefusals
 from streams.client_internals import coordinator_known, group_stable, unreadable_record
 from streams.codec import DECODE_ERROR, UNREADABLE, DecodedBatch, decode_batch
 from streams.config import StreamConfig
@@ -99,6 +100,7 @@ class Worker:
             on_published=self._published,
             transactions=transactions,
         )
+        self._refusals = BrokerRefusals(consumer=consumer, config=config)
         self._buffer: list[Any] = []
         self._polled_at = 0.0
         self._use(scorer, publisher)
@@ -189,13 +191,16 @@ class Worker:
             polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=self._poll_records)
         except (CorruptRecordError, UnsupportedCodecError) as exc:
             polled, unreadable = {}, exc
-        except KafkaError as exc:
-            self._error("broker", exc)
+        except KafkaError as exc:  # logged in one line per cause, not at every poll
+            self._metrics.count_error("broker", exc)
+            self._refusals.poll_failed(exc)
             self._state.broker_connected = False
+            self._state.authorized = self._refusals.authorized
             time.sleep(0.1)
             polled = {}
         else:
             self._state.broker_connected = coordinator_known(self._consumer)
+            self._state.authorized = self._refusals.poll_succeeded()
         self._drop_forgotten()  # by a rebalance inside that poll
         if unreadable is not None:
             self._skip_unreadable(unreadable)
