@@ -22,6 +22,7 @@ import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from detector.preprocess import ImageDecoding
 from streams.codec import decode_batch
 from streams.config import StreamConfig
 from streams.kafka_io import create_consumer
@@ -85,7 +86,9 @@ class AlertFollower:
         hub: AlertHub,
         explain: Callable[..., dict[str, Any]],
         replay_recent: int,
+        images: ImageDecoding | None = None,
     ) -> None:
+        self.images = images  # the served bundle's preprocessing, for the image codec
         self.stream = stream
         self.hub = hub
         self.explain = explain
@@ -188,7 +191,7 @@ class AlertFollower:
             for record in sources.poll(timeout_ms=200, max_records=1).get(tp, []):
                 if record.offset != offset:
                     return None, f"{tp.topic}/{tp.partition}/{offset} is gone (retention)"
-                decoded = decode_batch([record.value], codec=self.stream.codec)
+                decoded = decode_batch([record.value], codec=self.stream.codec, images=self.images)
                 if decoded.n_valid != 1:
                     reason = next(iter(decoded.errors.values()), ("undecodable", ""))[0]
                     return None, f"the source record does not decode ({reason})"

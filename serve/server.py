@@ -14,6 +14,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from detector.config import DetectorSettings
+from detector.preprocess import ImageSettings
 from serve.app import create_app
 from serve.config import ServeConfig
 from serve.metrics import ServeMetrics
@@ -47,6 +48,7 @@ def build_service(
     config: ServeConfig,
     detector: DetectorSettings | None = None,
     stream: StreamConfig | None = None,
+    images: ImageSettings | None = None,
 ) -> Service:
     """Load the bundle and bind the port (so `.port` is known before serving when it is 0)."""
     # The port first: a taken port fails at once, before seconds of model loading.
@@ -63,7 +65,7 @@ def build_service(
         raise
     registry = CollectorRegistry()
     metrics = ServeMetrics(registry=registry)
-    model = ModelService(bundle, config=config, metrics=metrics, detector=detector)
+    model = ModelService(bundle, config=config, metrics=metrics, detector=detector, images=images)
     app = create_app(
         model,
         config=config,
