@@ -8,6 +8,7 @@ these attributes, before the worker meets it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -15,8 +16,19 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaTimeoutError
+from kafka.net.compat import KafkaNetClient
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import Histogram
+
+
+def io_loop_client(*, slow_step_s: float) -> Callable[..., Any]:
+    """A `kafka_client` factory (a documented option of KafkaConsumer, KafkaProducer and
+    KafkaAdminClient) whose I/O loop warns about a step only when it ran over `slow_step_s`.
+    Missing public API: the clients have no option for their selector's
+    `slow_task_threshold_secs` (0.1 s), a wall-clock watchdog for livelocks in kafka-python's
+    own coroutines that a busy machine, or another thread holding the GIL, trips with any
+    step."""
+    return functools.partial(KafkaNetClient, slow_task_threshold_secs=slow_step_s)
 
 
 def group_stable(consumer: KafkaConsumer) -> Callable[[], bool] | None:

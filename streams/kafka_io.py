@@ -16,6 +16,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from streams.client_internals import io_loop_client
 from streams.config import StreamConfig
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,12 @@ def security_options(config: StreamConfig) -> dict[str, Any]:
     return options
 
 
+# kafka-python warns ("It is blocking the event loop") about any step of its I/O loop over 0.1 s
+# of wall time, which a loaded machine gives it often: warn past a second, a real stall, still
+# far from a missed heartbeat (stream.session_timeout_ms, 6 s).
+SLOW_IO_STEP_S = 1.0
+
+
 def _common_options(config: StreamConfig, client_id: str | None = None) -> dict[str, Any]:
     return {
         "bootstrap_servers": config.bootstrap_servers.split(","),
@@ -47,6 +54,7 @@ def _common_options(config: StreamConfig, client_id: str | None = None) -> dict[
         "request_timeout_ms": config.request_timeout_ms,
         "reconnect_backoff_max_ms": config.reconnect_backoff_max_ms,
         "bootstrap_timeout_ms": config.bootstrap_timeout_ms,
+        "kafka_client": io_loop_client(slow_step_s=SLOW_IO_STEP_S),
         **security_options(config),
     }
 
