@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,10 +19,11 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from detector import Detector
+from detector.preprocess import ImageSettings
 from streams.brokers.local import create_broker, free_port
 from streams.config import MetricsConfig, StreamConfig
 from streams.kafka_io import create_producer, ensure_topics
-from streams.replay import plan_replay, replay
+from streams.replay import ArrayRecords, plan_replay, replay
 from streams.signals import stop_on_signals
 from streams.tally import ScoresReader, Tally
 from streams.worker_process import run_worker_process
@@ -76,6 +77,58 @@ def summary_line(tally: Tally, sent: int, elapsed: float, dead: int) -> str:
     )
 
 
+LEGEND = (
+    "live: records sent and scored (per second), alerts (share of scored), precision (share of "
+    "alerts whose record is labelled an anomaly), recall (share of labelled anomalies that "
+    "raised an alert)"
+)
+
+
+def closing_lines(
+    tally: Tally,
+    *,
+    normal_classes: Sequence[int],
+    target_fpr: float,
+    class_names: Mapping[int, str] | None = None,
+) -> list[str]:
+    """What the figures mean, with the recall of each anomalous class: a detector that catches
+    the classes unlike the normal one and misses those like it shows that here, where one
+    recall figure for all of them reads as "misses most anomalies"."""
+    names = dict(class_names or {})
+
+    def name(label: str) -> str:
+        return names.get(int(label), label) if label.isdecimal() else label
+
+    normal = ", ".join(name(str(c)) for c in normal_classes)
+    n_normal = tally.scored - tally.labelled_anomalies
+    false_alarms = tally.flagged - tally.true_positives
+    lines = [
+        f"normal ({normal}): {false_alarms} of {n_normal} flagged "
+        f"({tally.false_positive_rate:.1%}; the threshold was set for {target_fpr:.0%} on "
+        "held-out normal images, calibration.target_fpr)",
+        f"anomalies: {tally.true_positives} of {tally.labelled_anomalies} flagged (recall "
+        f"{tally.recall:.2f}); precision {tally.precision:.2f}: "
+        f"{tally.true_positives} of the {tally.flagged} alerts were anomalies",
+    ]
+    normal_labels = {str(c) for c in normal_classes}
+    recalls = sorted(
+        ((counts[1] / counts[0], label) for label, counts in tally.by_label.items()
+         if label not in normal_labels and counts[0]),
+        reverse=True,
+    )  # fmt: skip
+    if recalls:
+        lines.append(
+            "recall by class: " + ", ".join(f"{name(label)} {r:.2f}" for r, label in recalls)
+        )
+        lines.append(
+            "At a threshold that lets few normal images through, the model flags the classes "
+            f"that look least like {normal} and misses the ones that look like it: that is "
+            "what a one-class detector does. A model of a more distinctive class catches more "
+            'of the rest (vaewatch demo --set "data.normal_classes=[1]" --model models/trouser).'
+        )
+    return lines
+
+
 def run_demo(
     run: DemoRun,
     *,
@@ -87,10 +140,12 @@ def run_demo(
     metrics: MetricsConfig,
     start_console: Callable[[StreamConfig, int], Console],
     say: Callable[[str], None],
+    image_settings: ImageSettings | None = None,
+    class_names: Mapping[int, str] | None = None,
 ) -> int:
     """Run the demo to its end (or to SIGTERM/SIGINT); 0 when every record sent was scored and
     the worker exited cleanly, else 1. `start_console(stream, port)` starts the console
-    following `stream`'s alert topic."""
+    following `stream`'s alert topic; `class_names` name the labels in the closing lines."""
     metrics_port = run.metrics_port or free_port()
     metrics = metrics.model_copy(update={"host": "127.0.0.1", "port": metrics_port})
     with create_broker(run.engine) as broker:
@@ -115,6 +170,7 @@ def run_demo(
                     detector=detector,
                     stop=stop_worker,
                     registry=registry,
+                    images=image_settings,
                 )
             ),
             name="worker",
@@ -141,6 +197,7 @@ def run_demo(
         for bad in MALFORMED:
             producer.send(stream.input_topic, value=bad, headers=[("id", b"malformed")])
         reader = ScoresReader(config=stream, topic=stream.scores_topic)
+        say(LEGEND)
         started = time.monotonic()
         sent = [0]
         last_print = [0.0]
@@ -157,10 +214,8 @@ def run_demo(
             replay(
                 producer=producer,
                 topic=stream.input_topic,
-                images=images,
-                labels=labels,
+                records=ArrayRecords(images, labels, codec=stream.codec),
                 plan=plan,
-                codec=stream.codec,
                 rate=run.rate,
                 should_stop=interrupted.is_set,
                 on_progress=progress,
@@ -185,4 +240,12 @@ def run_demo(
         f"{tally.precision:.2f}, recall {tally.recall:.2f} against the labels; worker exit "
         f"code {outcome[0] if outcome else '?'}; broker stopped"
     )
+    if labels is not None and tally.scored:
+        for line in closing_lines(
+            tally,
+            normal_classes=normal_classes,
+            target_fpr=detector.calibration.target_fpr,
+            class_names=class_names,
+        ):
+            say(line)
     return 0 if complete and outcome == [0] else 1
