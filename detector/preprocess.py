@@ -455,7 +455,7 @@ def _fit(grey: Image.Image, steps: Preprocessing) -> np.ndarray:
             grey.resize(inner, _FILTERS[steps.resize]),
             ((side - inner[0]) // 2, (side - inner[1]) // 2),
         )
-    return np.asarray(fitted, dtype=np.uint8).reshape(IMAGE_PIXELS)
+    return np.array(fitted, dtype=np.uint8).reshape(IMAGE_PIXELS)  # a writable copy
 
 
 def _first_line(exc: BaseException) -> str:
