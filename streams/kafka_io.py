@@ -41,12 +41,6 @@ def security_options(config: StreamConfig) -> dict[str, Any]:
     return options
 
 
-# kafka-python warns ("It is blocking the event loop") about any step of its I/O loop over 0.1 s
-# of wall time, which a loaded machine gives it often: warn past a second, a real stall, still
-# far from a missed heartbeat (stream.session_timeout_ms, 6 s).
-SLOW_IO_STEP_S = 1.0
-
-
 def _common_options(config: StreamConfig, client_id: str | None = None) -> dict[str, Any]:
     return {
         "bootstrap_servers": config.bootstrap_servers.split(","),
@@ -54,7 +48,10 @@ def _common_options(config: StreamConfig, client_id: str | None = None) -> dict[
         "request_timeout_ms": config.request_timeout_ms,
         "reconnect_backoff_max_ms": config.reconnect_backoff_max_ms,
         "bootstrap_timeout_ms": config.bootstrap_timeout_ms,
-        "kafka_client": io_loop_client(slow_step_s=SLOW_IO_STEP_S),
+        # kafka-python warns ("It is blocking the event loop") about any step of its I/O loop
+        # over 0.1 s of wall time, which a loaded machine gives it often. Warn when a stall
+        # reaches half the session timeout: then the group membership is at risk.
+        "kafka_client": io_loop_client(slow_step_s=config.session_timeout_ms / 2000),
         **security_options(config),
     }
 
