@@ -90,10 +90,12 @@ def closing_lines(
     normal_classes: Sequence[int],
     target_fpr: float,
     class_names: Mapping[int, str] | None = None,
+    auroc: Callable[[np.ndarray, np.ndarray], float] | None = None,
 ) -> list[str]:
-    """What the figures mean, with the recall of each anomalous class: a detector that catches
-    the classes unlike the normal one and misses those like it shows that here, where one
-    recall figure for all of them reads as "misses most anomalies"."""
+    """What the figures mean: how well the scores rank anomalies above normal images (`auroc`,
+    of labels and scores), how many normal images the threshold lets raise an alert against
+    the rate it was set for, and the recall of each anomalous class. One recall figure for all
+    of them reads as "misses most anomalies"; these show which it misses and why."""
     names = dict(class_names or {})
 
     def name(label: str) -> str:
@@ -101,30 +103,46 @@ def closing_lines(
 
     normal = ", ".join(name(str(c)) for c in normal_classes)
     n_normal = tally.scored - tally.labelled_anomalies
-    false_alarms = tally.flagged - tally.true_positives
-    lines = [
-        f"normal ({normal}): {false_alarms} of {n_normal} flagged "
-        f"({tally.false_positive_rate:.1%}; the threshold was set for {target_fpr:.0%} on "
-        "held-out normal images, calibration.target_fpr)",
-        f"anomalies: {tally.true_positives} of {tally.labelled_anomalies} flagged (recall "
-        f"{tally.recall:.2f}); precision {tally.precision:.2f}: "
-        f"{tally.true_positives} of the {tally.flagged} alerts were anomalies",
-    ]
+    lines = []
+    truths = np.asarray(tally.truths, dtype=bool)
+    if auroc is not None and truths.any() and not truths.all():
+        area = auroc(truths, np.asarray(tally.scores))
+        lines.append(
+            f"ranking: AUROC {area:.3f}, the chance that an anomaly scores above a normal image "
+            "(1 is perfect, 0.5 is chance): the score itself, whatever the threshold"
+        )
+    lines.append(
+        f"threshold: {tally.flagged - tally.true_positives} of {n_normal} normal ({normal}) "
+        f"images raised an alert ({tally.false_positive_rate:.1%}); it was set so that at most "
+        f"{target_fpr:.0%} would (calibration.target_fpr, on held-out normal images)"
+    )
     normal_labels = {str(c) for c in normal_classes}
     recalls = sorted(
         ((counts[1] / counts[0], label) for label, counts in tally.by_label.items()
          if label not in normal_labels and counts[0]),
         reverse=True,
     )  # fmt: skip
-    if recalls:
+    lines.append(
+        f"recall {tally.recall:.2f}: {tally.true_positives} of {tally.labelled_anomalies} "
+        "anomalies raised an alert"
+        + (": " + ", ".join(f"{name(label)} {r:.2f}" for r, label in recalls) if recalls else "")
+    )
+    lines.append(
+        f"precision {tally.precision:.2f}: {tally.true_positives} of the {tally.flagged} alerts "
+        "were anomalies"
+    )
+    caught = [name(label) for r, label in recalls if r >= 0.5]
+    missed = [name(label) for r, label in recalls if r < 0.1]
+    if caught or missed:
         lines.append(
-            "recall by class: " + ", ".join(f"{name(label)} {r:.2f}" for r, label in recalls)
-        )
-        lines.append(
-            "At a threshold that lets few normal images through, the model flags the classes "
-            f"that look least like {normal} and misses the ones that look like it: that is "
-            "what a one-class detector does. A model of a more distinctive class catches more "
-            'of the rest (vaewatch demo --set "data.normal_classes=[1]" --model models/trouser).'
+            "So: the alerts are the images that score far above the normal ones"
+            + (f" ({', '.join(caught)} mostly)" if caught else "")
+            + "; "
+            + (f"{', '.join(missed)} score" if missed else "the rest score")
+            + " above most normal images (the ranking) but seldom past a threshold this strict. "
+            "Raise calibration.target_fpr for more recall at more false alarms, train longer "
+            "(the demo's quick model has few epochs), or pick a more distinctive normal class "
+            '(vaewatch demo --set "data.normal_classes=[1]" --model models/trouser).'
         )
     return lines
 
@@ -142,10 +160,12 @@ def run_demo(
     say: Callable[[str], None],
     image_settings: ImageSettings | None = None,
     class_names: Mapping[int, str] | None = None,
+    auroc: Callable[[np.ndarray, np.ndarray], float] | None = None,
 ) -> int:
     """Run the demo to its end (or to SIGTERM/SIGINT); 0 when every record sent was scored and
     the worker exited cleanly, else 1. `start_console(stream, port)` starts the console
-    following `stream`'s alert topic; `class_names` name the labels in the closing lines."""
+    following `stream`'s alert topic; `class_names` name the labels and `auroc(is_anomaly,
+    scores)` measures the ranking in the closing lines."""
     metrics_port = run.metrics_port or free_port()
     metrics = metrics.model_copy(update={"host": "127.0.0.1", "port": metrics_port})
     with create_broker(run.engine) as broker:
@@ -246,6 +266,7 @@ def run_demo(
             normal_classes=normal_classes,
             target_fpr=detector.calibration.target_fpr,
             class_names=class_names,
+            auroc=auroc,
         ):
             say(line)
     return 0 if complete and outcome == [0] else 1

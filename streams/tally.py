@@ -26,6 +26,8 @@ class Tally:
     seen: set[bytes] = field(default_factory=set)
     # label header text -> [scored, flagged]: what the detector does with each class
     by_label: dict[str, list[int]] = field(default_factory=dict)
+    scores: list[float] = field(default_factory=list)  # of the labelled records, in order
+    truths: list[bool] = field(default_factory=list)  # whether each of those is an anomaly
 
     @property
     def false_positive_rate(self) -> float:
@@ -76,6 +78,9 @@ class ScoresReader:
                 truth = headers.get(ANOMALY_HEADER) == b"1"
                 tally.scored += 1
                 tally.flagged += bool(result["anomaly"])
+                if ANOMALY_HEADER in headers:
+                    tally.scores.append(float(result["score"]))
+                    tally.truths.append(truth)
                 label = headers.get(LABEL_HEADER)
                 if label is not None:
                     counts = tally.by_label.setdefault(label.decode(errors="replace"), [0, 0])

@@ -22,6 +22,7 @@ from streams.worker.transactions import TransactionsUnavailableError
 from streams.worker_process import run_worker_process
 from trainer.data import DataError, load_images, normal_labels
 from trainer.demo import FASHION_MNIST_CLASSES, demo_bundle
+from trainer.evaluate import auroc
 from trainer.image_folder import list_files
 from vaewatch.config import Settings
 from vaewatch.serve_commands import start_console
@@ -219,6 +220,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         say=_say,
         image_settings=settings.images,
         class_names=FASHION_MNIST_CLASSES if data.dataset == "fashion-mnist" else None,
+        auroc=auroc,
     )
 
 
