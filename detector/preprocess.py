@@ -375,7 +375,7 @@ def _grey(picture: Image.Image, steps: Preprocessing) -> Image.Image:
             rgb = np.asarray(picture.convert("RGB"), dtype=np.uint16)
             grey = Image.fromarray(((rgb.sum(axis=2) + 1) // 3).astype(np.uint8))
         else:
-            grey = picture.convert("L")
+            grey = picture if mode == "L" else picture.convert("L")
     except ValueError as exc:  # Pillow has no conversion from this mode
         raise ImageError(BAD_MODE, f"{mode!r} images have no grey conversion ({exc})") from None
     return _stretched(grey, steps)
@@ -426,6 +426,8 @@ def _stretch(values: np.ndarray) -> Image.Image:
 
 
 def _upright(grey: Image.Image, picture: Image.Image) -> Image.Image:
+    if picture.format != "TIFF" and "exif" not in picture.info:
+        return grey  # no EXIF block, so no orientation (TIFF keeps it among its own tags)
     try:
         orientation = picture.getexif().get(_EXIF_ORIENTATION)
     except Exception:  # a broken EXIF block: the pixels themselves are fine, keep them as stored
@@ -450,11 +452,11 @@ def _fit(grey: Image.Image, steps: Preprocessing) -> np.ndarray:
     else:  # pad: scale the whole image into the square, background around it
         scale = side / max(width, height)
         inner = (max(1, round(width * scale)), max(1, round(height * scale)))
-        fitted = Image.new("L", (side, side), 0)
-        fitted.paste(
-            grey.resize(inner, _FILTERS[steps.resize]),
-            ((side - inner[0]) // 2, (side - inner[1]) // 2),
-        )
+        fitted = grey.resize(inner, _FILTERS[steps.resize])
+        if inner != (side, side):
+            canvas = Image.new("L", (side, side), 0)
+            canvas.paste(fitted, ((side - inner[0]) // 2, (side - inner[1]) // 2))
+            fitted = canvas
     return np.array(fitted, dtype=np.uint8).reshape(IMAGE_PIXELS)  # a writable copy
 
 
