@@ -43,6 +43,7 @@ from streams.brokers.local import free_port
 from streams.codec import decode_batch, encode_images
 from streams.config import MetricsConfig, StreamConfig
 from streams.kafka_io import create_producer, ensure_topics
+from streams.worker.metrics import OUTCOMES
 from streams.worker_process import run_worker_process
 
 
@@ -82,11 +83,8 @@ def decode_alone(values: list[bytes], codec: str, settings: ImageSettings, round
 
 def acked(registry: CollectorRegistry) -> float:
     return sum(
-        sample.value
-        for metric in registry.collect()
-        if metric.name == "vaewatch_records"
-        for sample in metric.samples
-        if sample.name == "vaewatch_records_total"
+        registry.get_sample_value("vaewatch_records_total", {"outcome": outcome}) or 0.0
+        for outcome in OUTCOMES
     )
 
 
