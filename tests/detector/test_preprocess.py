@@ -207,6 +207,15 @@ def test_the_pixel_and_byte_limits_are_checked_before_decoding() -> None:
     assert caught.value.reason == "too_large"
 
 
+def test_a_large_jpeg_counts_the_pixels_it_is_decoded_at() -> None:
+    """libjpeg decodes a 48-megapixel photo at an eighth of its size: 0.75 megapixels, under
+    the default limit, where a PNG of that size is refused."""
+    photo = Image.new("RGB", (8000, 6000), (90, 90, 90))
+    assert decode(encode(photo, "JPEG")).shape == (28, 28)
+    with pytest.raises(ImageError, match="8000x6000 = 48000000 pixels, over the limit"):
+        decode(png_of_size(8000, 6000))
+
+
 def test_a_file_that_cannot_be_read_is_named_by_the_error(tmp_path: Path) -> None:
     with pytest.raises(ImageError) as caught:
         preprocess_image(tmp_path / "missing.png", DEFAULT)
