@@ -13,8 +13,9 @@ alternate, so each sees the same machine load. The bundle is an untrained model 
 default preprocessing recorded (the scoring cost depends on the architecture, not the weights;
 the MLP scores fast enough for decoding to show).
 
-Before the drains: decode_batch alone on batches of 1,024 records of each form (and a 640 x
-480 colour JPEG, a camera crop), with one decoding thread and with `images.decode_threads`'s
+The image forms drain once with `images.decode_threads`'s default (one thread per core) and
+once with one thread. Before the drains: decode_batch alone on batches of 1,024 records of each
+form (and a 640 x 480 colour JPEG, a camera crop), with one decoding thread and with the
 default, rounds interleaved.
 """
 
@@ -88,7 +89,9 @@ def acked(registry: CollectorRegistry) -> float:
     )
 
 
-def drain(values: list[bytes], codec: str, bundle: Path, n: int, label: str) -> dict:
+def drain(
+    values: list[bytes], codec: str, images: ImageSettings, bundle: Path, n: int, label: str
+) -> dict:
     """Records/s of the whole worker over a backlog of `n` records on a fresh broker."""
     with started_broker("tansu", label=label) as broker:
         stream = StreamConfig(
@@ -120,7 +123,7 @@ def drain(values: list[bytes], codec: str, bundle: Path, n: int, label: str) -> 
                 "detector": detector,
                 "stop": stop,
                 "registry": registry,
-                "images": ImageSettings(),
+                "images": images,
             },
         )
         worker.start()
@@ -162,7 +165,8 @@ def main() -> int:
         batch = values[:1024]
         times = decode_alone(batch, codec, settings, args.decode_rounds)
         size = np.mean([len(v) for v in batch])
-        print(f"| {name} | {size:.0f} B | " + " | ".join(f"{t:.0f}" for t in times.values()))
+        cells = " | ".join(f"{t:.0f}" for t in times.values())
+        print(f"| {name} | {size:.0f} B | {cells} |")
     sys.stdout.flush()
     with tempfile.TemporaryDirectory() as tmp:
         untrained = make_bundle(args.model_kind, Path(tmp) / "untrained", images)
@@ -171,15 +175,23 @@ def main() -> int:
         save_bundle(
             bundle, model=plain.model, calibration=plain.calibration, preprocessing=Preprocessing()
         )
-        results: dict[str, list[float]] = {name: [] for name in all_forms}
+        # The image forms with the default decoding threads and with one: which pays on 2 cores
+        # shared with the scoring process and kafka-python's I/O thread.
+        one_thread = settings.model_copy(update={"decode_threads": 1})
+        runs = {"raw 784 B": ("raw 784 B", settings)}
+        for name in list(all_forms)[1:]:
+            runs[f"{name}, {threads} decode threads"] = (name, settings)
+            runs[f"{name}, 1 decode thread"] = (name, one_thread)
+        results: dict[str, list[float]] = {name: [] for name in runs}
         for repeat in range(args.repeats):
-            order = list(all_forms) if repeat % 2 == 0 else list(reversed(all_forms))
-            for name in order:
+            order = list(runs) if repeat % 2 == 0 else list(reversed(runs))
+            for run in order:
+                name, images_settings = runs[run]
                 codec, values = all_forms[name]
-                label = f"round {repeat + 1}, {name}: "
-                result = drain(values, codec, bundle, args.records, label)
+                label = f"round {repeat + 1}, {run}: "
+                result = drain(values, codec, images_settings, bundle, args.records, label)
                 note(f"{label}{result['per_s']:,.0f} records/s")
-                results[name].append(result["per_s"])
+                results[run].append(result["per_s"])
     raw = results["raw 784 B"]
     print(
         f"\nworker drain, {args.records:,} records, untrained {args.model_kind}, alerts only, "
