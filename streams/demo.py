@@ -141,8 +141,12 @@ def closing_lines(
             + (f"{', '.join(missed)} score" if missed else "the rest score")
             + " above most normal images (the ranking) but seldom past a threshold this strict. "
             "Raise calibration.target_fpr for more recall at more false alarms, train longer "
-            "(the demo's quick model has few epochs), or pick a more distinctive normal class "
-            '(vaewatch demo --set "data.normal_classes=[1]" --model models/trouser).'
+            "(the demo's quick model has few epochs), or pick a more distinctive normal class"
+            + (
+                ' (vaewatch demo --set "data.normal_classes=[1]" --model models/trouser).'
+                if names.get(1) == "Trouser" and list(normal_classes) != [1]
+                else "."
+            )
         )
     return lines
 
