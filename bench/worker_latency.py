@@ -66,7 +66,7 @@ from worker_throughput import fashion_images, make_bundle
 from streams.brokers.local import free_port
 from streams.config import StreamConfig
 from streams.kafka_io import create_producer, ensure_topics
-from streams.replay import plan_replay, replay
+from streams.replay import ArrayRecords, plan_replay, replay
 
 
 def rss_mib(pid: int) -> float:
@@ -315,10 +315,8 @@ def measure(
             replay(
                 producer=producer,
                 topic="lat.images",
-                images=images,
-                labels=None,
+                records=ArrayRecords(images, labels=None),
                 plan=plan,
-                codec="raw",
                 rate=args.rate,
             )
             produced_s = time.time() - started

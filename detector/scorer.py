@@ -38,6 +38,7 @@ from detector.calibration import Calibration
 from detector.config import IMAGE_PIXELS, PRECISIONS, DetectorSettings
 from detector.int8 import quantise_layers
 from detector.model import VAE, to_model_input
+from detector.preprocess import LEGACY_PREPROCESSING, Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -390,8 +391,10 @@ class Detector:
         device: str = "auto",
         max_batch_size: int = 8192,
         precision: str = "auto",
+        preprocessing: Preprocessing = LEGACY_PREPROCESSING,
     ) -> None:
         self.device = resolve_device(device)
+        self.preprocessing = preprocessing  # how image files become this model's input
         self.model = model.to(self.device).eval()
         self.calibration = calibration
         self.version = version
@@ -443,6 +446,7 @@ class Detector:
             device=settings.device,
             max_batch_size=settings.max_batch_size,
             precision=settings.precision,
+            preprocessing=bundle.preprocessing,
         )
 
     @property

@@ -23,6 +23,7 @@ import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError, TopicAuthorizationFailedError, UnknownTopicOrPartitionError
 
+from detector.preprocess import ImageDecoding
 from streams.broker_refusals import RepeatedErrorLog
 from streams.client_internals import unauthorized_topics
 from streams.codec import decode_batch
@@ -89,7 +90,9 @@ class AlertFollower:
         hub: AlertHub,
         explain: Callable[..., dict[str, Any]],
         replay_recent: int,
+        images: ImageDecoding | None = None,
     ) -> None:
+        self.images = images  # the served bundle's preprocessing, for the image codec
         self.stream = stream
         self.hub = hub
         self.explain = explain
@@ -204,7 +207,7 @@ class AlertFollower:
             for record in polled.get(tp, []):
                 if record.offset != offset:
                     return None, f"{tp.topic}/{tp.partition}/{offset} is gone (retention)"
-                decoded = decode_batch([record.value], codec=self.stream.codec)
+                decoded = decode_batch([record.value], codec=self.stream.codec, images=self.images)
                 if decoded.n_valid != 1:
                     reason = next(iter(decoded.errors.values()), ("undecodable", ""))[0]
                     return None, f"the source record does not decode ({reason})"

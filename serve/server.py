@@ -15,6 +15,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from detector.config import DetectorSettings
+from detector.preprocess import ImageSettings
 from serve.app import create_app
 from serve.config import ServeConfig
 from serve.metrics import ServeMetrics
@@ -50,6 +51,7 @@ def build_service(
     config: ServeConfig,
     detector: DetectorSettings | None = None,
     stream: StreamConfig | None = None,
+    images: ImageSettings | None = None,
 ) -> Service:
     """Load the bundle and bind the port (so `.port` is known before serving when it is 0).
     With serve.ssl_certfile, HTTPS only; its files are checked here (TLSSettingsError)."""
@@ -68,7 +70,7 @@ def build_service(
         raise
     registry = CollectorRegistry()
     metrics = ServeMetrics(registry=registry)
-    model = ModelService(bundle, config=config, metrics=metrics, detector=detector)
+    model = ModelService(bundle, config=config, metrics=metrics, detector=detector, images=images)
     app = create_app(
         model,
         config=config,

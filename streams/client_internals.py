@@ -16,6 +16,7 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaTimeoutError
+from kafka.net.compat import KafkaNetClient
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import Histogram
 
@@ -120,7 +121,7 @@ def abort_transaction_within(producer: KafkaProducer, *, timeout_ms: int) -> Non
 
 
 def recording_kafka_client(
-    on_failure: Callable[[BaseException, int], None],
+    on_failure: Callable[[BaseException, int], None], *, slow_step_s: float
 ) -> Callable[..., Any]:
     """A factory for kafka-python's documented `kafka_client` option (consumer, producer and
     admin client alike) whose connections hand the exception that ended their set-up (a TLS
@@ -136,8 +137,13 @@ def recording_kafka_client(
     SaslHandshake, then SaslAuthenticate: three or more) from one it closed earlier: when the
     broker's refusal and its close arrive in one read, kafka-python 3.0.12 drops the refusal
     and reports only 'socket disconnected' (its transport's _read_from_sock aborts before
-    handing over the data read with the end of the stream)."""
-    from kafka.net.compat import KafkaNetClient
+    handing over the data read with the end of the stream).
+
+    Its I/O loop warns about a step ("It is blocking the event loop") only when the step ran
+    over `slow_step_s`. Missing public API: the clients have no option for their selector's
+    `slow_task_threshold_secs` (0.1 s), a wall-clock watchdog for livelocks in kafka-python's
+    own coroutines that a busy machine, or another thread holding the GIL, trips with any
+    step."""
     from kafka.net.manager import KafkaConnectionManager
     from kafka.net.selector import NetworkSelector
 
@@ -161,7 +167,7 @@ def recording_kafka_client(
             return connection
 
     def make_client(**configs: Any) -> KafkaNetClient:
-        net = NetworkSelector(**configs)
+        net = NetworkSelector(**{**configs, "slow_task_threshold_secs": slow_step_s})
         return KafkaNetClient(net=net, manager=RecordingManager(net, **configs), **configs)
 
     return make_client

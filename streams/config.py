@@ -49,10 +49,12 @@ class StreamConfig(BaseModel):
         description="Kafka client id of the worker's consumer and producer (shows up in broker "
         "logs and quotas).",
     )
-    codec: Literal["raw", "json"] = Field(
+    codec: Literal["raw", "json", "image"] = Field(
         "raw",
         description="raw: the value is 784 bytes (uint8, row-major 28x28); json: an object "
-        'with "pixels" (784 ints) or "b64" (base64 of the 784 bytes), optional "id".',
+        'with "pixels" (784 ints) or "b64" (base64 of the 784 bytes), optional "id"; image: an '
+        "image file (PNG, JPEG, BMP, TIFF, WebP, GIF) of any size, made 28x28 by the bundle's "
+        "preprocessing (docs/wire-contract.md).",
     )
     max_batch_size: int = Field(
         1024,

@@ -73,7 +73,11 @@ def _connected(make: Callable[..., Any], config: StreamConfig) -> Any:
         )
     failures = ConnectionFailures()
     try:
-        return make(kafka_client=recording_kafka_client(failures.record))
+        # kafka-python warns ("It is blocking the event loop") about any step of its I/O loop
+        # over 0.1 s of wall time, which a loaded machine gives it often. Warn when a stall
+        # reaches half the session timeout: then the group membership is at risk.
+        slow_step_s = config.session_timeout_ms / 2000
+        return make(kafka_client=recording_kafka_client(failures.record, slow_step_s=slow_step_s))
     except KafkaTimeoutError as exc:
         message = describe_connection_failure(
             failures.cause, config, timeout_ms=config.bootstrap_timeout_ms

@@ -20,6 +20,7 @@ import numpy as np
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
+from detector.preprocess import ImageDecoding
 from streams.codec import decode_batch
 from streams.config import StreamConfig
 from streams.connection_errors import describe_authorization_error, describe_kafka_error
@@ -88,10 +89,15 @@ def parse_topic_range(spec: str) -> TopicRange:
 
 
 def read_topic_range(
-    source: TopicRange, *, config: StreamConfig, timeout_s: float = 60.0
+    source: TopicRange,
+    *,
+    config: StreamConfig,
+    timeout_s: float = 60.0,
+    images: ImageDecoding | None = None,
 ) -> TopicImages:
-    """Every record of the range, decoded; raises TopicRangeError when the topic or partition
-    does not exist, or when the range is not there (yet) after `timeout_s`."""
+    """Every record of the range, decoded (image files by `images`, the bundle's preprocessing);
+    raises TopicRangeError when the topic or partition does not exist, or when the range is not
+    there (yet) after `timeout_s`."""
     consumer = create_consumer(config=config, grouped=False)
     try:
         partitions = consumer.partitions_for_topic(source.topic)
@@ -144,7 +150,7 @@ def read_topic_range(
     finally:
         consumer.close(autocommit=False)
     all_values = [v for tp in bounds for v in values[tp]]
-    decoded = decode_batch(all_values, codec=config.codec)
+    decoded = decode_batch(all_values, codec=config.codec, images=images)
     n_invalid = len(all_values) - decoded.n_valid
     if n_invalid:
         logger.warning(

@@ -17,6 +17,7 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from detector import Detector
+from detector.preprocess import ImageDecoding, ImageSettings
 from streams.client_internals import force_close_producer
 from streams.config import MetricsConfig, StreamConfig
 from streams.connection_errors import describe_kafka_error
@@ -105,11 +106,13 @@ def run_worker_process(
     lifecycle_config: LifecycleConfig | None = None,
     model_path: str | Path | None = None,
     shadow: Detector | None = None,
+    images: ImageSettings | None = None,
 ) -> int:
     """Run until `stop` is set; 0 when every consumed record was committed on the way out,
     1 when some were not (they are re-delivered to the next worker: nothing is lost).
     `model_path` is watched for new bundles and `shadow` scores beside the serving model
-    (docs/lifecycle.md)."""
+    (docs/lifecycle.md). With the image codec, records are decoded by the serving bundle's
+    preprocessing within the limits and threads of `images` (the settings' images section)."""
     registry = registry if registry is not None else CollectorRegistry()
     tls = metrics_tls(metrics_config)  # a file it cannot use fails before anything starts
     tune_interpreter(stream, detector=detector)
@@ -190,6 +193,7 @@ def run_worker_process(
             state=state,
             lifecycle=lifecycle,
             transactions=transactions,
+            images=image_decoding(stream, images, detector=detector, shadow=shadow),
         )
         logger.info(
             "worker: %s -> alerts %s, scores %s, dlq %s (group %s, model %s on %s, %s, %s)",
@@ -227,6 +231,25 @@ def run_worker_process(
         (worker.scorer if worker is not None else scorer).close()
         server.stop()
         logger.info("worker stopped")
+
+
+def image_decoding(
+    stream: StreamConfig,
+    images: ImageSettings | None,
+    *,
+    detector: Detector,
+    shadow: Detector | None = None,
+) -> ImageDecoding | None:
+    """How the image codec makes records the model's input; None for the other codecs."""
+    if stream.codec != "image":
+        return None
+    if shadow is not None and shadow.preprocessing != detector.preprocessing:
+        logger.warning(
+            "the shadow bundle %s preprocesses images unlike the serving bundle %s; it is shown "
+            "the serving bundle's preprocessing of each record",
+            shadow.version, detector.version,
+        )  # fmt: skip
+    return (images or ImageSettings()).decoding(detector.preprocessing)
 
 
 def close_clients(*, consumer: Any, producer: Any, deadline: float) -> None:

@@ -27,6 +27,7 @@ from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
 from kafka.structs import TopicPartition
 
 from detector import Scores
+from detector.preprocess import ImageDecoding
 from streams.broker_refusals import BrokerRefusals
 from streams.client_internals import coordinator_known, group_stable, unreadable_record
 from streams.codec import DECODE_ERROR, UNREADABLE, DecodedBatch, decode_batch
@@ -84,8 +85,10 @@ class Worker:
         state: WorkerState,
         lifecycle: ModelSwaps | None = None,
         transactions: Transactions | None = None,
+        images: ImageDecoding | None = None,
     ) -> None:
         self._config = config
+        self._images = images  # the image codec's preprocessing: the serving bundle's
         self._lifecycle = lifecycle  # hot reload, shadow, drift (streams/lifecycle/)
         self._consumer = consumer
         self._metrics = metrics
@@ -183,6 +186,8 @@ class Worker:
         if candidate is not None:
             old = self._scorer
             self._use(candidate.prepared, self._lifecycle.publisher_for(candidate.detector))
+            if self._images is not None:  # image files as the new bundle makes them its input
+                self._images = self._images.with_preprocessing(candidate.detector.preprocessing)
             self._lifecycle.swapped(candidate, old_scorer=old)
 
     def _poll(self, timeout_ms: int) -> dict:
@@ -278,7 +283,10 @@ class Worker:
         cut_at = time.time()  # before decoding and scoring, which a caught-up batch does here
         try:
             decoded = decode_batch(
-                [r.value for r in records], codec=self._config.codec, keys=[r.key for r in records]
+                [r.value for r in records],
+                codec=self._config.codec,
+                keys=[r.key for r in records],
+                images=self._images,
             )
         except Exception as exc:  # a decoder bug must not lose records: dead-letter them all
             self._error("decode", exc)
