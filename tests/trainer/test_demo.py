@@ -1,4 +1,5 @@
-"""The demo's model: a bundle already there is used as it is, without training."""
+"""The demo's model: a bundle already there is used as it is, without training, and the classes
+it was trained on (not the ones asked for) label the replay."""
 
 from __future__ import annotations
 
@@ -9,16 +10,28 @@ from trainer.config import CalibrationConfig, DataConfig, TrainConfig
 from trainer.demo import demo_bundle
 
 
-def test_a_bundle_already_there_is_used(trained_bundle: Path) -> None:
-    said: list[str] = []
-    found = demo_bundle(
-        trained_bundle,
-        data=DataConfig(),
+def _demo_bundle(model_dir: Path, data: DataConfig, said: list[str]) -> tuple[Path, tuple]:
+    return demo_bundle(
+        model_dir,
+        data=data,
         model=ModelConfig(),
         train=TrainConfig(),
         calibration=CalibrationConfig(),
         epochs=1,
         say=said.append,
     )
-    assert found == trained_bundle
-    assert said == [f"model: {trained_bundle} (delete it to train a new one)"]
+
+
+def test_a_bundle_already_there_is_used(trained_bundle: Path) -> None:
+    said: list[str] = []
+    found = _demo_bundle(trained_bundle, DataConfig(normal_classes=[0]), said)
+    assert found == (trained_bundle, (0,))
+    assert said == [f"model: {trained_bundle}, trained on classes [0] (delete it to train anew)"]
+
+
+def test_a_bundle_of_other_classes_is_used_and_its_classes_said(trained_bundle: Path) -> None:
+    said: list[str] = []
+    found = _demo_bundle(trained_bundle, DataConfig(normal_classes=[1, 7]), said)
+    assert found == (trained_bundle, (0,))
+    assert len(said) == 2
+    assert "not data.normal_classes [1, 7]" in said[1] and "--model NEW_DIR" in said[1]
