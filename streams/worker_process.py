@@ -27,7 +27,7 @@ from streams.worker.loop import Worker, WorkerState
 from streams.worker.metrics import WorkerMetrics, score_buckets
 from streams.worker.publish import ResultPublisher
 from streams.worker.scoring import Scorer, build_scorer
-from streams.worker.transactions import start_transactions, transactional_id
+from streams.worker.transactions import TransactionalProducer, start_transactions
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +130,11 @@ def run_worker_process(
     worker: Worker | None = None
     exactly_once = stream.processing_guarantee == "exactly_once"
     try:
-        tx_id = transactional_id(stream) if exactly_once else None
         producer = connect(
-            lambda: create_producer(config=stream, transactional_id=tx_id), "producer"
+            (lambda: TransactionalProducer(stream))
+            if exactly_once
+            else (lambda: create_producer(config=stream)),
+            "producer",
         )
         # The shadow's comparisons are sent outside the transactions.
         side_producer = (
