@@ -16,6 +16,12 @@ changes it (the workaround can then go):
   one that is too large). So the at-least-once producer is not idempotent
   (streams/kafka_io.py, create_producer): pinned by
   `test_kafka_pythons_idempotent_producer_dies_of_one_refused_record`.
+- KAFKA_PYTHON_SEQUENCE_GAP: a transactional producer keeps the sequence number of a batch the
+  broker refused, so after the abort its next batch on that partition fails with
+  OUT_OF_ORDER_SEQUENCE_NUMBER, and kafka-python's epoch bump then leaves the transaction
+  unabortable. So a transaction a refused send doomed is aborted by a fresh producer under
+  the same transactional id (streams/worker/transactions.py, `TransactionalProducer.renew`):
+  pinned by `test_after_a_refused_batch_the_partitions_next_transaction_fails`.
 - In a transaction, one refused batch makes kafka-python abort the batches still waiting in the
   producer with that batch's own exception (Java's does the same): `aborted_by_client` tells the
   refused record from the ones failed with it

@@ -14,6 +14,7 @@ from kafka.errors import (
     InvalidTimestampError,
     KafkaError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumberError,
     TopicAuthorizationFailedError,
 )
 from kafka.producer.transaction_manager import TransactionManager
@@ -168,6 +169,30 @@ def test_a_failed_transaction_fails_the_waiting_batches_with_the_refused_records
         producer.abort_transaction()
     finally:
         producer.close(timeout=5)
+
+
+def test_after_a_refused_batch_the_partitions_next_transaction_fails(kafka_broker) -> None:
+    """The pin of renewing the producer to abort a transaction a refused send doomed
+    (KAFKA_PYTHON_SEQUENCE_GAP): kafka-python 3.0.12 keeps the sequence number the refused
+    batch took, so the next batch on that partition, in the next transaction, fails with
+    OUT_OF_ORDER_SEQUENCE_NUMBER (Java's producer takes the number back). When this test
+    fails, plain abort_transaction suffices again."""
+    servers, small, plain = _small_and_plain_topics(kafka_broker)
+    producer = KafkaProducer(bootstrap_servers=servers, transactional_id=f"{plain}-gap")
+    try:
+        producer.init_transactions()
+        producer.begin_transaction()
+        refused = producer.send(small, _TOO_LARGE_FOR_IT, partition=0)
+        with pytest.raises(MessageSizeTooLargeError):
+            refused.get(timeout=20)
+        producer.abort_transaction()
+        producer.begin_transaction()
+        later = producer.send(small, b"a record the topic takes", partition=0)
+        with pytest.raises(OutOfOrderSequenceNumberError):
+            later.get(timeout=20)
+    finally:
+        client_internals.force_close_producer(producer)
+        producer.close(timeout=1)
 
 
 def test_a_fenced_producer_is_fatal(kafka_broker) -> None:

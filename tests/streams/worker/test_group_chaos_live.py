@@ -69,3 +69,33 @@ def test_an_exactly_once_group_under_kills_has_no_duplicates(
     assert report.duplicates == 0, report.summary()
     assert report.kills >= 2, report.summary()
     assert all(code == 0 for code in report.exit_codes), report.exit_codes
+
+
+def test_default_configured_exactly_once_workers_on_one_host_stay_members_under_kills(
+    kafka_broker, trained_bundle: Path, fashion_mnist, tmp_path: Path
+) -> None:
+    """Issue 27: three exactly-once workers on one host with the default transactional id (one
+    per process). They shared <group>-<host name> before, and each new member fenced the
+    others, which stopped. Now all stay members and share the partitions, with nothing lost
+    and no duplicate under SIGKILLs."""
+    report = run_chaos(
+        broker=kafka_broker,
+        model=trained_bundle,
+        log_dir=tmp_path,
+        images=fashion_mnist.test.images,
+        records=6000,
+        rate=500.0,
+        kill_every_s=3.0,
+        kills=3,
+        worker_args=[*_ARGS, "--set", "stream.transaction_interval_ms=300"],
+        exactly_once=True,
+        stable_ids=False,
+    )
+    print(report.summary(), report.running, report.held)
+    assert not report.lost, f"{report.summary()}; lost {report.lost[:20]}"
+    assert not report.unfinished, f"{report.summary()}; not reached {report.unfinished[:20]}"
+    assert report.duplicates == 0, report.summary()
+    assert report.kills >= 2, report.summary()
+    assert all(code == 0 for code in report.exit_codes), report.exit_codes
+    assert report.running == [True] * 3, report.running
+    assert len(report.held) == 3 and min(report.held) >= 1 and sum(report.held) == 6, report.held
