@@ -30,7 +30,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from detector import Scores
-from streams.client_internals import commit_in_listener
+from streams.client_internals import commit_in_listener, fatal_error
 from streams.codec import SCORING_ERROR, DecodedBatch
 from streams.config import StreamConfig
 from streams.worker.batch import (
@@ -45,11 +45,14 @@ from streams.worker.publish import ResultPublisher
 from streams.worker.refusals import Refusals
 from streams.worker.scoring import PendingBatch
 from streams.worker.state import WorkerState
-from streams.worker.transactions import Transactions
+from streams.worker.transactions import ProducerFailedError, Transactions
 
 logger = logging.getLogger(__name__)
 
 _LAG_INTERVAL_S = 0.5
+# How long a doomed transaction waits for the answers to its other sends, for their refusals.
+# A producer can hold sends back far longer (kafka-python's epoch bump): the loop must go on.
+_REFUSAL_ANSWERS_S = 5.0
 _TP_KEY = attrgetter("topic", "partition")
 
 Published = Callable[[InFlightBatch, DecodedBatch, Scores | None], None]
@@ -399,9 +402,10 @@ class Delivery:
     def _abort_refused(self, reason: str) -> None:
         """A send failed inside the transaction: once every send of it has an answer (bounded),
         remember what the broker refused, so that the redo replaces it, then abort."""
-        timeout_s = min(self.time_left(), self._config.request_timeout_ms / 1000.0)
+        timeout_s = min(self.time_left(), _REFUSAL_ANSWERS_S)
         try:
-            self._producer.flush(timeout=timeout_s)
+            if fatal_error(self._producer) is None:  # a fatal one has failed them all already
+                self._producer.flush(timeout=timeout_s)
         except KafkaError as exc:  # not every answer in time: those refusals show in the redo
             self._on_error("produce", exc)
         for batch in self._sending.values():
@@ -420,6 +424,8 @@ class Delivery:
             self._on_error("produce", exc)
             try:
                 self._transactions.recover(exc)
+            except ProducerFailedError as final:  # its one line says why
+                self.failure = final
             except (KafkaError, RuntimeError) as final:
                 self.failure = RuntimeError(f"the transaction could not be aborted: {final}")
         held = set(self._started_at) | set(self._state.assigned)

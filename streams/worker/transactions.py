@@ -147,53 +147,59 @@ class Transactions:
 
     def abort(self, reason: object, *, timeout_s: float, renew: bool = False) -> None:
         """Abort the open transaction: none of its outputs and offsets ever become visible.
-        `renew` (after a send the broker answered with a failure): by a fresh producer's
-        InitProducerId instead. Raises KafkaError when even that fails (the worker then stops;
-        the broker aborts the transaction after transaction_timeout_ms, or at once when the
-        worker restarts)."""
+        `renew` (after a send the broker answered with a failure), or a producer kafka-python
+        has made unusable for good: by a fresh producer's InitProducerId instead (`_renew`).
+        Raises KafkaError when even that fails (the worker then stops; the broker aborts the
+        transaction after transaction_timeout_ms, or at once when the worker restarts), and
+        ProducerFailedError where a fresh producer cannot help."""
         if not self.open:
             return
         logger.error("aborting the transaction: %s", reason)
         self.open = False
         self._metrics.transactions.labels(outcome="aborted").inc()
-        renewable = getattr(self._producer, "renew", None)
-        if renew and renewable is not None:
-            renewable()
-            self.init()
+        if fatal_error(self._producer) is not None or (renew and hasattr(self._producer, "renew")):
+            self._renew()
             return
         abort_transaction_within(self._producer, timeout_ms=max(1, int(timeout_s * 1000)))
 
     def recover(self, failed: KafkaError) -> None:
-        """After an abort that raised `failed`: a producer kafka-python has made unusable for
-        good is replaced by a fresh one (TransactionalProducer.renew) and initialised, so the
-        worker rejoins the work with it. Raises ProducerFailedError (one line) where that
-        cannot help: a stable transactional id another worker fenced, an id or cluster the
-        ACLs deny; and `failed` itself when the producer is not unusable (the broker did not
-        answer in time)."""
-        cause = fatal_error(self._producer)
-        if cause is None:
+        """After an abort that raised `failed`: a producer kafka-python made unusable for good
+        meanwhile is replaced (`_renew`); otherwise (the broker did not answer in time)
+        `failed` is raised again."""
+        if fatal_error(self._producer) is None:
             raise failed
-        name = type(cause).__name__
-        tid = getattr(self._producer, "transactional_id", "?")
-        if "Authorization" in name:
-            raise ProducerFailedError(f"the producer is not authorized ({name}: {cause})")
-        if self._stable_id:
-            raise ProducerFailedError(
-                f"fenced ({name}): another producer uses stream.transactional_id {tid!r} (a "
-                "second worker with the same setting, or this one's transaction timed out): "
-                "stopping rather than fencing it back; give each worker its own id, or leave "
-                "it empty for one per process"
-            )
+        self._renew()
+
+    def _renew(self) -> None:
+        """A fresh producer under the same transactional id (TransactionalProducer.renew),
+        initialised: its InitProducerId aborts what the old one left open. A producer that
+        failed for good says why in one line first. Raises ProducerFailedError (one line) where
+        a fresh one cannot help: an id or cluster the ACLs deny, a stable transactional id
+        that another worker may hold (fencing it back would make them take turns)."""
+        cause = fatal_error(self._producer)
         renew = getattr(self._producer, "renew", None)
-        if renew is None:
-            raise ProducerFailedError(f"the producer failed for good ({name}: {cause})")
-        logger.error(
-            "the producer was fenced (%s: %s): its transaction timed out on the broker; a "
-            "new producer with transactional id %s goes on",
-            name,
-            cause,
-            tid,
-        )
+        if cause is not None:
+            name = type(cause).__name__
+            tid = getattr(self._producer, "transactional_id", "?")
+            if "Authorization" in name:
+                raise ProducerFailedError(f"the producer is not authorized ({name}: {cause})")
+            if self._stable_id:
+                raise ProducerFailedError(
+                    f"fenced ({name}): another producer uses stream.transactional_id {tid!r} "
+                    "(a second worker with the same setting, or this one's transaction timed "
+                    "out): stopping rather than fencing it back; give each worker its own id, "
+                    "or leave it empty for one per process"
+                )
+            if renew is None:
+                raise ProducerFailedError(f"the producer failed for good ({name}: {cause})")
+            logger.error(
+                "the producer was fenced (%s: %s): the broker timed its transaction out; a new "
+                "producer with transactional id %s goes on",
+                name,
+                cause,
+                tid,
+            )
+        assert renew is not None
         renew()
         self.init()
 
