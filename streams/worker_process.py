@@ -176,7 +176,9 @@ def run_worker_process(
             detector.version,
             detector.device,
             f"scoring {scorer.description}",
-            stream.processing_guarantee.replace("_", "-"),
+            "exactly-once, transactional id " + producer.transactional_id
+            if exactly_once
+            else "at-least-once",
         )
         complete = worker.run(stop)
         return 0 if complete else 1

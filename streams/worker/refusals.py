@@ -85,6 +85,8 @@ def refusal(exc: BaseException) -> Refusal | None:
         # kafka-python reports several refused records of one batch as InvalidRecordError,
         # each with the broker's own message ("Timestamp ... is out of range")
         return Refusal("invalid_timestamp", True, exc)
+    if isinstance(exc, TypeError | ValueError) and "topic" in str(exc).lower():
+        return Refusal("other", True, exc)  # send() refuses the topic's name: any record's
     for kind, reason, topic_wide in _REASONS:
         if isinstance(exc, kind):
             return Refusal(reason, topic_wide, exc)
