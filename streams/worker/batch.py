@@ -42,7 +42,13 @@ from streams.config import StreamConfig
 from streams.worker.dead_letters import H_ERROR
 from streams.worker.metrics import UNSENDABLE
 from streams.worker.publish import FailedSend, Outgoing, Outputs, ResultPublisher
-from streams.worker.refusals import Refusal, Refusals, failed_with_another, refusal
+from streams.worker.refusals import (
+    TOPIC_REFUSAL_S,
+    Refusal,
+    Refusals,
+    failed_with_another,
+    refusal,
+)
 from streams.worker.scoring import PendingBatch
 
 logger = logging.getLogger(__name__)
@@ -60,8 +66,12 @@ class TransactionFailedError(RuntimeError):
 
 
 class RefusedBefore(FailedSend):
-    """An output the broker refused in an aborted transaction, not sent again: its replacement
-    is sent instead."""
+    """An output the broker refused in an aborted transaction, not sent again, or one to a
+    topic that refused any output (`for_topic`), not tried: its replacement is sent instead."""
+
+    def __init__(self, exception: BaseException, *, for_topic: bool = False) -> None:
+        super().__init__(exception)
+        self.for_topic = for_topic
 
 
 def is_about_the_record(exc: BaseException) -> bool:
@@ -138,7 +148,12 @@ class InFlightBatch:
 
     def _send(self, message: Outgoing) -> Any:
         exc = self.refusals.refused_before(self.records, message)
-        return RefusedBefore(exc) if exc is not None else self.publisher.send(message)
+        if exc is not None:
+            return RefusedBefore(exc)
+        exc = self.refusals.topic_refused(message.topic)
+        if exc is not None:
+            return RefusedBefore(exc, for_topic=True)
+        return self.publisher.send(message)
 
     def settle(
         self,
@@ -187,6 +202,8 @@ class InFlightBatch:
                 continue
             for j in message.sources:
                 self.refusals.remember(self.records[j], message.topic, message.form, exc)
+            if refused.topic_wide:
+                self.refusals.refuse_topic(message.topic, exc)
             self._report(message, refused, "aborting the transaction; the redo replaces it")
 
     def _failed(
@@ -219,6 +236,8 @@ class InFlightBatch:
             )
             return
         refused = refusal(exc) or Refusal("other", False, exc)  # also: retries used up
+        if refused.topic_wide and not isinstance(future, RefusedBefore):
+            self.refusals.refuse_topic(message.topic, exc)
         replacements = self._replacements(message, refused)
         if replacements is None:
             self._report(message, refused, "nothing left to send in its place", future)
@@ -283,9 +302,11 @@ class InFlightBatch:
         """One line naming the input records, the output and why it was refused; counted."""
         assert self.outputs is not None
         publisher, exc = self.publisher, refused.exc
-        if isinstance(future, RefusedBefore):
+        if isinstance(future, RefusedBefore) and not future.for_topic:
             logger.info("%s: replaced as in the aborted transaction (%s)", message.topic, then)
             return
+        if isinstance(future, RefusedBefore):
+            then = f"not tried: the topic refused one within {TOPIC_REFUSAL_S:g} s; {then}"
         kind = (
             "dead letter"
             if message.topic == publisher.dlq_topic

@@ -18,12 +18,16 @@ Refusals, by the metric label `reason` of vaewatch_outputs_refused_total:
 
 `topic_wide` refusals (not_authorized, invalid_timestamp, a topic the broker will not take)
 would refuse any record sent to that topic, so a dead letter refused that way goes straight to
-stream.on_unsendable; the others leave a smaller or keyed copy a chance.
+stream.on_unsendable; the others leave a smaller or keyed copy a chance. For TOPIC_REFUSAL_S
+after one, outputs to that topic are replaced without being tried: exactly_once would otherwise
+abort every transaction that holds one (an alert topic the ACLs deny, a worker clock an hour
+off), and at_least_once would send each in vain. Then one is tried again.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +52,7 @@ from streams.client_internals import aborted_by_client
 logger = logging.getLogger(__name__)
 
 FRAME_BYTES = 256 * 1024  # largest batch-framed scores message, until a topic refuses one
+TOPIC_REFUSAL_S = 60.0
 
 _REASONS: tuple[tuple[type[BaseException], str, bool], ...] = (
     # (exception, reason, topic_wide)
@@ -130,11 +135,27 @@ class Refusals:
 
     on_refused: Callable[[str, str], None] | None = None
     frame_bytes: int = FRAME_BYTES
+    clock: Callable[[], float] = time.monotonic
     _outputs: dict[Coordinates, dict[tuple[str, str], BaseException]] = field(default_factory=dict)
+    _topics: dict[str, tuple[BaseException, float]] = field(default_factory=dict)
 
     @property
     def holds_outputs(self) -> bool:
-        return bool(self._outputs)
+        return bool(self._outputs or self._topics)
+
+    def refuse_topic(self, topic: str, exc: BaseException) -> None:
+        """`topic` refused a send as it would refuse any (a topic_wide refusal)."""
+        self._topics[topic] = (exc, self.clock() + TOPIC_REFUSAL_S)
+
+    def topic_refused(self, topic: str) -> BaseException | None:
+        """The topic-wide refusal of `topic` in the last TOPIC_REFUSAL_S, or None."""
+        refused = self._topics.get(topic)
+        if refused is None:
+            return None
+        if self.clock() >= refused[1]:
+            del self._topics[topic]  # try it again
+            return None
+        return refused[0]
 
     def count(self, output: str, reason: str) -> None:
         if self.on_refused is not None:

@@ -24,6 +24,7 @@ from streams.config import StreamConfig
 from streams.worker.loop import Worker, WorkerState
 from streams.worker.metrics import WorkerMetrics
 from streams.worker.publish import ResultPublisher
+from streams.worker.refusals import TOPIC_REFUSAL_S, Refusals
 from tests.streams.fake_kafka import FakeBroker, FakeConsumer
 from tests.streams.worker.test_worker_rebalance import P0, FakeScorer, _config, _run
 
@@ -221,8 +222,22 @@ def test_an_alert_topic_the_acls_deny_turns_alerts_into_dead_letters(exactly_onc
     assert b"TopicAuthorizationFailed" in letters[1]["vaewatch.error.detail"]
     assert len(_outputs(broker, "scores")) == len(values) - 1  # every record scored once
     assert _refused(registry, "alert", "not_authorized") == 3
+    # The topic refuses any alert: for a while the others are not even tried, and exactly once
+    # aborts one transaction, not one per transaction holding an alert.
+    assert [t for t, _, _ in producer.sent].count("alerts") <= 3
     if transactions is not None:
-        assert 1 <= transactions.aborts <= 3  # at most once per refused alert
+        assert transactions.aborts == 1
+
+
+def test_a_topic_that_refused_any_output_is_tried_again_after_a_while() -> None:
+    now = [0.0]
+    refusals = Refusals(clock=lambda: now[0])
+    denied = TopicAuthorizationFailedError("alerts")
+    refusals.refuse_topic("alerts", denied)
+    assert refusals.holds_outputs and refusals.topic_refused("alerts") is denied
+    assert refusals.topic_refused("scores") is None
+    now[0] = TOPIC_REFUSAL_S
+    assert refusals.topic_refused("alerts") is None and not refusals.holds_outputs
 
 
 @pytest.mark.parametrize("exactly_once", GUARANTEES)
