@@ -59,7 +59,14 @@ def scorer_for(stream: StreamConfig, *, detector: Detector, metrics: WorkerMetri
     return build_scorer(stream, detector=detector, on_error=metrics.count_error)
 
 
-def publisher_for(stream: StreamConfig, *, detector: Detector, producer: Any) -> ResultPublisher:
+def publisher_for(
+    stream: StreamConfig,
+    *,
+    detector: Detector,
+    producer: Any,
+    clock: Callable[[], float] = time.time,
+) -> ResultPublisher:
+    """The publisher of `detector`'s outputs; `clock` stamps them (tests give their own)."""
     return ResultPublisher(
         producer=producer,
         alert_topic=stream.alert_topic,
@@ -69,6 +76,7 @@ def publisher_for(stream: StreamConfig, *, detector: Detector, producer: Any) ->
         threshold=detector.threshold,
         scores_format=stream.scores_format,
         max_request_size=stream.max_request_size,
+        clock=clock,
     )
 
 

@@ -5,6 +5,7 @@ worker. The consumer and producer are real ones, connected to the test broker.""
 from __future__ import annotations
 
 import importlib.metadata
+from typing import Any
 
 import numpy as np
 import pytest
@@ -105,6 +106,16 @@ def _small_and_plain_topics(kafka_broker) -> tuple[str, str, str]:
     return topics.bootstrap_servers, small, topics.config.alert_topic
 
 
+def _refused_in_a_transaction(kafka_broker, name: str) -> tuple[KafkaProducer, str, Any]:
+    """A transactional producer that has sent the small topic a record too large for it (a
+    full batch: sent at once), and that record's future."""
+    servers, small, plain = _small_and_plain_topics(kafka_broker)
+    producer = KafkaProducer(bootstrap_servers=servers, transactional_id=f"{plain}-{name}")
+    producer.init_transactions()
+    producer.begin_transaction()
+    return producer, small, producer.send(small, _TOO_LARGE_FOR_IT, partition=0)
+
+
 def test_kafka_pythons_idempotent_producer_dies_of_one_refused_record(kafka_broker) -> None:
     """The pin of create_producer's enable_idempotence=False (at-least-once). kafka-python
     3.0.12 classifies a non-retriable broker error on an idempotent, non-transactional producer
@@ -152,12 +163,8 @@ def test_a_failed_transaction_fails_the_waiting_batches_with_the_refused_records
     with that batch's own exception: only client_internals.aborted_by_client tells them apart.
     The waiting one is queued behind the refused one on its partition (a transactional producer
     sends one batch per partition at a time)."""
-    servers, small, plain = _small_and_plain_topics(kafka_broker)
-    producer = KafkaProducer(bootstrap_servers=servers, transactional_id=f"{plain}-pin")
+    producer, small, refused = _refused_in_a_transaction(kafka_broker, "pin")
     try:
-        producer.init_transactions()
-        producer.begin_transaction()
-        refused = producer.send(small, _TOO_LARGE_FOR_IT, partition=0)
         waiting = producer.send(small, b"a record the topic takes", partition=0)
         with pytest.raises(MessageSizeTooLargeError):
             refused.get(timeout=20)
@@ -177,12 +184,8 @@ def test_after_a_refused_batch_the_partitions_next_transaction_fails(kafka_broke
     batch took, so the next batch on that partition, in the next transaction, fails with
     OUT_OF_ORDER_SEQUENCE_NUMBER (Java's producer takes the number back). When this test
     fails, plain abort_transaction suffices again."""
-    servers, small, plain = _small_and_plain_topics(kafka_broker)
-    producer = KafkaProducer(bootstrap_servers=servers, transactional_id=f"{plain}-gap")
+    producer, small, refused = _refused_in_a_transaction(kafka_broker, "gap")
     try:
-        producer.init_transactions()
-        producer.begin_transaction()
-        refused = producer.send(small, _TOO_LARGE_FOR_IT, partition=0)
         with pytest.raises(MessageSizeTooLargeError):
             refused.get(timeout=20)
         producer.abort_transaction()

@@ -20,13 +20,11 @@ from kafka.errors import (
 )
 from prometheus_client import CollectorRegistry
 
-from streams.config import StreamConfig
-from streams.worker.loop import Worker, WorkerState
-from streams.worker.metrics import WorkerMetrics
-from streams.worker.publish import ResultPublisher
+from streams.worker.loop import Worker
 from streams.worker.refusals import TOPIC_REFUSAL_S, Refusals
 from tests.streams.fake_kafka import FakeBroker, FakeConsumer
-from tests.streams.worker.test_worker_rebalance import P0, FakeScorer, _config, _run
+from tests.streams.worker.test_worker_rebalance import P0, _config, _run
+from tests.streams.worker.test_worker_rebalance import _worker as worker_on_fakes
 
 DARK = bytes(784)  # mean pixel 0: normal for the stand-in model (tests/.../test_worker_rebalance)
 BRIGHT = bytes([255]) * 784  # an anomaly: an alert as well as a score
@@ -156,28 +154,16 @@ def _worker(
     exactly_once: bool = False,
     **settings: object,
 ) -> tuple[Worker, FakeConsumer, RefusingProducer, CollectorRegistry, FakeTransactions | None]:
-    config: StreamConfig = _config(**settings)
-    consumer = FakeConsumer(broker)
     producer = RefusingProducer(broker, refuse, transactional=exactly_once)
     transactions = FakeTransactions(producer) if exactly_once else None
     registry = CollectorRegistry()
-    publisher = ResultPublisher(
+    worker, consumer, _ = worker_on_fakes(
+        broker,
+        _config(**settings),
+        overlaps=False,
+        registry=registry,
         producer=producer,
-        alert_topic="alerts",
-        scores_topic="scores",
-        dlq_topic="dlq",
-        model_version="v1",
-        threshold=0.5,
-    )
-    worker = Worker(
-        config=config,
-        scorer=FakeScorer(overlaps=False),
-        publisher=publisher,
-        metrics=WorkerMetrics(registry=registry, score_buckets=[0.5]),
-        consumer=consumer,
-        producer=producer,
-        state=WorkerState(),
-        transactions=transactions,  # type: ignore[arg-type]
+        transactions=transactions,
     )
     return worker, consumer, producer, registry, transactions
 

@@ -18,9 +18,8 @@ from detector import Detector
 from streams.codec import encode_images
 from streams.kafka_io import create_consumer, create_producer
 from streams.worker.loop import Worker, WorkerState
-from streams.worker.publish import ResultPublisher
 from streams.worker.transactions import TransactionalProducer, start_transactions
-from streams.worker_process import build_metrics, scorer_for
+from streams.worker_process import build_metrics, publisher_for, scorer_for
 from tests.fixtures_broker import StreamTopics, make_topics, metric_value
 from tests.fixtures_model import CPU
 from tests.streams.kafka_helpers import produce_values, wait_committed
@@ -56,14 +55,8 @@ def _run_in_process(topics: StreamTopics, model: Path, guarantee: str, n: int) -
         transactions = start_transactions(
             producer=producer, consumer=consumer, config=config, metrics=metrics
         )
-    publisher = ResultPublisher(
-        producer=producer,
-        alert_topic=config.alert_topic,
-        scores_topic=config.scores_topic,
-        dlq_topic=config.dlq_topic,
-        model_version=detector.version,
-        threshold=detector.threshold,
-        clock=lambda: time.time() + _TWO_HOURS_S,
+    publisher = publisher_for(
+        config, detector=detector, producer=producer, clock=lambda: time.time() + _TWO_HOURS_S
     )
     worker = Worker(
         config=config,
