@@ -224,8 +224,14 @@ def test_a_worker_fenced_by_another_with_its_stable_transactional_id_says_so_and
     the second consumes everything, exactly once for read_committed readers."""
     topics = make_topics(kafka_broker)
     same = [*EOS, *SHORT_SESSION, "--set", f"stream.transactional_id={topics.config.group_id}-x"]
+    # The range assignor gives the one partition to the lowest member id, which starts with the
+    # client id: the first worker keeps it, so that it has transactions to be fenced in (an
+    # idle one would learn of it only once it has work again).
     first = start_worker(
-        model=trained_bundle, topics=topics, log_dir=tmp_path / "first", extra_args=same
+        model=trained_bundle,
+        topics=topics,
+        log_dir=tmp_path / "first",
+        extra_args=[*same, "--set", 'stream.client_id="a-first"'],
     )
     # Records keep coming, so that the first worker has transactions to fail with.
     producing = _Feeder(topics, rate=300)
@@ -234,7 +240,10 @@ def test_a_worker_fenced_by_another_with_its_stable_transactional_id_says_so_and
     try:
         _wait_past(topics, 200)
         second = start_worker(
-            model=trained_bundle, topics=topics, log_dir=tmp_path / "second", extra_args=same
+            model=trained_bundle,
+            topics=topics,
+            log_dir=tmp_path / "second",
+            extra_args=[*same, "--set", 'stream.client_id="b-second"'],
         )
         assert first.wait(timeout_s=60) == 1, first.log()[-3000:]
     finally:
