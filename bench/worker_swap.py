@@ -40,7 +40,7 @@ from detector.config import DetectorSettings
 from streams.brokers.local import EmbeddedBroker, free_port
 from streams.config import StreamConfig
 from streams.kafka_io import create_producer, ensure_topics
-from streams.replay import plan_replay, replay
+from streams.replay import ArrayRecords, plan_replay, replay
 
 WINDOW_S = 2.0
 
@@ -129,10 +129,8 @@ def run(
             replay(
                 producer=producer,
                 topic="swap.images",
-                images=images,
-                labels=None,
+                records=ArrayRecords(images, labels=None),
                 plan=plan,
-                codec="raw",
                 rate=args.rate,
             )
             time.sleep(2)

@@ -54,10 +54,10 @@ from streams.worker_process import build_metrics, publisher_for, scorer_for, tun
 FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
-def fashion_images() -> np.ndarray:
+def fashion_images(path: Path = FASHION_TEST) -> np.ndarray:
     import gzip
 
-    with gzip.open(FASHION_TEST) as f:
+    with gzip.open(path) as f:
         data = f.read()
     return np.frombuffer(data, np.uint8, offset=16).reshape(-1, 784).copy()
 
@@ -297,6 +297,7 @@ def drain_run(
         "fetch_max_wait_ms": fetch_wait_ms,
         "model": str(args.model or f"untrained {args.model_kind}"),
         "device": str(detector.device),
+        "precision": detector.precision,
         "torch_threads": torch.get_num_threads(),
         "records": args.records,
         "max_batch_size": args.batch,
@@ -372,18 +373,29 @@ def main() -> None:
         choices=["fp32", "int8", "bf16", "auto"],
         help="detector.precision (auto: fp32 for the untrained bundle, which validated nothing)",
     )
+    parser.add_argument(
+        "--device", default="auto", help="detector.device (auto: CUDA when present, else CPU)"
+    )
+    parser.add_argument(
+        "--test-images", type=Path, default=FASHION_TEST, help="Fashion-MNIST's t10k images"
+    )
     args = parser.parse_args()
-    images = fashion_images()
+    images = fashion_images(args.test_images)
     order = run_order(args.engine, args.repeats)
     runs: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.model or make_bundle(args.model_kind, Path(tmp) / "bundle", images)
-        detector = Detector.from_bundle(bundle, DetectorSettings(precision=args.precision))
+        settings = DetectorSettings(device=args.device, precision=args.precision)
+        detector = Detector.from_bundle(bundle, settings)
         for number, engine in enumerate(order, 1):
             label = f"run {number}/{len(order)}, {engine}: " if len(order) > 1 else ""
             summary = drain_run(args, engine, detector, images, label)
             profile = summary.pop("profile", None)
             print(json.dumps(summary, indent=2), flush=True)
+            figures = {f"{engine} acked rec/s": summary["worker_acked_per_s"],
+                       f"{engine} scoring alone rec/s": summary["scoring_alone_per_s"],
+                       f"{engine} plain consume rec/s": summary["plain_consume_per_s"]}  # fmt: skip
+            print("result: " + json.dumps(figures), flush=True)
             if profile:
                 print(profile, flush=True)
             runs.append((engine, summary))

@@ -1,8 +1,8 @@
 """The model bundle: one directory that holds everything a scorer needs, verified on load.
 
 bundle.json               model config, calibration summary (with the precision it was computed
-                          in and the other precisions checked against it), version, file
-                          digests, metadata
+                          in and the other precisions checked against it), preprocessing (how an
+                          image file becomes the model's input), version, file digests, metadata
 model.safetensors         weights (no pickle)
 calibration.safetensors   sorted calibration scores
 report/                   pictures and history written by the trainer (not needed to score)
@@ -29,6 +29,7 @@ from safetensors.torch import save_file as save_torch
 from detector.calibration import Calibration
 from detector.config import MODEL_CONFIG_BEFORE_LATENT, ModelConfig
 from detector.model import VAE
+from detector.preprocess import LEGACY_PREPROCESSING, Preprocessing
 
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
@@ -47,6 +48,8 @@ class Bundle:
     version: str
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    # Bundles written before it was recorded take 28 x 28 images only, as they did.
+    preprocessing: Preprocessing = LEGACY_PREPROCESSING
 
 
 def _sha256(path: Path) -> str:
@@ -54,13 +57,18 @@ def _sha256(path: Path) -> str:
 
 
 def _content_version(
-    config: dict[str, Any], calibration: dict[str, Any], digests: dict[str, str]
+    config: dict[str, Any],
+    calibration: dict[str, Any],
+    digests: dict[str, str],
+    preprocessing: dict[str, Any] | None = None,
 ) -> str:
-    """Hash of everything that decides a score and a decision: config, calibration, file digests."""
-    identity = json.dumps(
-        {"config": config, "calibration": calibration, "files": digests}, sort_keys=True
-    )
-    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+    """Hash of everything that decides a score and a decision: config, calibration, file digests,
+    and the preprocessing of image files (absent from older bundles, whose versions stay)."""
+    identity: dict[str, Any] = {"config": config, "calibration": calibration, "files": digests}
+    if preprocessing is not None:
+        identity["preprocessing"] = preprocessing
+    identity_text = json.dumps(identity, sort_keys=True)
+    return hashlib.sha256(identity_text.encode()).hexdigest()[:12]
 
 
 def save_bundle(
@@ -69,11 +77,13 @@ def save_bundle(
     model: VAE,
     calibration: Calibration,
     metadata: dict[str, Any] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Bundle:
     """Write model, calibration and manifest into `path`; returns the bundle with its version.
 
-    The version is a content hash of the weights, the model config and the calibration, so two
-    bundles with the same version score every image the same way.
+    The version is a content hash of the weights, the model config, the calibration and the
+    preprocessing, so two bundles with the same version score every image the same way. Without
+    `preprocessing` the bundle takes 28 x 28 images only, as bundles written before it did.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -90,17 +100,21 @@ def save_bundle(
         "precision": calibration.precision,
         "precision_checks": calibration.precision_checks,
     }
-    version = _content_version(config, calibration_summary, digests)
+    recorded = preprocessing.model_dump(mode="json") if preprocessing is not None else None
+    version = _content_version(config, calibration_summary, digests, recorded)
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_version": version,
         "model_config": config,
         "calibration": calibration_summary,
+        **({"preprocessing": recorded} if recorded is not None else {}),
         "files": digests,
         "metadata": metadata or {},
     }
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return Bundle(model, calibration, version, metadata or {}, path)
+    return Bundle(
+        model, calibration, version, metadata or {}, path, preprocessing or LEGACY_PREPROCESSING
+    )
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -185,7 +199,10 @@ def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -
     # The version is a hash of the config and calibration summary too, so an edited manifest
     # (say a changed beta or threshold, which the weights alone would not reveal) is caught here.
     expected = _content_version(
-        manifest["model_config"], manifest["calibration"], manifest["files"]
+        manifest["model_config"],
+        manifest["calibration"],
+        manifest["files"],
+        manifest.get("preprocessing"),
     )
     if manifest["model_version"] != expected:
         raise BundleError(
@@ -238,4 +255,22 @@ def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -
             # A NaN threshold flags nothing (every comparison is false): refuse it.
             raise BundleError(f"{path / MANIFEST}: calibration {name} is {value!r}, not a number")
     model.eval()
-    return Bundle(model, calibration, manifest["model_version"], manifest.get("metadata", {}), path)
+    return Bundle(
+        model,
+        calibration,
+        manifest["model_version"],
+        manifest.get("metadata", {}),
+        path,
+        _preprocessing(path, manifest.get("preprocessing")),
+    )
+
+
+def _preprocessing(path: Path, recorded: Any) -> Preprocessing:
+    if recorded is None:
+        return LEGACY_PREPROCESSING
+    try:
+        return Preprocessing.model_validate(recorded)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BundleError(f"{path / MANIFEST}: preprocessing.{where}: {first['msg']}") from None

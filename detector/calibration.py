@@ -21,6 +21,7 @@ class Calibration:
     `precision` is the precision the calibration scores were computed in; `precision_checks`
     holds, per other precision, how its scores of the same images compared at this threshold
     (trainer.calibrate.validate_precisions), with `passed` when they held the quality band.
+    int8's check also holds the activation ranges its scales come from (`int8_ranges`).
     """
 
     threshold: float
@@ -47,7 +48,15 @@ class Calibration:
     def validated_precisions(self) -> tuple[str, ...]:
         """The precisions this calibration holds for: its own and those whose check passed."""
         passed = [p for p, check in sorted(self.precision_checks.items()) if check.get("passed")]
+        if self.int8_ranges is None:  # a check of issue 21's per-batch int8: not this int8
+            passed = [p for p in passed if p != "int8"]
         return (self.precision, *[p for p in passed if p != self.precision])
+
+    @property
+    def int8_ranges(self) -> dict[str, list[float]] | None:
+        """The activation ranges int8 scoring takes its fixed scales from (detector.int8), as
+        measured at calibration; None for a calibration that measured none."""
+        return self.precision_checks.get("int8", {}).get("activation_ranges") or None
 
     @property
     def n(self) -> int:

@@ -151,11 +151,11 @@ class DetectorSettings(BaseModel):
     )
     precision: Literal["fp32", "int8", "bf16", "auto"] = Field(
         "auto",
-        description="Numeric precision of CPU scoring: fp32; bf16 (needs a CPU with AVX512-BF16 "
-        "or AMX; the fastest for both model kinds there); int8 (Linear layers dynamically "
-        "quantised, the MLP's fastest, but an image's score then depends on the other images "
-        "of its batch: only when asked for); auto = bf16 where the CPU has it and the bundle's "
-        "calibration validated it (FPR at the threshold within 0.003 of fp32), else fp32. On "
-        "CUDA always fp32 (int8 and bf16 are refused there). BENCHMARKS.md, CPU scoring "
-        "precision.",
+        description="Numeric precision of CPU scoring: fp32; int8 (the big layers with fixed "
+        "activation scales measured at calibration: an image's score does not depend on its "
+        "batch; the MLP's fastest; needs a bundle written since issue 29); bf16 (needs a CPU with "
+        "AVX512-BF16 or AMX; the conv model's fastest there); auto = the fastest of those that "
+        "the bundle's calibration validated (FPR at the threshold within 0.003 of fp32) and the "
+        "CPU runs fast (MLP: int8, then bf16; conv: bf16, then int8), else fp32. On CUDA always "
+        "fp32 (int8 and bf16 are refused there). docs/model.md, precision on the CPU.",
     )

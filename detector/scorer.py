@@ -10,17 +10,19 @@ On the CPU (issue 21, BENCHMARKS.md "CPU scoring precision"): the model is score
 prepared copy, made once per model and weights (`cpu_scoring_model`): the conv model's
 convolutions in channels-last and its last transposed convolution rewritten as an equivalent
 stride-1 convolution and a pixel shuffle, in chunks that stay in the cache (`CPU_CHUNK`); with
-`precision` int8, its Linear layers dynamically quantised to int8
-(`torch.ao.quantization.quantize_dynamic`); with bf16, all of it under CPU autocast to bf16. The
-scores are the model's own (fp32: within float rounding; int8 and bf16: checked per bundle at
-calibration, see trainer.calibrate.validate_precisions). CUDA scores the model itself, in fp32.
+`precision` int8, its big layers in int8 with fixed activation scales measured at calibration
+(detector.int8, issue 29: an image's score does not depend on its batch); with bf16, all of it
+under CPU autocast to bf16. The scores are the model's own (fp32: within float rounding; int8 and
+bf16: checked per bundle at calibration, see trainer.calibrate.validate_precisions). CUDA scores
+the model itself, in fp32.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
-import warnings
+import math
 import weakref
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -34,7 +36,9 @@ from torch import nn
 from detector.bundle import Bundle, load_bundle
 from detector.calibration import Calibration
 from detector.config import IMAGE_PIXELS, PRECISIONS, DetectorSettings
+from detector.int8 import quantise_layers
 from detector.model import VAE, to_model_input
+from detector.preprocess import LEGACY_PREPROCESSING, Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +47,14 @@ _PINNED_SLOTS = 2  # one batch in flight on the GPU while the next one is being 
 # out of the cache in larger chunks (1.4-1.7x slower at 1,024); the MLP's GEMMs like them large.
 CPU_CHUNK = {"conv": 256, "mlp": 1024}
 # The precisions `auto` may pick on the CPU, fastest first, per model kind, measured side by
-# side (BENCHMARKS.md, "CPU scoring precision (issue 21)"); a precision is only picked for a
-# bundle whose calibration validated it. bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX),
-# without which it is slower than fp32. int8 (dynamic quantisation: the Linear layers only, so
-# the MLP's gain) is never picked by `auto`: its activations are quantised with one scale per
-# batch, so an image's score depends on the other images of its batch (by up to 0.74 on MLP
-# scores spread over 13), and the same record could be flagged or not by where a batch was cut.
-AUTO_ORDER = {"mlp": ("bf16", "fp32"), "conv": ("bf16", "fp32")}
+# side (BENCHMARKS.md, "CPU scoring precision"); a precision is only picked for a bundle whose
+# calibration validated it, and only on a CPU that runs it fast: bf16 needs native bf16
+# (AVX512-BF16 or AMX), without which it is slower than fp32; int8 needs torch's x86 int8
+# kernels (fbgemm, oneDNN; AVX2 or better). int8 has fixed activation scales (detector.int8), so
+# an image's score does not depend on the other images of its batch. The conv model's int8
+# quantises its encoder's hidden convolution only (torch's quantised transposed convolutions
+# were wrong (oneDNN) or slower than fp32 (fbgemm) here), so bf16 stays ahead of it.
+AUTO_ORDER = {"mlp": ("int8", "bf16", "fp32"), "conv": ("bf16", "int8", "fp32")}
 
 
 class DeviceError(ValueError):
@@ -81,11 +86,11 @@ def resolve_precision(
 ) -> str:
     """The precision a detector scores in: fp32, int8 or bf16.
 
-    int8 and bf16 are CPU paths (dynamic quantisation with fbgemm/oneDNN's int8 kernels, oneDNN
+    int8 and bf16 are CPU paths (static quantisation with fbgemm/oneDNN's int8 kernels, oneDNN
     bf16): `auto` never picks them on any other device (CUDA scores in fp32), and asking for
     them there is an error. On the CPU `auto` picks the fastest precision for this model kind
     (`AUTO_ORDER`) that the bundle's calibration validated (`validated`); bf16 only on a CPU
-    with native bf16."""
+    with native bf16, int8 only where torch's x86 int8 kernels run (`fast_int8`)."""
     if requested not in (*PRECISIONS, "auto"):
         raise PrecisionError(
             f"detector.precision {requested!r} is unknown (use fp32, int8, bf16 or auto)"
@@ -102,14 +107,29 @@ def resolve_precision(
     usable = [p for p in AUTO_ORDER.get(kind, ()) if p in validated]
     if not native_bf16():
         usable = [p for p in usable if p != "bf16"]
+    if not fast_int8():
+        usable = [p for p in usable if p != "int8"]
     return usable[0] if usable else "fp32"
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (else oneDNN emulates it, slower than fp32)."""
+    """Whether this CPU computes in bf16 natively (else oneDNN emulates it, slower than fp32),
+    and torch may use it: ATen restricted below AVX-512 (ATEN_CPU_CAPABILITY=avx2, as
+    bench/cpu_modes.py runs the AVX2 case on an AVX-512 machine) rules it out."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     # Private: torch has no public query for it (torch.backends.mkldnn tells only whether oneDNN
     # is built in); this op is torch's own check, the one private torch API vaewatch uses.
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def fast_int8() -> bool:
+    """Whether torch's int8 kernels that detector.int8 uses run here at speed: both engines
+    built in (x86 builds) and ATen's vector kernels at AVX2 or better (what
+    ATEN_CPU_CAPABILITY restricts; fbgemm needs AVX2)."""
+    engines = torch.backends.quantized.supported_engines
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "fbgemm" in engines and "onednn" in engines and capability.startswith("AVX")
 
 
 class _ChannelsLast(nn.Module):
@@ -177,10 +197,33 @@ def _rewrite_convolutions(model: VAE) -> None:
                 body[i] = nn.Sequential(_ChannelsLast(), layer)
 
 
-def _quantise_linear(model: VAE) -> VAE:
-    with warnings.catch_warnings():  # torch.ao's notice that the API moves to torchao
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+class _LatentByProduct(nn.Module):
+    """The latent density's -log q(z) with each component's inverse Cholesky factor computed
+    once: the K triangular solves of every batch become one small matrix product (the same
+    value up to float rounding; the solves were about a tenth of the MLP's score time in a
+    profile on the AVX2 machine). Always in fp32, under bf16 autocast too, as the solves were."""
+
+    def __init__(self, latent: nn.Module) -> None:
+        super().__init__()
+        tril = latent.scale_tril.double()
+        inverse = torch.linalg.inv(tril)  # K x d x d, lower triangular
+        k, d = latent.means.shape
+        self.components = k
+        # z @ projection - offset = (L_k^-1 (z - m_k)) for every k, side by side: N x (K d)
+        self.register_buffer("projection", inverse.transpose(1, 2).permute(1, 0, 2).reshape(
+            d, k * d).float())  # fmt: skip
+        offset = torch.einsum("kij,kj->ki", inverse, latent.means.double())
+        self.register_buffer("offset", offset.reshape(k * d).float())
+        log_det = 2.0 * torch.log(torch.diagonal(tril, dim1=1, dim2=2)).sum(dim=1)
+        constant = -0.5 * (log_det + d * math.log(2.0 * math.pi)) + latent.log_weights.double()
+        self.register_buffer("constant", constant.float())
+
+    def negative_log_density(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            solved = z.float() @ self.projection - self.offset
+            solved = solved.view(len(z), self.components, -1)
+            log_components = -0.5 * solved.pow(2).sum(dim=2) + self.constant
+            return -torch.logsumexp(log_components, dim=1)
 
 
 class _Bf16(nn.Module):
@@ -197,23 +240,33 @@ class _Bf16(nn.Module):
             return self.model.score(x).float()
 
 
-def prepare_cpu_model(model: VAE, precision: str) -> VAE:
+def prepare_cpu_model(model: VAE, precision: str, *, int8_ranges: dict | None = None) -> VAE:
     """A copy of `model` that scores the same on the CPU, faster: convolutions rewritten (conv
-    models), Linear layers in int8 (`precision` int8) or everything under bf16 autocast (bf16).
-    The model itself is not changed."""
+    models), its big layers in int8 with the scales of `int8_ranges` (`precision` int8: the
+    activation ranges its calibration measured, detector.int8) or everything under bf16
+    autocast (bf16). The model itself is not changed."""
     if precision not in PRECISIONS:
         raise PrecisionError(f"precision {precision!r} is unknown (use fp32, int8 or bf16)")
+    if precision == "int8" and not int8_ranges:
+        raise PrecisionError(
+            "precision int8 needs the activation ranges that calibration measures: this bundle "
+            "has none (written before int8 scales were stored: `vaewatch recalibrate` it, or "
+            "use fp32)"
+        )
     prepared = copy.deepcopy(model).cpu().eval()
+    if prepared.latent is not None:
+        prepared.latent = _LatentByProduct(prepared.latent)
+    if precision == "int8":
+        quantise_layers(prepared, int8_ranges)
     if model.config.kind == "conv":
         _rewrite_convolutions(prepared)
-    if precision == "int8":
-        prepared = _quantise_linear(prepared)
-    elif precision == "bf16":
+    if precision == "bf16":
         prepared = _Bf16(prepared)
     return prepared.eval()
 
 
-# model -> {precision: (weights key, prepared copy)}; a model that is gone takes its copies along.
+# model -> {precision: (weights and ranges key, prepared copy)}; a model that is gone takes its
+# copies along.
 _PREPARED: weakref.WeakKeyDictionary[VAE, dict[str, tuple[tuple, VAE]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -231,14 +284,18 @@ def _weights_key(model: VAE) -> tuple:
         return (object(),)
 
 
-def cpu_scoring_model(model: VAE, precision: str = "fp32") -> VAE:
+def cpu_scoring_model(
+    model: VAE, precision: str = "fp32", *, int8_ranges: dict | None = None
+) -> VAE:
     """The prepared copy of `model` for `precision` (`prepare_cpu_model`), made once and reused
-    while the model's weights stay the same."""
-    key = _weights_key(model)
+    while the model's weights (and, for int8, the ranges) stay the same."""
+    ranges = json.dumps(int8_ranges, sort_keys=True) if precision == "int8" else None
+    key = (_weights_key(model), ranges)
     copies = _PREPARED.setdefault(model, {})
     cached = copies.get(precision)
     if cached is None or cached[0] != key:
-        copies[precision] = cached = (key, prepare_cpu_model(model, precision))
+        prepared = prepare_cpu_model(model, precision, int8_ranges=int8_ranges)
+        copies[precision] = cached = (key, prepared)
     return cached[1]
 
 
@@ -262,13 +319,15 @@ def score_batches(
     device: torch.device,
     batch_size: int,
     precision: str = "fp32",
+    int8_ranges: dict | None = None,
 ) -> torch.Tensor:
     """Deterministic scores of uint8 N x 784 images, `batch_size` at a time on `device`, as a
     float32 CPU tensor. The model must be in eval mode (dropout off). On the CPU the model's
-    prepared copy scores (`cpu_scoring_model`, in `precision`), in chunks of at most
-    `CPU_CHUNK`; elsewhere the model itself, in fp32 (`precision` must be fp32)."""
+    prepared copy scores (`cpu_scoring_model`, in `precision`; int8 with the activation ranges
+    of its calibration, `int8_ranges`), in chunks of at most `CPU_CHUNK`; elsewhere the model
+    itself, in fp32 (`precision` must be fp32)."""
     if device.type == "cpu":
-        scorer = cpu_scoring_model(model, precision)
+        scorer = cpu_scoring_model(model, precision, int8_ranges=int8_ranges)
         batch_size = min(batch_size, CPU_CHUNK.get(model.config.kind, batch_size))
     elif precision != "fp32":
         raise PrecisionError(f"precision {precision} runs on the CPU only, not on {device}")
@@ -332,8 +391,10 @@ class Detector:
         device: str = "auto",
         max_batch_size: int = 8192,
         precision: str = "auto",
+        preprocessing: Preprocessing = LEGACY_PREPROCESSING,
     ) -> None:
         self.device = resolve_device(device)
+        self.preprocessing = preprocessing  # how image files become this model's input
         self.model = model.to(self.device).eval()
         self.calibration = calibration
         self.version = version
@@ -345,6 +406,8 @@ class Detector:
             kind=model.config.kind,
             validated=calibration.validated_precisions,
         )
+        # int8's fixed activation scales, from the calibration (None: not measured)
+        self.int8_ranges = calibration.int8_ranges
         if self.precision != calibration.precision:
             validated = self.precision in calibration.validated_precisions
             logger.log(
@@ -363,7 +426,8 @@ class Detector:
             ]
             self._slot_free = [None] * _PINNED_SLOTS
         else:
-            cpu_scoring_model(self.model, self.precision)  # prepared now, not on the first batch
+            # prepared now, not on the first batch (and a bundle without int8 ranges fails here)
+            cpu_scoring_model(self.model, self.precision, int8_ranges=self.int8_ranges)
 
     @classmethod
     def from_bundle(
@@ -382,6 +446,7 @@ class Detector:
             device=settings.device,
             max_batch_size=settings.max_batch_size,
             precision=settings.precision,
+            preprocessing=bundle.preprocessing,
         )
 
     @property
@@ -421,6 +486,7 @@ class Detector:
             device=self.device,
             batch_size=self.max_batch_size,
             precision=self.precision,
+            int8_ranges=self.int8_ranges,
         )
 
     def _submit_cuda(self, images: np.ndarray) -> PendingScores:

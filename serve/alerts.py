@@ -10,6 +10,7 @@ decoding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -20,11 +21,15 @@ from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, TopicAuthorizationFailedError, UnknownTopicOrPartitionError
 
+from detector.preprocess import ImageDecoding
+from streams.broker_refusals import RepeatedErrorLog
+from streams.client_internals import unauthorized_topics
 from streams.codec import decode_batch
 from streams.config import StreamConfig
-from streams.kafka_io import create_consumer
+from streams.connection_errors import describe_kafka_error
+from streams.kafka_io import create_consumer, topic_access_error
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +90,9 @@ class AlertFollower:
         hub: AlertHub,
         explain: Callable[..., dict[str, Any]],
         replay_recent: int,
+        images: ImageDecoding | None = None,
     ) -> None:
+        self.images = images  # the served bundle's preprocessing, for the image codec
         self.stream = stream
         self.hub = hub
         self.explain = explain
@@ -103,23 +110,26 @@ class AlertFollower:
 
     def _run(self) -> None:
         backoff = 0.5
+        errors = RepeatedErrorLog(logger)
         while not self._stop.is_set():
             try:
                 self._follow()
             except (KafkaError, OSError) as exc:
                 self.connected = False
-                logger.warning("live alerts: broker not reachable (%s); retrying", exc)
+                # One line naming the cause (a refused password or certificate, a missing
+                # ACL), repeated at most every 30 s while it lasts.
+                errors.report(f"live alerts: {describe_kafka_error(exc, self.stream)}; retrying")
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
 
     def _assign_alert_topic(self, consumer: KafkaConsumer) -> None:
+        """Assign every partition of the alert topic; raises the reason there are none (the
+        topic does not exist yet, or no ACL lets this client read it)."""
         topic = self.stream.alert_topic
-        partitions = None
-        while partitions is None and not self._stop.is_set():
-            partitions = consumer.partitions_for_topic(topic)
-            if partitions is None:
-                self._stop.wait(0.5)
-        parts = [TopicPartition(topic, p) for p in sorted(partitions or ())]
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise topic_access_error(self.stream, topic) or UnknownTopicOrPartitionError(topic)
+        parts = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(parts)
         ends = consumer.end_offsets(parts)
         starts = consumer.beginning_offsets(parts)
@@ -129,24 +139,26 @@ class AlertFollower:
             consumer.seek(tp, max(starts[tp], ends[tp] - back))
 
     def _follow(self) -> None:
-        alerts = _consumer(self.stream)
-        sources = _consumer(self.stream)
-        try:
-            self._assign_alert_topic(alerts)
-            self.connected = True
-            logger.info("live alerts: following %s", self.stream.alert_topic)
-            while not self._stop.is_set():
-                records = [r for batch in alerts.poll(timeout_ms=200).values() for r in batch]
-                # A viewer wants the newest alerts: when a burst brings more than the view
-                # holds, the older ones are not read back (they stay on the alert topic).
-                skipped = max(len(records) - self.replay_recent, 0)
-                if skipped:
-                    logger.info("live alerts: %d older alerts of a burst not shown", skipped)
-                for record in records[skipped:]:
-                    self._handle(record.value, sources)
-        finally:
-            alerts.close()
-            sources.close()
+        with contextlib.ExitStack() as clients:  # both closed, whichever fails to connect
+            alerts = _consumer(self.stream)
+            clients.callback(alerts.close)
+            sources = _consumer(self.stream)
+            clients.callback(sources.close)
+            self._follow_with(alerts, sources)
+
+    def _follow_with(self, alerts: KafkaConsumer, sources: KafkaConsumer) -> None:
+        self._assign_alert_topic(alerts)
+        self.connected = True
+        logger.info("live alerts: following %s", self.stream.alert_topic)
+        while not self._stop.is_set():
+            records = [r for batch in alerts.poll(timeout_ms=200).values() for r in batch]
+            # A viewer wants the newest alerts: when a burst brings more than the view
+            # holds, the older ones are not read back (they stay on the alert topic).
+            skipped = max(len(records) - self.replay_recent, 0)
+            if skipped:
+                logger.info("live alerts: %d older alerts of a burst not shown", skipped)
+            for record in records[skipped:]:
+                self._handle(record.value, sources)
 
     def _handle(self, value: bytes, sources: KafkaConsumer) -> None:
         try:
@@ -185,10 +197,17 @@ class AlertFollower:
         sources.seek(tp, offset)
         deadline = time.monotonic() + _SOURCE_READ_TIMEOUT_S
         while time.monotonic() < deadline and not self._stop.is_set():
-            for record in sources.poll(timeout_ms=200, max_records=1).get(tp, []):
+            try:
+                polled = sources.poll(timeout_ms=200, max_records=1)
+                if tp.topic in unauthorized_topics(sources):  # poll() only logs it
+                    raise TopicAuthorizationFailedError({tp.topic})
+            except KafkaError as exc:  # a source topic this client may not read
+                why = describe_kafka_error(exc, self.stream, operation="READ")
+                return None, f"cannot read it back: {why}"
+            for record in polled.get(tp, []):
                 if record.offset != offset:
                     return None, f"{tp.topic}/{tp.partition}/{offset} is gone (retention)"
-                decoded = decode_batch([record.value], codec=self.stream.codec)
+                decoded = decode_batch([record.value], codec=self.stream.codec, images=self.images)
                 if decoded.n_valid != 1:
                     reason = next(iter(decoded.errors.values()), ("undecodable", ""))[0]
                     return None, f"the source record does not decode ({reason})"

@@ -70,7 +70,7 @@ IMAGES_BODY = {
                 },
             }
         },
-        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
     },
 }
 
@@ -113,9 +113,14 @@ def _score_json(result: Any, index: int, name: str | None) -> dict[str, Any]:
     return row
 
 
-def _explain_json(found: ImageExplanation, index: int, name: str | None) -> dict[str, Any]:
+def _explain_json(
+    found: ImageExplanation, image: np.ndarray, index: int, name: str | None
+) -> dict[str, Any]:
+    """An explanation, with the 28 x 28 image the model saw (an upload after preprocessing)."""
     return {
         **_score_json(found.score, index, name),
+        "input_png": b64_png(grey_image(image)),
+        "input": image.tolist(),
         "reconstruction_nll": found.reconstruction_nll,
         "reconstruction_png": b64_png(grey_image(found.reconstruction)),
         "heatmap_png": b64_png(heatmap_image(found.pixel_nll)),
@@ -136,7 +141,11 @@ def create_app(
     hub = AlertHub(recent=config.recent_alerts)
     follower = (
         AlertFollower(
-            stream=stream, hub=hub, explain=service.explain_now, replay_recent=config.recent_alerts
+            stream=stream,
+            hub=hub,
+            explain=service.explain_now,
+            replay_recent=config.recent_alerts,
+            images=service.decoding,
         )
         if stream is not None
         else None
@@ -160,7 +169,8 @@ def create_app(
     app = FastAPI(
         title="vaewatch",
         version="1",
-        summary="Score, explain and generate 28x28 images with a VAE model bundle.",
+        summary="Score and explain images (any size, made the model's 28x28 input by the "
+        "bundle's preprocessing), and generate 28x28 images, with a VAE model bundle.",
         lifespan=lifespan,
     )
     install_error_handlers(app)
@@ -190,7 +200,9 @@ def create_app(
     @app.post("/v1/score", dependencies=auth, openapi_extra={"requestBody": IMAGES_BODY})
     async def score(request: Request) -> dict[str, Any]:
         """Score, p-value and verdict of each image, as `vaewatch score` gives them."""
-        got = await read_images(request, limit=config.max_images_per_request)
+        got = await read_images(
+            request, limit=config.max_images_per_request, decoding=service.decoding
+        )
         try:
             results = await service.score_batcher.submit(got.images)
         except QueueFullError as exc:
@@ -220,7 +232,9 @@ def create_app(
     ) -> Any:
         """Reconstruction and per-pixel anomaly map (each pixel's share of the reconstruction
         term, in nats: the map sums to `reconstruction_nll`) of each image."""
-        got = await read_images(request, limit=config.max_images_per_request)
+        got = await read_images(
+            request, limit=config.max_images_per_request, decoding=service.decoding
+        )
         wants_png = image is not None or "image/png" in request.headers.get("accept", "")
         if wants_png and len(got.images) != 1:
             raise InputError(
@@ -246,7 +260,7 @@ def create_app(
         return {
             "model_version": service.version,
             "threshold": service.threshold,
-            "results": [_explain_json(f, i, names[i]) for i, f in enumerate(found)],
+            "results": [_explain_json(f, got.images[i], i, names[i]) for i, f in enumerate(found)],
         }
 
     async def _on_device(function: Any, *args: Any, **kwargs: Any) -> Any:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 class ServeConfig(BaseModel):
@@ -59,3 +61,32 @@ class ServeConfig(BaseModel):
     recent_alerts: int = Field(
         20, ge=0, description="Alerts the live view shows at once, and replays to a new viewer."
     )
+    ssl_certfile: str | None = Field(
+        None,
+        description="Certificate (PEM, chain) of the service (uvicorn's ssl_certfile): when set, "
+        "it speaks HTTPS only.",
+    )
+    ssl_keyfile: str | None = Field(
+        None, description="Private key (PEM) of ssl_certfile (uvicorn's ssl_keyfile)."
+    )
+    ssl_keyfile_password: SecretStr | None = Field(
+        None,
+        description="Password of an encrypted ssl_keyfile; better set from the environment "
+        "(VAEWATCH_SERVE__SSL_KEYFILE_PASSWORD).",
+    )
+    ssl_ca_certs: str | None = Field(
+        None, description="CA bundle (PEM) that client certificates are checked against."
+    )
+    ssl_cert_reqs: Literal["none", "optional", "required"] = Field(
+        "none",
+        description="Client certificates (mutual TLS): none, optional or required; the last two "
+        "need ssl_ca_certs.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ServeConfig:
+        if (self.ssl_keyfile or self.ssl_ca_certs) and not self.ssl_certfile:
+            raise ValueError("ssl_keyfile and ssl_ca_certs need ssl_certfile")
+        if self.ssl_cert_reqs != "none" and not self.ssl_ca_certs:
+            raise ValueError(f"ssl_cert_reqs {self.ssl_cert_reqs} needs ssl_ca_certs")
+        return self

@@ -1,6 +1,7 @@
-"""Images in and out of HTTP: PNG files, JSON pixel lists and base64 of the 784 bytes in (read
-by the decoders the rest of vaewatch uses: detector.png, streams.codec); PNGs (single images,
-heatmaps, grids) out. Every bad input raises InputError naming it."""
+"""Images in and out of HTTP: image files, JSON pixel lists and base64 of the 784 bytes in (read
+by what the rest of vaewatch reads them with: the bundle's preprocessing in detector.preprocess,
+the json codec's parser in streams.codec); PNGs (single images, heatmaps, grids) out. Every bad
+input raises InputError naming it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from detector.config import IMAGE_SIDE
-from detector.png import PngError, png_pixels
+from detector.preprocess import TOO_LARGE, ImageDecoding, preprocess_images
 from serve.errors import InputError
 from streams.codec import BAD_SCHEMA, decode_image_values
 
@@ -45,12 +46,20 @@ def check_count(n: int, limit: int) -> None:
         )
 
 
-def decode_png(data: bytes, *, name: str) -> np.ndarray:
-    """A 28x28 PNG (any 8- or 16-bit mode, decoded as `vaewatch score` does) -> 784 uint8."""
-    try:
-        return png_pixels(data)
-    except PngError as exc:
-        raise _bad(exc.code, f"{name}: {exc}") from None
+def decode_image_files(
+    files: list[bytes], *, names: list[str], decoding: ImageDecoding
+) -> np.ndarray:
+    """Image files of any format and size -> N x 784, made the model's input by the bundle's
+    preprocessing, as `vaewatch score` and the worker make them. The first file that cannot be
+    one is the error (its reason is the code: not_an_image, corrupt_image, too_large (413),
+    animated, bad_depth, bad_mode, wrong_size)."""
+    decoded = preprocess_images(files, decoding)
+    if decoded.errors:
+        index = min(decoded.errors)
+        reason, message = decoded.errors[index]
+        status = 413 if reason == TOO_LARGE else 400
+        raise InputError(status, reason, f"{names[index]}: {message}")
+    return decoded.images
 
 
 def decode_json_images(body: Any, *, limit: int) -> np.ndarray:

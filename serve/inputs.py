@@ -1,8 +1,10 @@
-"""Reading images out of a request: multipart PNG files, a raw image/png body, or JSON
-({"images": [784 ints | base64 of 784 bytes, ...]}); and the body size limit."""
+"""Reading images out of a request: multipart image files, one image file as the body (image/*),
+or JSON ({"images": [784 ints | base64 of 784 bytes, ...]}); and the body size limit. Files are
+decoded off the event loop, in the preprocessing's threads."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -11,14 +13,15 @@ import numpy as np
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from detector.preprocess import ImageDecoding
 from serve.errors import InputError, error_response
-from serve.images import check_count, decode_json_images, decode_png
+from serve.images import check_count, decode_image_files, decode_json_images
 
 
 @dataclass(frozen=True)
 class RequestImages:
-    images: np.ndarray  # uint8 N x 784
-    names: list[str] | None  # file names of uploaded PNGs
+    images: np.ndarray  # uint8 N x 784: what the model sees
+    names: list[str] | None  # file names of uploaded image files
 
 
 def _media_type(request: Request) -> str:
@@ -33,24 +36,31 @@ async def read_json(request: Request) -> Any:
         raise InputError(400, "bad_json", f"the body is not valid JSON ({exc})") from None
 
 
-async def read_images(request: Request, *, limit: int) -> RequestImages:
+async def read_images(request: Request, *, limit: int, decoding: ImageDecoding) -> RequestImages:
+    """The request's images as the model sees them; image files through `decoding`, the
+    served bundle's preprocessing."""
     media = _media_type(request)
     if media == "application/json":
         return RequestImages(decode_json_images(await read_json(request), limit=limit), None)
     if media == "multipart/form-data":
         form = await request.form(max_files=limit * 2, max_fields=limit * 2)
-        files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-        check_count(len(files), limit)
-        names = [f.filename or f"file{i}" for i, f in enumerate(files)]
-        rows = [decode_png(await f.read(), name=name) for f, name in zip(files, names, strict=True)]
-        return RequestImages(np.stack(rows), names)
-    if media == "image/png":
-        return RequestImages(decode_png(await request.body(), name="body")[None, :], None)
+        uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        check_count(len(uploads), limit)
+        names = [f.filename or f"file{i}" for i, f in enumerate(uploads)]
+        files = [await f.read() for f in uploads]
+        images = await asyncio.to_thread(decode_image_files, files, names=names, decoding=decoding)
+        return RequestImages(images, names)
+    if media.startswith("image/") or media == "application/octet-stream":
+        body = await request.body()
+        images = await asyncio.to_thread(
+            decode_image_files, [body], names=["body"], decoding=decoding
+        )
+        return RequestImages(images, None)
     raise InputError(
         415,
         "unsupported_media_type",
-        f"Content-Type {media or '(none)'!r} is not accepted: send multipart/form-data PNG "
-        "files, application/json or one image/png",
+        f"Content-Type {media or '(none)'!r} is not accepted: send multipart/form-data image "
+        "files, application/json, or one image file as the body (image/png, image/jpeg, ...)",
     )
 
 

@@ -9,16 +9,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
 
 from detector.config import DetectorSettings
+from detector.preprocess import ImageSettings
 from serve.app import create_app
 from serve.config import ServeConfig
 from serve.metrics import ServeMetrics
 from serve.service import ModelService
 from streams.config import StreamConfig
+from streams.tls import VERIFY_MODES, server_tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +37,12 @@ class Service:
     socket: socket.socket
     host: str
     port: int
+    scheme: str = "http"  # https when serve.ssl_certfile is set
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
 
 def build_service(
@@ -47,8 +51,11 @@ def build_service(
     config: ServeConfig,
     detector: DetectorSettings | None = None,
     stream: StreamConfig | None = None,
+    images: ImageSettings | None = None,
 ) -> Service:
-    """Load the bundle and bind the port (so `.port` is known before serving when it is 0)."""
+    """Load the bundle and bind the port (so `.port` is known before serving when it is 0).
+    With serve.ssl_certfile, HTTPS only; its files are checked here (TLSSettingsError)."""
+    tls = _tls_options(config)
     # The port first: a taken port fails at once, before seconds of model loading.
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     # proto IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
@@ -63,7 +70,7 @@ def build_service(
         raise
     registry = CollectorRegistry()
     metrics = ServeMetrics(registry=registry)
-    model = ModelService(bundle, config=config, metrics=metrics, detector=detector)
+    model = ModelService(bundle, config=config, metrics=metrics, detector=detector, images=images)
     app = create_app(
         model,
         config=config,
@@ -80,9 +87,35 @@ def build_service(
         # answers a plain 503 beyond it; the app's own 503 is JSON with Retry-After).
         limit_concurrency=config.max_queue_images + _SPARE_CONNECTIONS,
         backlog=2048,
+        **tls,
     )
     server = uvicorn.Server(uvicorn_config)
-    return Service(server, model, sock, config.host, int(sock.getsockname()[1]))
+    scheme = "https" if tls else "http"
+    return Service(server, model, sock, config.host, int(sock.getsockname()[1]), scheme)
+
+
+def _tls_options(config: ServeConfig) -> dict[str, Any]:
+    """uvicorn's TLS options from the serve settings, after a check that the files load."""
+    if not config.ssl_certfile:
+        return {}
+    password = (
+        config.ssl_keyfile_password.get_secret_value() if config.ssl_keyfile_password else None
+    )
+    server_tls_context(
+        setting="serve.ssl_certfile",
+        certfile=config.ssl_certfile,
+        keyfile=config.ssl_keyfile,
+        password=password,
+        client_cafile=config.ssl_ca_certs,
+        client_auth=config.ssl_cert_reqs,
+    )
+    return {
+        "ssl_certfile": config.ssl_certfile,
+        "ssl_keyfile": config.ssl_keyfile,
+        "ssl_keyfile_password": password,
+        "ssl_ca_certs": config.ssl_ca_certs,
+        "ssl_cert_reqs": VERIFY_MODES[config.ssl_cert_reqs],
+    }
 
 
 def serve_forever(service: Service) -> int:

@@ -16,6 +16,7 @@ from detector import Detector, load_bundle
 from detector.bundle import MANIFEST
 from detector.config import DetectorSettings
 from detector.explain import decode_mean, encode_mean, explain, latent_codes, to_uint8
+from detector.preprocess import ImageSettings
 from serve.batching import MicroBatcher
 from serve.config import ServeConfig
 from serve.images import b64_png, grey_image, heatmap_image
@@ -47,10 +48,13 @@ class ModelService:
         config: ServeConfig,
         metrics: ServeMetrics,
         detector: DetectorSettings | None = None,
+        images: ImageSettings | None = None,
     ) -> None:
         bundle = load_bundle(bundle_path)
         self.manifest: dict[str, Any] = json.loads((Path(bundle_path) / MANIFEST).read_text())
         self.detector = Detector.from_bundle(bundle, detector)
+        # Uploaded image files become the model's input as the bundle's preprocessing says.
+        self.decoding = (images or ImageSettings()).decoding(self.detector.preprocessing)
         self.config = config
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
@@ -111,6 +115,7 @@ class ModelService:
             "calibration_method": calibration.method,
             "calibration_size": calibration.n,
             "device": str(self.detector.device),
+            "preprocessing": self.detector.preprocessing.model_dump(mode="json"),
             "metadata": self.manifest.get("metadata", {}),
         }
 

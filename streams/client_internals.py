@@ -30,6 +30,7 @@ changes it (the workaround can then go):
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaTimeoutError
+from kafka.net.compat import KafkaNetClient
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import Histogram
 
@@ -160,3 +162,90 @@ def abort_transaction_within(producer: KafkaProducer, *, timeout_ms: int) -> Non
     """`abort_transaction`, bounded (see send_offsets_within)."""
     result = producer._transaction_manager.begin_abort()
     _finish_transaction_step(producer, result, timeout_ms, "aborting the transaction")
+
+
+def recording_kafka_client(
+    on_failure: Callable[[BaseException, int], None], *, slow_step_s: float
+) -> Callable[..., Any]:
+    """A factory for kafka-python's documented `kafka_client` option (consumer, producer and
+    admin client alike) whose connections hand the exception that ended their set-up (a TLS
+    handshake, a SASL authentication, a refused connection) to `on_failure`, with the number of
+    requests the connection had sent by then. kafka-python has no public API for it: a
+    bootstrap that fails raises only KafkaTimeoutError('Unable to bootstrap'), and the cause
+    goes to its log (Java's client raises SslAuthenticationException or
+    SaslAuthenticationException itself). Each connection is made by the connection manager's
+    get_connection(), and its init_future fails with the cause; a connection closed by an error
+    after its set-up went through is reported with the count negated.
+
+    The count tells a connection that the broker closed during SASL authentication (ApiVersions,
+    SaslHandshake, then SaslAuthenticate: three or more) from one it closed earlier: when the
+    broker's refusal and its close arrive in one read, kafka-python 3.0.12 drops the refusal
+    and reports only 'socket disconnected' (its transport's _read_from_sock aborts before
+    handing over the data read with the end of the stream).
+
+    Its I/O loop warns about a step ("It is blocking the event loop") only when the step ran
+    over `slow_step_s`. Missing public API: the clients have no option for their selector's
+    `slow_task_threshold_secs` (0.1 s), a wall-clock watchdog for livelocks in kafka-python's
+    own coroutines that a busy machine, or another thread holding the GIL, trips with any
+    step."""
+    from kafka.net.manager import KafkaConnectionManager
+    from kafka.net.selector import NetworkSelector
+
+    def requests_sent(connection: Any) -> int:
+        return int(getattr(getattr(connection, "parser", None), "_correlation_id", 0) or 0)
+
+    class RecordingManager(KafkaConnectionManager):
+        def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+            connection = super().get_connection(*args, **kwargs)
+            if not connection.init_future.is_done:
+                connection.init_future.add_errback(
+                    lambda exc: on_failure(exc, requests_sent(connection))
+                )
+                # Closed by an error after a set-up that went through: a listener that
+                # answered ApiVersions but wanted SASL first.
+                connection.init_future.add_callback(
+                    lambda _: connection.close_future.add_errback(
+                        lambda exc: on_failure(exc, -requests_sent(connection))
+                    )
+                )
+            return connection
+
+    def make_client(**configs: Any) -> KafkaNetClient:
+        net = NetworkSelector(**{**configs, "slow_task_threshold_secs": slow_step_s})
+        return KafkaNetClient(net=net, manager=RecordingManager(net, **configs), **configs)
+
+    return make_client
+
+
+def certificate_dates(path: str) -> tuple[str, str] | None:
+    """(notBefore, notAfter) of the first certificate in a PEM file, as the ssl module spells
+    them ('Dec  5 12:00:00 2026 GMT'); None when it cannot be read. The ssl module has no public
+    call that reads a certificate file (getpeercert() reads only a peer's): this is the helper
+    CPython's own tests use."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        fields = decode(path)
+    except (OSError, ssl.SSLError, ValueError):
+        return None
+    return fields.get("notBefore", ""), fields.get("notAfter", "")
+
+
+def unauthorized_topics(consumer: KafkaConsumer) -> set[str]:
+    """The topics the last metadata answer refused this client (TOPIC_AUTHORIZATION_FAILED).
+    kafka-python keeps them in its cluster metadata and logs them, but its consumer neither
+    raises nor reports them: a subscription to a topic it may not read is just assigned nothing
+    (Java's consumer raises TopicAuthorizationException from poll())."""
+    cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+    return set(getattr(cluster, "unauthorized_topics", ()) or ())
+
+
+def request_metadata_update(consumer: KafkaConsumer) -> None:
+    """Ask for fresh metadata at the next poll. kafka-python refreshes a refused topic only
+    every metadata_max_age_ms (5 minutes): this lets an ACL granted meanwhile take effect
+    within seconds (Java's consumer has no public call either)."""
+    cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+    request = getattr(cluster, "request_update", None)
+    if callable(request):
+        request()

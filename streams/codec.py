@@ -7,6 +7,11 @@ json: an object with `pixels` (784 numbers, integers 0..255, flat or as 28 rows 
       and optionally `id` (a string or finite number that is copied into alerts, at most
       MAX_ID_BYTES as JSON text). Duplicate keys, booleans as pixels and nesting deeper than
       Python's recursion limit are rejected, each record on its own.
+image: the value is an image file (PNG, JPEG, BMP, TIFF, WebP, GIF) of any size, made into the
+      model's input by the bundle's preprocessing (detector.preprocess, the one function that
+      does it for training, `vaewatch score` and the HTTP API too), the batch's files decoded in
+      threads; what it refuses is dead-lettered with its reason (detector.preprocess's
+      IMAGE_REASONS: too_large, corrupt_image, animated, ...).
 
 With `keys`, a record whose Kafka key is longer than MAX_KEY_BYTES is rejected too: ids and keys
 are copied into every alert, and must not push it past the producer's request size.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import io
 import json
 import math
 from collections import Counter
@@ -33,8 +39,10 @@ from itertools import compress
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from detector.config import IMAGE_PIXELS, IMAGE_SIDE
+from detector.preprocess import DECODE_ERROR, IMAGE_REASONS, ImageDecoding, preprocess_images
 
 # Dead-letter reasons: a bounded set, used as a metric label and in the DLQ headers.
 NULL_VALUE = "null_value"
@@ -47,7 +55,7 @@ OUT_OF_RANGE = "out_of_range"
 NOT_INTEGER = "not_integer"
 BAD_ID = "bad_id"
 BAD_KEY = "bad_key"
-DECODE_ERROR = "decode_error"  # the decoder itself failed on the batch (a bug)
+# DECODE_ERROR (detector.preprocess): the decoder itself failed on the batch or a record (a bug)
 SCORING_ERROR = "scoring_error"  # the detector raised on the batch
 UNREADABLE = "unreadable"  # kafka-python could not parse the record itself
 REASONS = (
@@ -61,6 +69,7 @@ REASONS = (
     NOT_INTEGER,
     BAD_ID,
     BAD_KEY,
+    *IMAGE_REASONS,
 )
 DEAD_LETTER_REASONS = (*REASONS, DECODE_ERROR, SCORING_ERROR, UNREADABLE)
 
@@ -389,20 +398,41 @@ def _reject_long_keys(decoded: DecodedBatch, keys: Sequence[bytes | None]) -> De
     )
 
 
+def decode_image_files(values: Sequence[bytes | None], decoding: ImageDecoding) -> DecodedBatch:
+    """Image files, all of the batch's at once (detector.preprocess.preprocess_images)."""
+    present = [i for i, value in enumerate(values) if value is not None]
+    files = values if len(present) == len(values) else [values[i] for i in present]
+    done = preprocess_images(files, decoding)  # type: ignore[arg-type]
+    if len(present) == len(values):
+        return DecodedBatch(images=done.images, valid=done.valid, errors=done.errors)
+    valid = np.zeros(len(values), dtype=bool)
+    valid[present] = done.valid
+    errors = {present[i]: error for i, error in done.errors.items()}
+    for i in np.flatnonzero(valid == 0).tolist():
+        errors.setdefault(i, (NULL_VALUE, "record has no value"))
+    return DecodedBatch(images=done.images, valid=valid, errors=errors)
+
+
 def decode_batch(
     values: Sequence[bytes | None],
     *,
     codec: str,
     keys: Sequence[bytes | None] | None = None,
+    images: ImageDecoding | None = None,
 ) -> DecodedBatch:
     """Decode a batch of record values (and check their keys, when given); invalid records are
-    reported, never raised."""
+    reported, never raised. The image codec needs `images`: the bundle's preprocessing and the
+    process's limits and threads."""
     if not values:
         return DecodedBatch(images=_empty_images(), valid=np.zeros(0, dtype=bool))
     if codec == "raw":
         decoded = decode_raw(values)
     elif codec == "json":
         decoded = decode_json(values)
+    elif codec == "image":
+        if images is None:
+            raise ValueError("the image codec needs the bundle's preprocessing (images=)")
+        decoded = decode_image_files(values, images)
     else:
         raise ValueError(f"unknown codec {codec!r}")
     if keys is not None:
@@ -413,8 +443,11 @@ def decode_batch(
 
 
 def encode_images(images: np.ndarray, *, codec: str, ids: Sequence[Any] | None = None) -> list:
-    """The inverse, for `vaewatch produce` and the tests: one record value per image."""
+    """The inverse, for `vaewatch produce` and the tests: one record value per image (a 28 x 28
+    grey PNG for the image codec)."""
     images = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), IMAGE_PIXELS)
+    if codec == "image":
+        return [png_file(row) for row in images]
     if codec == "raw":
         data = images.tobytes()
         return [data[i : i + IMAGE_PIXELS] for i in range(0, len(data), IMAGE_PIXELS)]
@@ -427,3 +460,12 @@ def encode_images(images: np.ndarray, *, codec: str, ids: Sequence[Any] | None =
             out.append(json.dumps(obj, separators=(",", ":")).encode())
         return out
     raise ValueError(f"unknown codec {codec!r}")
+
+
+def png_file(image: np.ndarray) -> bytes:
+    """One 28 x 28 grey image (784 uint8) as the bytes of a PNG file."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8).reshape(IMAGE_SIDE, IMAGE_SIDE)).save(
+        buffer, format="PNG"
+    )
+    return buffer.getvalue()

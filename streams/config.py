@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 class StreamConfig(BaseModel):
@@ -49,10 +49,12 @@ class StreamConfig(BaseModel):
         description="Kafka client id of the worker's consumer and producer (shows up in broker "
         "logs and quotas).",
     )
-    codec: Literal["raw", "json"] = Field(
+    codec: Literal["raw", "json", "image"] = Field(
         "raw",
         description="raw: the value is 784 bytes (uint8, row-major 28x28); json: an object "
-        'with "pixels" (784 ints) or "b64" (base64 of the 784 bytes), optional "id".',
+        'with "pixels" (784 ints) or "b64" (base64 of the 784 bytes), optional "id"; image: an '
+        "image file (PNG, JPEG, BMP, TIFF, WebP, GIF) of any size, made 28x28 by the bundle's "
+        "preprocessing (docs/wire-contract.md).",
     )
     max_batch_size: int = Field(
         1024,
@@ -288,12 +290,21 @@ class StreamConfig(BaseModel):
         None, description="Client certificate (PEM file) for SSL client authentication."
     )
     ssl_keyfile: str | None = Field(None, description="Private key (PEM file) of ssl_certfile.")
+    ssl_key_password: SecretStr | None = Field(
+        None,
+        description="Password of an encrypted ssl_keyfile; better set from the environment "
+        "(VAEWATCH_STREAM__SSL_KEY_PASSWORD); never shown in logs.",
+    )
     ssl_check_hostname: bool = Field(
         True, description="Check that the broker's certificate matches its host name."
     )
 
 
 class MetricsConfig(BaseModel):
+    """The worker's HTTP endpoint. Its TLS and basic-auth settings follow Prometheus' own web
+    configuration (tls_server_config, basic_auth_users), which Prometheus scrapes with
+    `scheme: https`, `tls_config.ca_file` and `basic_auth`."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     host: str = Field(
@@ -308,3 +319,32 @@ class MetricsConfig(BaseModel):
         le=65535,
         description="Port of the metrics endpoint (0 = a free one, logged at start).",
     )
+    tls_cert_file: str | None = Field(
+        None,
+        description="Certificate (PEM, chain) of the endpoint: when set, it speaks HTTPS only "
+        "(docs/secured-kafka.md).",
+    )
+    tls_key_file: str | None = Field(None, description="Private key (PEM) of tls_cert_file.")
+    tls_client_ca_file: str | None = Field(
+        None,
+        description="When set, every client must present a certificate signed by a CA in this "
+        "PEM file (Prometheus' client_auth_type RequireAndVerifyClientCert).",
+    )
+    basic_auth_username: str | None = Field(
+        None,
+        description="When set with basic_auth_password, /metrics and /admin/ ask for HTTP basic "
+        "auth; /healthz and /readyz stay open for the orchestrator's probes.",
+    )
+    basic_auth_password: SecretStr | None = Field(
+        None,
+        description="Basic-auth password; better set from the environment "
+        "(VAEWATCH_METRICS__BASIC_AUTH_PASSWORD); never shown in logs.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_and_auth_complete(self) -> MetricsConfig:
+        if (self.tls_key_file or self.tls_client_ca_file) and not self.tls_cert_file:
+            raise ValueError("tls_key_file and tls_client_ca_file need tls_cert_file")
+        if (self.basic_auth_username is None) != (self.basic_auth_password is None):
+            raise ValueError("set both basic_auth_username and basic_auth_password, or neither")
+        return self

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,10 +19,11 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from detector import Detector
+from detector.preprocess import ImageSettings
 from streams.brokers.local import create_broker, free_port
 from streams.config import MetricsConfig, StreamConfig
 from streams.kafka_io import create_producer, ensure_topics
-from streams.replay import plan_replay, replay
+from streams.replay import ArrayRecords, plan_replay, replay
 from streams.signals import stop_on_signals
 from streams.tally import ScoresReader, Tally
 from streams.worker_process import run_worker_process
@@ -76,6 +77,80 @@ def summary_line(tally: Tally, sent: int, elapsed: float, dead: int) -> str:
     )
 
 
+LEGEND = (
+    "live: records sent and scored (per second), alerts (share of scored), precision (share of "
+    "alerts whose record is labelled an anomaly), recall (share of labelled anomalies that "
+    "raised an alert)"
+)
+
+
+def closing_lines(
+    tally: Tally,
+    *,
+    normal_classes: Sequence[int],
+    target_fpr: float,
+    class_names: Mapping[int, str] | None = None,
+    auroc: Callable[[np.ndarray, np.ndarray], float] | None = None,
+) -> list[str]:
+    """What the figures mean: how well the scores rank anomalies above normal images (`auroc`,
+    of labels and scores), how many normal images the threshold lets raise an alert against
+    the rate it was set for, and the recall of each anomalous class. One recall figure for all
+    of them reads as "misses most anomalies"; these show which it misses and why."""
+    names = dict(class_names or {})
+
+    def name(label: str) -> str:
+        return names.get(int(label), label) if label.isdecimal() else label
+
+    normal = ", ".join(name(str(c)) for c in normal_classes)
+    n_normal = tally.scored - tally.labelled_anomalies
+    lines = []
+    truths = np.asarray(tally.truths, dtype=bool)
+    if auroc is not None and truths.any() and not truths.all():
+        area = auroc(truths, np.asarray(tally.scores))
+        lines.append(
+            f"ranking: AUROC {area:.3f}, the chance that an anomaly scores above a normal image "
+            "(1 is perfect, 0.5 is chance): the score itself, whatever the threshold"
+        )
+    lines.append(
+        f"threshold: {tally.flagged - tally.true_positives} of {n_normal} normal ({normal}) "
+        f"images raised an alert ({tally.false_positive_rate:.1%}); it was set so that at most "
+        f"{target_fpr:.0%} would (calibration.target_fpr, on held-out normal images)"
+    )
+    normal_labels = {str(c) for c in normal_classes}
+    recalls = sorted(
+        ((counts[1] / counts[0], label) for label, counts in tally.by_label.items()
+         if label not in normal_labels and counts[0]),
+        reverse=True,
+    )  # fmt: skip
+    lines.append(
+        f"recall {tally.recall:.2f}: {tally.true_positives} of {tally.labelled_anomalies} "
+        "anomalies raised an alert"
+        + (": " + ", ".join(f"{name(label)} {r:.2f}" for r, label in recalls) if recalls else "")
+    )
+    lines.append(
+        f"precision {tally.precision:.2f}: {tally.true_positives} of the {tally.flagged} alerts "
+        "were anomalies"
+    )
+    caught = [name(label) for r, label in recalls if r >= 0.5]
+    missed = [name(label) for r, label in recalls if r < 0.1]
+    if caught or missed:
+        lines.append(
+            "So: the alerts are the images that score far above the normal ones"
+            + (f" ({', '.join(caught)} mostly)" if caught else "")
+            + "; "
+            + (f"{', '.join(missed)} score" if missed else "the rest score")
+            + " above most normal images (the ranking) but seldom past a threshold this strict. "
+            "Raise calibration.target_fpr for more recall at more false alarms, train longer "
+            "(the demo's quick model has few epochs), or pick a more distinctive normal class"
+            + (
+                ' (vaewatch demo --set "data.normal_classes=[1]" --model models/trouser).'
+                if names.get(1) == "Trouser" and list(normal_classes) != [1]
+                else "."
+            )
+        )
+    return lines
+
+
 def run_demo(
     run: DemoRun,
     *,
@@ -87,10 +162,14 @@ def run_demo(
     metrics: MetricsConfig,
     start_console: Callable[[StreamConfig, int], Console],
     say: Callable[[str], None],
+    image_settings: ImageSettings | None = None,
+    class_names: Mapping[int, str] | None = None,
+    auroc: Callable[[np.ndarray, np.ndarray], float] | None = None,
 ) -> int:
     """Run the demo to its end (or to SIGTERM/SIGINT); 0 when every record sent was scored and
     the worker exited cleanly, else 1. `start_console(stream, port)` starts the console
-    following `stream`'s alert topic."""
+    following `stream`'s alert topic; `class_names` name the labels and `auroc(is_anomaly,
+    scores)` measures the ranking in the closing lines."""
     metrics_port = run.metrics_port or free_port()
     metrics = metrics.model_copy(update={"host": "127.0.0.1", "port": metrics_port})
     with create_broker(run.engine) as broker:
@@ -115,6 +194,7 @@ def run_demo(
                     detector=detector,
                     stop=stop_worker,
                     registry=registry,
+                    images=image_settings,
                 )
             ),
             name="worker",
@@ -141,6 +221,7 @@ def run_demo(
         for bad in MALFORMED:
             producer.send(stream.input_topic, value=bad, headers=[("id", b"malformed")])
         reader = ScoresReader(config=stream, topic=stream.scores_topic)
+        say(LEGEND)
         started = time.monotonic()
         sent = [0]
         last_print = [0.0]
@@ -157,10 +238,8 @@ def run_demo(
             replay(
                 producer=producer,
                 topic=stream.input_topic,
-                images=images,
-                labels=labels,
+                records=ArrayRecords(images, labels, codec=stream.codec),
                 plan=plan,
-                codec=stream.codec,
                 rate=run.rate,
                 should_stop=interrupted.is_set,
                 on_progress=progress,
@@ -185,4 +264,13 @@ def run_demo(
         f"{tally.precision:.2f}, recall {tally.recall:.2f} against the labels; worker exit "
         f"code {outcome[0] if outcome else '?'}; broker stopped"
     )
+    if labels is not None and tally.scored:
+        for line in closing_lines(
+            tally,
+            normal_classes=normal_classes,
+            target_fpr=detector.calibration.target_fpr,
+            class_names=class_names,
+            auroc=auroc,
+        ):
+            say(line)
     return 0 if complete and outcome == [0] else 1

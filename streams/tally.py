@@ -11,7 +11,7 @@ from kafka import TopicPartition
 
 from streams.config import StreamConfig
 from streams.kafka_io import create_consumer
-from streams.replay import ANOMALY_HEADER
+from streams.replay import ANOMALY_HEADER, LABEL_HEADER
 
 
 @dataclass
@@ -24,6 +24,16 @@ class Tally:
     first_at: float | None = None
     last_at: float | None = None
     seen: set[bytes] = field(default_factory=set)
+    # label header text -> [scored, flagged]: what the detector does with each class
+    by_label: dict[str, list[int]] = field(default_factory=dict)
+    scores: list[float] = field(default_factory=list)  # of the labelled records, in order
+    truths: list[bool] = field(default_factory=list)  # whether each of those is an anomaly
+
+    @property
+    def false_positive_rate(self) -> float:
+        """Share of the labelled-normal records that raised an alert."""
+        normal = self.scored - self.labelled_anomalies
+        return (self.flagged - self.true_positives) / normal if normal else float("nan")
 
     @property
     def precision(self) -> float:
@@ -64,9 +74,18 @@ class ScoresReader:
                     continue
                 tally.seen.add(record.key)
                 result = json.loads(record.value)
-                truth = dict(record.headers or ()).get(ANOMALY_HEADER) == b"1"
+                headers = dict(record.headers or ())
+                truth = headers.get(ANOMALY_HEADER) == b"1"
                 tally.scored += 1
                 tally.flagged += bool(result["anomaly"])
+                if ANOMALY_HEADER in headers:
+                    tally.scores.append(float(result["score"]))
+                    tally.truths.append(truth)
+                label = headers.get(LABEL_HEADER)
+                if label is not None:
+                    counts = tally.by_label.setdefault(label.decode(errors="replace"), [0, 0])
+                    counts[0] += 1
+                    counts[1] += bool(result["anomaly"])
                 tally.labelled_anomalies += truth
                 tally.true_positives += bool(result["anomaly"]) and truth
                 if tally.first_at is None:

@@ -17,11 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
+from detector.preprocess import ImageDecoding
 from streams.codec import decode_batch
 from streams.config import StreamConfig
-from streams.kafka_io import create_consumer
+from streams.connection_errors import describe_authorization_error, describe_kafka_error
+from streams.kafka_io import create_consumer, topic_access_error
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +89,22 @@ def parse_topic_range(spec: str) -> TopicRange:
 
 
 def read_topic_range(
-    source: TopicRange, *, config: StreamConfig, timeout_s: float = 60.0
+    source: TopicRange,
+    *,
+    config: StreamConfig,
+    timeout_s: float = 60.0,
+    images: ImageDecoding | None = None,
 ) -> TopicImages:
-    """Every record of the range, decoded; raises TopicRangeError when the topic or partition
-    does not exist, or when the range is not there (yet) after `timeout_s`."""
+    """Every record of the range, decoded (image files by `images`, the bundle's preprocessing);
+    raises TopicRangeError when the topic or partition does not exist, or when the range is not
+    there (yet) after `timeout_s`."""
     consumer = create_consumer(config=config, grouped=False)
     try:
         partitions = consumer.partitions_for_topic(source.topic)
         if not partitions:
-            raise TopicRangeError(f"{source}: topic {source.topic!r} does not exist")
+            refused = topic_access_error(config, source.topic)
+            why = refused and describe_authorization_error(refused, config, operation="READ")
+            raise TopicRangeError(f"{source}: {why or f'topic {source.topic!r} does not exist'}")
         if source.partition is not None and source.partition not in partitions:
             raise TopicRangeError(
                 f"{source}: partition {source.partition} not in {sorted(partitions)}"
@@ -127,7 +137,11 @@ def read_topic_range(
         while left:
             if time.monotonic() > deadline:
                 raise TopicRangeError(f"{source}: timed out after {timeout_s:g} s reading it")
-            for tp, records in consumer.poll(timeout_ms=200).items():
+            try:
+                polled = consumer.poll(timeout_ms=200)
+            except KafkaError as exc:  # READ refused on a topic it may describe
+                raise TopicRangeError(f"{source}: {describe_kafka_error(exc, config)}") from None
+            for tp, records in polled.items():
                 end = bounds[tp][1]
                 values[tp].extend(r.value for r in records if r.offset < end)
                 if records and records[-1].offset >= end - 1:
@@ -136,7 +150,7 @@ def read_topic_range(
     finally:
         consumer.close(autocommit=False)
     all_values = [v for tp in bounds for v in values[tp]]
-    decoded = decode_batch(all_values, codec=config.codec)
+    decoded = decode_batch(all_values, codec=config.codec, images=images)
     n_invalid = len(all_values) - decoded.n_valid
     if n_invalid:
         logger.warning(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import sys
 import threading
 import time
@@ -16,12 +17,15 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from detector import Detector
+from detector.preprocess import ImageDecoding, ImageSettings
 from streams.client_internals import force_close_producer
 from streams.config import MetricsConfig, StreamConfig
+from streams.connection_errors import describe_kafka_error
 from streams.kafka_io import connect_with_backoff, create_consumer, create_producer
 from streams.lifecycle.config import LifecycleConfig
 from streams.lifecycle.metrics import LifecycleMetrics
 from streams.lifecycle.model_lifecycle import build_lifecycle, reload_on_sighup
+from streams.tls import server_tls_context
 from streams.worker.health import MetricsServer
 from streams.worker.loop import Worker, WorkerState
 from streams.worker.metrics import WorkerMetrics, score_buckets
@@ -39,6 +43,26 @@ def build_metrics(*, detector: Detector, registry: CollectorRegistry) -> WorkerM
     )
     metrics.serving(detector)
     return metrics
+
+
+def metrics_tls(config: MetricsConfig) -> ssl.SSLContext | None:
+    """The metrics endpoint's TLS context, or None for plain HTTP; TLSSettingsError (one
+    line) when its files cannot be used."""
+    if not config.tls_cert_file:
+        return None
+    return server_tls_context(
+        setting="metrics.tls_cert_file",
+        certfile=config.tls_cert_file,
+        keyfile=config.tls_key_file,
+        client_cafile=config.tls_client_ca_file,
+        client_auth="required" if config.tls_client_ca_file else "none",
+    )
+
+
+def metrics_basic_auth(config: MetricsConfig) -> tuple[str, str] | None:
+    if config.basic_auth_username is None or config.basic_auth_password is None:
+        return None
+    return config.basic_auth_username, config.basic_auth_password.get_secret_value()
 
 
 def tune_interpreter(stream: StreamConfig, *, detector: Detector) -> None:
@@ -90,12 +114,15 @@ def run_worker_process(
     lifecycle_config: LifecycleConfig | None = None,
     model_path: str | Path | None = None,
     shadow: Detector | None = None,
+    images: ImageSettings | None = None,
 ) -> int:
     """Run until `stop` is set; 0 when every consumed record was committed on the way out,
     1 when some were not (they are re-delivered to the next worker: nothing is lost).
     `model_path` is watched for new bundles and `shadow` scores beside the serving model
-    (docs/lifecycle.md)."""
+    (docs/lifecycle.md). With the image codec, records are decoded by the serving bundle's
+    preprocessing within the limits and threads of `images` (the settings' images section)."""
     registry = registry if registry is not None else CollectorRegistry()
+    tls = metrics_tls(metrics_config)  # a file it cannot use fails before anything starts
     tune_interpreter(stream, detector=detector)
     metrics = build_metrics(detector=detector, registry=registry)
     # Started before the Kafka clients: the scoring process loads the model meanwhile.
@@ -123,6 +150,8 @@ def run_worker_process(
         readiness=state.readiness,
         liveness=state.liveness,
         admin=lifecycle.admin if lifecycle_config.admin_reload else None,
+        tls=tls,
+        basic_auth=metrics_basic_auth(metrics_config),
     ).start()
 
     def connect(factory: Callable[[], Any], what: str) -> Any:
@@ -132,6 +161,7 @@ def run_worker_process(
             should_stop=stop.is_set,
             on_error=metrics.count_error,
             max_backoff_s=stream.reconnect_backoff_max_ms / 1000.0,
+            describe=lambda exc: describe_kafka_error(exc, stream),
         )
 
     consumer = producer = side_producer = None
@@ -173,6 +203,7 @@ def run_worker_process(
             state=state,
             lifecycle=lifecycle,
             transactions=transactions,
+            images=image_decoding(stream, images, detector=detector, shadow=shadow),
         )
         logger.info(
             "worker: %s -> alerts %s, scores %s, dlq %s (group %s, model %s on %s, %s, %s)",
@@ -212,6 +243,25 @@ def run_worker_process(
         (worker.scorer if worker is not None else scorer).close()
         server.stop()
         logger.info("worker stopped")
+
+
+def image_decoding(
+    stream: StreamConfig,
+    images: ImageSettings | None,
+    *,
+    detector: Detector,
+    shadow: Detector | None = None,
+) -> ImageDecoding | None:
+    """How the image codec makes records the model's input; None for the other codecs."""
+    if stream.codec != "image":
+        return None
+    if shadow is not None and shadow.preprocessing != detector.preprocessing:
+        logger.warning(
+            "the shadow bundle %s preprocesses images unlike the serving bundle %s; it is shown "
+            "the serving bundle's preprocessing of each record",
+            shadow.version, detector.version,
+        )  # fmt: skip
+    return (images or ImageSettings()).decoding(detector.preprocessing)
 
 
 def close_clients(*, consumer: Any, producer: Any, deadline: float) -> None:

@@ -7,6 +7,7 @@ import pytest
 from tests.fixtures_broker import *  # noqa: F403
 from tests.fixtures_model import *  # noqa: F403
 from tests.fixtures_model import one_torch_thread
+from tests.fixtures_secured_kafka import *  # noqa: F403
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,10 @@ Precision (issue 21): the scores above are the fp32 model's. `validate_precision
 same calibration images in the other precisions (int8 and bf16, on the CPU) and records in the
 calibration whether each keeps the decision rule: its FPR at this threshold on those images
 within `PRECISION_BAND` of fp32's, and with labelled anomalies also its AUROC. A detector set to
-`detector.precision: auto` only picks a precision that passed (detector.scorer).
+`detector.precision: auto` only picks a precision that passed (detector.scorer). int8's fixed
+activation scales (issue 29, detector.int8) are measured first, on normal images (the training
+images when `vaewatch train` calibrates), and recorded with its check: the int8 that was
+checked is the int8 that scores.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ import numpy as np
 import torch
 
 from detector.calibration import Calibration
-from detector.model import VAE
+from detector.int8 import activation_ranges
+from detector.model import VAE, to_model_input
 from detector.scorer import score_batches
 
 # Issue 21: per-class AUROC and test FPR at the calibrated threshold within this of fp32.
@@ -140,16 +144,25 @@ def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
 
 
 def _cpu_scores(
-    model: VAE, images: np.ndarray, anomalies: np.ndarray | None, precision: str
+    model: VAE,
+    images: np.ndarray,
+    anomalies: np.ndarray | None,
+    precision: str,
+    int8_ranges: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`model`'s scores of the uint8 N x 784 normal `images` and `anomalies` (None for none) on
-    the CPU in `precision`."""
+    the CPU in `precision` (int8: with the scales of `int8_ranges`)."""
     cpu = torch.device("cpu")
 
     def scores(batch: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(np.ascontiguousarray(batch))
         return score_batches(
-            model, tensor, device=cpu, batch_size=_CHECK_BATCH, precision=precision
+            model,
+            tensor,
+            device=cpu,
+            batch_size=_CHECK_BATCH,
+            precision=precision,
+            int8_ranges=int8_ranges,
         ).numpy()
 
     has_anomalies = anomalies is not None and len(anomalies) > 0
@@ -192,6 +205,7 @@ def check_precision(
     precision: str,
     anomalies: np.ndarray | None = None,
     band: float = PRECISION_BAND,
+    int8_ranges: dict | None = None,
 ) -> dict[str, float | int | bool]:
     """Score the normal `images` (the calibration images: uint8 N x 784) in `precision` and in
     the calibration's own precision, on the CPU, and compare at the calibrated threshold: the
@@ -200,8 +214,13 @@ def check_precision(
     FPR (and the AUROC) differ by at most `band`."""
     model = model.eval()
     reference = _cpu_scores(model, images, anomalies, calibration.precision)
-    checked = _cpu_scores(model, images, anomalies, precision)
+    checked = _cpu_scores(model, images, anomalies, precision, int8_ranges)
     return _compare(reference, checked, calibration.threshold, band)
+
+
+def _measured_ranges(model: VAE, normal: np.ndarray) -> dict:
+    pixels = to_model_input(torch.from_numpy(np.ascontiguousarray(normal)))
+    return activation_ranges(model, pixels)
 
 
 def validate_precisions(
@@ -211,11 +230,16 @@ def validate_precisions(
     *,
     precisions: tuple[str, ...] = ("int8", "bf16"),
     anomalies: np.ndarray | None = None,
+    range_images: np.ndarray | None = None,
+    int8_ranges: dict | None = None,
 ) -> Calibration:
     """`calibration` with a `check_precision` of each of `precisions` on its calibration images
     (`images`: the normal validation images whose scores set it) recorded in it, so that the
     bundle written with it says which precisions `detector.precision: auto` may pick. The
-    reference scores are computed once for all the precisions checked."""
+    reference scores are computed once for all the precisions checked. int8 is checked with the
+    activation ranges `int8_ranges` (a recalibrated bundle keeps its own) or, without them, with
+    ranges measured on the normal `range_images` (default: `images`); they are recorded with its
+    check (`activation_ranges`): its scales."""
     others = [p for p in precisions if p != calibration.precision]
     if not others:
         return calibration
@@ -223,6 +247,13 @@ def validate_precisions(
     checks = dict(calibration.precision_checks)
     reference = _cpu_scores(model, images, anomalies, calibration.precision)
     for precision in others:
-        checked = _cpu_scores(model, images, anomalies, precision)
+        ranges = None
+        if precision == "int8":
+            ranges = int8_ranges or _measured_ranges(
+                model, images if range_images is None else range_images
+            )
+        checked = _cpu_scores(model, images, anomalies, precision, ranges)
         checks[precision] = _compare(reference, checked, calibration.threshold, PRECISION_BAND)
+        if ranges is not None:
+            checks[precision]["activation_ranges"] = ranges
     return dataclasses.replace(calibration, precision_checks=checks)

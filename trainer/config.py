@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DATASET_FORMS = "fashion-mnist, mnist, idx:DIR or npz:FILE"
+DATASET_FORMS = "fashion-mnist, mnist, idx:DIR, npz:FILE or folder:DIR"
 
 
 class DataConfig(BaseModel):
@@ -16,17 +16,20 @@ class DataConfig(BaseModel):
         "fashion-mnist",
         description="fashion-mnist (the torchvision root, else Debian's "
         "/usr/share/datasets/fashion-mnist, else a download), mnist (the torchvision "
-        "root or a download), idx:DIR (MNIST-format IDX files) or npz:FILE (array x: "
-        "uint8 N x 28 x 28 or N x 784, optional y: labels).",
+        "root or a download), idx:DIR (MNIST-format IDX files), npz:FILE (array x: "
+        "uint8 N x 28 x 28 or N x 784, optional y: labels) or folder:DIR (image files of any "
+        "size: one subfolder per class, or a flat folder of normal images; a test/ subfolder "
+        "is the test split; the images section says how they become 28 x 28).",
     )
     root: str = Field(
         "data", description="torchvision dataset root: looked in first, and where downloads go."
     )
-    normal_classes: tuple[int, ...] = Field(
+    normal_classes: tuple[int | str, ...] = Field(
         (0,),
         min_length=1,
         description="Classes that are normal: training and calibration use only these; the others "
-        "are anomalies when evaluating.",
+        "are anomalies when evaluating. Labels, or the names of a folder's class subfolders "
+        "([good]); a flat folder is all normal.",
     )
     val_fraction: float = Field(
         0.1,
@@ -38,11 +41,19 @@ class DataConfig(BaseModel):
     download: bool = Field(
         True, description="Allow torchvision to download a dataset that is not found locally."
     )
+    test_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="folder:DIR without a test/ subfolder: the share of its files held out as "
+        "the test split (vaewatch evaluate), chosen by a hash of each file's path (the same files "
+        "every run).",
+    )
 
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        if value in ("fashion-mnist", "mnist") or value.startswith(("idx:", "npz:")):
+        if value in ("fashion-mnist", "mnist") or value.startswith(("idx:", "npz:", "folder:")):
             return value
         raise ValueError(f"unknown dataset {value!r}; expected {DATASET_FORMS}")
 

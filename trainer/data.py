@@ -1,6 +1,10 @@
 """Real MNIST-like images as uint8 arrays: dataset loading, the normal/validation split, and the
 files `vaewatch score` reads.
 
+Image files (a `folder:DIR` data set, a folder or files given to `vaewatch score`) become arrays
+through a bundle's preprocessing (detector.preprocess), passed in as `decoding`; the folder data
+set's layout and splits are trainer/image_folder.py's.
+
 Every loader returns `ImageSet`: `images` uint8 N x 784 (row-major 28 x 28) and `labels` int64 N
 or None. Pixels stay uint8 until they reach the device, where they become floats in [0, 1]; that
 keeps the training set 4x smaller in memory and makes the conversion happen once per batch on the
@@ -23,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from detector.config import IMAGE_PIXELS, IMAGE_SIDE
-from detector.png import PngError, png_pixels
+from detector.preprocess import (
+    IMAGE_SUFFIXES,
+    ImageDecoding,
+    ImageError,
+    ImageSettings,
+    Preprocessing,
+    preprocess_image,
+)
+from trainer import image_folder
 from trainer.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -52,11 +64,13 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class ImageSet:
-    """uint8 images N x 784 with optional int64 labels N and optional names (e.g. PNG files)."""
+    """uint8 images N x 784 with optional int64 labels N, optional names (e.g. image files) and,
+    for a folder, the class name of each label."""
 
     images: np.ndarray
     labels: np.ndarray | None = None
     names: list[str] | None = None
+    classes: dict[int, str] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -239,11 +253,45 @@ def _load_named(name: str, config: DataConfig, split: str) -> ImageSet:
     raise DataError(f"{name} {split} images not found (looked in {looked}); {_HOW_TO_GET[name]}")
 
 
-def load_images(config: DataConfig, *, split: str) -> ImageSet:
-    """The `split` ("train" or "test") of `config.dataset` as uint8 N x 784 (+ labels)."""
+def _load_folder(config: DataConfig, split: str, decoding: ImageDecoding | None) -> ImageSet:
+    if decoding is None:  # a caller's bug, not the user's: every caller has a preprocessing
+        raise ValueError("a folder data set needs the preprocessing of its images (decoding=)")
+    root = Path(config.dataset[len(image_folder.PREFIX) :])
+    try:
+        listing = image_folder.split_files(root, split, test_fraction=config.test_fraction)
+        images, labels, names = image_folder.decode_files(
+            listing, decoding, what=f"{split} split of {config.dataset}"
+        )
+    except image_folder.FolderError as exc:
+        raise DataError(str(exc)) from None
+    return ImageSet(images, labels, names, listing.classes)
+
+
+def training_preprocessing(config: DataConfig, settings: ImageSettings) -> Preprocessing:
+    """The preprocessing a bundle trained on `config.dataset` records: the settings' own, with
+    `invert: auto` decided from a folder's images (arrays are the model's input already, never
+    inverted)."""
+    if config.dataset.startswith(image_folder.PREFIX):
+        root = Path(config.dataset[len(image_folder.PREFIX) :])
+        try:
+            return image_folder.folder_preprocessing(
+                root, settings, test_fraction=config.test_fraction
+            )
+        except image_folder.FolderError as exc:
+            raise DataError(str(exc)) from None
+    return settings.preprocessing(invert=settings.invert is True)
+
+
+def load_images(
+    config: DataConfig, *, split: str, decoding: ImageDecoding | None = None
+) -> ImageSet:
+    """The `split` ("train" or "test") of `config.dataset` as uint8 N x 784 (+ labels); image
+    files (folder:DIR) through `decoding`, the bundle's preprocessing."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     dataset = config.dataset
+    if dataset.startswith(image_folder.PREFIX):
+        return _load_folder(config, split, decoding)
     if dataset in _TORCHVISION_FOLDERS:
         return _load_named(dataset, config, split)
     if dataset.startswith("idx:"):
@@ -266,16 +314,46 @@ def load_images(config: DataConfig, *, split: str) -> ImageSet:
     raise DataError(f"unknown dataset {dataset!r}")
 
 
-def normal_mask(labels: np.ndarray | None, normal_classes: tuple[int, ...], n: int) -> np.ndarray:
+def normal_labels(
+    normal_classes: tuple[int | str, ...], classes: dict[int, str] | None
+) -> tuple[int, ...]:
+    """The labels of `normal_classes`, each a label or, for a folder, a class folder's name."""
+    if classes is None:
+        named = [c for c in normal_classes if isinstance(c, str)]
+        if named:
+            raise DataError(
+                f"data.normal_classes {list(normal_classes)}: {named[0]!r} is a name, and this "
+                "data set's classes are numbers"
+            )
+        return tuple(int(c) for c in normal_classes)
+    by_name = {name: label for label, name in classes.items()}
+    numbered = all(name.isdecimal() for name in by_name)
+    labels = []
+    for entry in normal_classes:
+        if isinstance(entry, str) and entry in by_name:
+            labels.append(by_name[entry])
+        elif isinstance(entry, int) and numbered:
+            labels.append(entry)
+        else:
+            names = ", ".join(sorted(by_name))
+            raise DataError(
+                f"data.normal_classes {list(normal_classes)}: {entry!r} is not one of the "
+                f"folder's classes ({names}); name them, e.g. data.normal_classes=[{min(by_name)}]"
+            )
+    return tuple(labels)
+
+
+def normal_mask(images: ImageSet, normal_classes: tuple[int | str, ...]) -> np.ndarray:
     """True for images of the normal classes. Unlabelled data counts as all normal."""
-    if labels is None:
-        return np.ones(n, dtype=bool)
-    return np.isin(labels, np.asarray(normal_classes, dtype=np.int64))
+    if images.labels is None:
+        return np.ones(len(images), dtype=bool)
+    wanted = normal_labels(normal_classes, images.classes)
+    return np.isin(images.labels, np.asarray(wanted, dtype=np.int64))
 
 
 def split_normal(images: ImageSet, config: DataConfig, *, seed: int) -> NormalSplit:
     """Keep the normal classes and hold out `config.val_fraction` of them (seeded shuffle)."""
-    normal = images.images[normal_mask(images.labels, config.normal_classes, len(images))]
+    normal = images.images[normal_mask(images, config.normal_classes)]
     if images.labels is None:
         log.info("training images are unlabelled: all %d are taken as normal", len(normal))
     n_val = round(len(normal) * config.val_fraction)
@@ -297,34 +375,42 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _read_png_folder(folder: Path) -> ImageSet:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and p.is_file())
-    if not files:
-        raise DataError(f"{folder}: no .png files in this folder")
-    images = np.empty((len(files), IMAGE_PIXELS), dtype=np.uint8)
-    for i, file in enumerate(files):
+def _read_image_files(path: Path, decoding: ImageDecoding | None) -> ImageSet:
+    """A folder's image files (at any depth, named by their path in it) or one image file."""
+    if decoding is None:  # a caller's bug: scoring image files needs the bundle's preprocessing
+        raise ValueError("image files need the preprocessing of a bundle (decoding=)")
+    if not path.is_dir():
         try:
-            images[i] = png_pixels(file)
-        except PngError as exc:
-            raise DataError(f"{file}: {exc}") from None
-    return ImageSet(images, None, [f.name for f in files])
+            return ImageSet(preprocess_image(path, decoding)[None, :], None, [str(path)])
+        except ImageError as exc:
+            raise DataError(f"{path}: {exc.reason}: {exc}") from None
+    try:
+        images, _, names = image_folder.decode_files(
+            image_folder.every_file(path), decoding, what=f"the images in {path}"
+        )
+    except image_folder.FolderError as exc:
+        raise DataError(str(exc)) from None
+    return ImageSet(images, None, names)
 
 
-def read_image_file(path: str | Path) -> ImageSet:
-    """Images to score from .npy, .npz (`x`, optional `y`), an IDX file, or a folder of PNGs;
-    a file with no images is an error, not an empty result."""
-    images = _read_image_input(Path(path))
+def read_image_file(path: str | Path, *, decoding: ImageDecoding | None = None) -> ImageSet:
+    """Images to score from .npy, .npz (`x`, optional `y`), an IDX file, an image file or a
+    folder of them (through `decoding`, the bundle's preprocessing); a file with no images is an
+    error, not an empty result."""
+    images = _read_image_input(Path(path), decoding)
     if len(images) == 0:
         raise DataError(f"{path}: holds no images (shape {tuple(images.images.shape)})")
     return images
 
 
-def _read_image_input(path: Path) -> ImageSet:
+def _read_image_input(path: Path, decoding: ImageDecoding | None) -> ImageSet:
     if path.is_dir():
-        return _read_png_folder(path)
+        return _read_image_files(path, decoding)
     if not path.is_file():
         raise DataError(f"{path}: no such file or folder")
     name = path.name.lower()
+    if name.endswith(IMAGE_SUFFIXES):
+        return _read_image_files(path, decoding)
     if name.endswith(".npy"):
         try:
             # Memory-mapped: a header that promises more data than the file holds is an error
@@ -337,4 +423,7 @@ def _read_image_input(path: Path) -> ImageSet:
         return _load_npz(path, "train")
     if "idx" in name or name.endswith(("ubyte", "ubyte.gz")):
         return ImageSet(as_uint8_images(read_idx(path), source=str(path)))
-    raise DataError(f"{path}: unknown input format (use .npy, .npz, an IDX file or a PNG folder)")
+    raise DataError(
+        f"{path}: unknown input format (use .npy, .npz, an IDX file, an image file "
+        f"({', '.join(IMAGE_SUFFIXES)}) or a folder of them)"
+    )

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from detector.bundle import MANIFEST
 from detector.config import ModelConfig
+from detector.preprocess import ImageSettings
 from trainer.config import CalibrationConfig, DataConfig, TrainConfig
+
+# Fashion-MNIST's class names by label, for what the demo says about each class.
+FASHION_MNIST_CLASSES = {
+    0: "T-shirt/top", 1: "Trouser", 2: "Pullover", 3: "Dress", 4: "Coat",
+    5: "Sandal", 6: "Shirt", 7: "Sneaker", 8: "Bag", 9: "Ankle boot",
+}  # fmt: skip
 
 
 def demo_bundle(
@@ -20,12 +28,21 @@ def demo_bundle(
     calibration: CalibrationConfig,
     epochs: int,
     say: Callable[[str], None],
-) -> Path:
-    """`model_dir` when it holds a bundle; else a bundle trained there for at most `epochs`
-    epochs (a demo should start within a minute, not train to convergence)."""
+    image_settings: ImageSettings | None = None,
+) -> tuple[Path, tuple[int | str, ...]]:
+    """(`model_dir`, its normal classes) when it holds a bundle; else a bundle trained there on
+    `data.normal_classes` for at most `epochs` epochs (a demo should start within minutes, not
+    train to convergence)."""
     if (model_dir / MANIFEST).is_file():
-        say(f"model: {model_dir} (delete it to train a new one)")
-        return model_dir
+        recorded = json.loads((model_dir / MANIFEST).read_text()).get("metadata", {})
+        classes = tuple((recorded.get("data") or {}).get("normal_classes") or data.normal_classes)
+        say(f"model: {model_dir}, trained on classes {list(classes)} (delete it to train anew)")
+        if classes != tuple(data.normal_classes):
+            say(
+                f"model: not data.normal_classes {list(data.normal_classes)}: the replay's "
+                f"labels follow the model; give --model NEW_DIR to train on those"
+            )
+        return model_dir, classes
     from trainer.fit import train_bundle  # torch's training stack only when it trains
 
     epochs = min(train.epochs, epochs)
@@ -40,6 +57,7 @@ def demo_bundle(
         train=train.model_copy(update={"epochs": epochs, "progress": False}),
         calibration=calibration,
         out=model_dir,
+        image_settings=image_settings,
     )
     say(f"model: trained in {time.monotonic() - started:.0f} s -> {model_dir}")
-    return model_dir
+    return model_dir, tuple(data.normal_classes)

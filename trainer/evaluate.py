@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detector.preprocess import ImageDecoding
 from detector.scorer import Detector
 from trainer.calibrate import CalibrationError, calibrate_threshold
 from trainer.config import DataConfig
@@ -121,12 +122,17 @@ class BundleEvaluation:
     tpr_curve: np.ndarray
 
 
-def evaluate_detector(detector: Detector, data: DataConfig) -> BundleEvaluation:
-    """Score the labelled test split: normal classes against all other classes."""
-    test = load_images(data, split="test")
+def evaluate_detector(
+    detector: Detector, data: DataConfig, *, decoding: ImageDecoding | None = None
+) -> BundleEvaluation:
+    """Score the labelled test split: normal classes against all other classes. Image files
+    (folder:DIR) are made the model's input by `decoding`, by default the detector's own
+    preprocessing with the default limits."""
+    decoding = decoding or ImageDecoding(detector.preprocessing)
+    test = load_images(data, split="test", decoding=decoding)
     if test.labels is None:
         raise DataError(f"{data.dataset}: the test split has no labels, so it cannot be evaluated")
-    is_anomaly = ~normal_mask(test.labels, data.normal_classes, len(test))
+    is_anomaly = ~normal_mask(test, data.normal_classes)
     if is_anomaly.all() or not is_anomaly.any():
         raise DataError(
             f"{data.dataset}: the test split needs images of normal classes "

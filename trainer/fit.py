@@ -25,6 +25,7 @@ from detector.bundle import Bundle, save_bundle
 from detector.calibration import Calibration
 from detector.config import ModelConfig
 from detector.model import VAE, to_model_input
+from detector.preprocess import ImageSettings
 from detector.scorer import native_bf16, resolve_device, score_batches
 from trainer.calibrate import (
     CalibrationError,
@@ -33,7 +34,7 @@ from trainer.calibrate import (
     validate_precisions,
 )
 from trainer.config import CalibrationConfig, DataConfig, TrainConfig
-from trainer.data import ImageSet, load_images, normal_mask, split_normal
+from trainer.data import ImageSet, load_images, normal_mask, split_normal, training_preprocessing
 from trainer.latent import fit_score_statistics
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def _anomaly_images(images: ImageSet, data: DataConfig, n: int, seed: int) -> np
     """Up to n labelled training images outside the normal classes, for the F1 threshold."""
     if images.labels is None:
         return np.empty((0, images.images.shape[1]), np.uint8)
-    others = images.images[~normal_mask(images.labels, data.normal_classes, len(images))]
+    others = images.images[~normal_mask(images, data.normal_classes)]
     pick = np.random.default_rng(seed + 1).permutation(len(others))[:n]
     return others[pick]
 
@@ -305,14 +306,19 @@ def train_bundle(
     train: TrainConfig,
     calibration: CalibrationConfig,
     out: Path,
+    image_settings: ImageSettings | None = None,
 ) -> Bundle:
     """Load data, fit, calibrate on validation scores, and write bundle + report into `out`.
+    Image files become the model's input by the preprocessing of `image_settings` (the settings'
+    images section), which the bundle records.
 
     Logs the wall seconds of each phase at the end (bench/train_throughput.py --whole reads it).
     """
     out = Path(out)
     clock = time.perf_counter()
-    images = load_images(data, split="train")
+    image_settings = image_settings or ImageSettings()
+    preprocessing = training_preprocessing(data, image_settings)
+    images = load_images(data, split="train", decoding=image_settings.decoding(preprocessing))
     split = split_normal(images, data, seed=train.seed)
     phases = {"data": time.perf_counter() - clock}
     fitted = fit_vae(split.train, split.val, model_config=model, train=train)
@@ -330,10 +336,15 @@ def train_bundle(
         fitted.model, val_scores, calibration=calibration, anomalies=anomalies, device=device
     )
     # Which faster CPU precisions decide like fp32 at this threshold (`detector.precision: auto`
-    # picks only those): the validation images scored again in each, on the CPU.
+    # picks only those): the validation images scored again in each, on the CPU; int8's fixed
+    # activation scales from the training images.
     fitted.model.cpu()
     calib = validate_precisions(
-        fitted.model, split.val, calib, anomalies=anomalies if len(anomalies) else None
+        fitted.model,
+        split.val,
+        calib,
+        anomalies=anomalies if len(anomalies) else None,
+        range_images=split.train,
     )
     history = [record.__dict__ for record in fitted.history]
     metadata = {
@@ -352,7 +363,9 @@ def train_bundle(
     }
     phases["calibration"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    bundle = save_bundle(out, model=fitted.model, calibration=calib, metadata=metadata)
+    bundle = save_bundle(
+        out, model=fitted.model, calibration=calib, metadata=metadata, preprocessing=preprocessing
+    )
     phases["bundle"] = time.perf_counter() - clock
     log.info(
         "bundle %s written to %s: threshold %.2f (%s, target FPR %.3g, n=%d)",

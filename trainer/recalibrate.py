@@ -22,6 +22,7 @@ import numpy as np
 
 from detector.bundle import Bundle, load_bundle, save_bundle
 from detector.config import DetectorSettings
+from detector.preprocess import ImageDecoding
 from detector.scorer import Detector
 from trainer.calibrate import CalibrationError, calibrate_threshold, validate_precisions
 from trainer.config import DataConfig
@@ -29,7 +30,7 @@ from trainer.data import DataError, ImageSet, load_images, normal_mask, read_ima
 
 log = logging.getLogger(__name__)
 
-DATASET_PREFIXES = ("idx:", "npz:")
+DATASET_PREFIXES = ("idx:", "npz:", "folder:")
 DATASET_NAMES = ("fashion-mnist", "mnist")
 
 
@@ -39,17 +40,24 @@ def is_dataset_spec(source: str) -> bool:
 
 
 def read_calibration_images(
-    source: str, *, normal_classes: tuple[int, ...], split: str, data: DataConfig
+    source: str,
+    *,
+    normal_classes: tuple[int | str, ...],
+    split: str,
+    data: DataConfig,
+    decoding: ImageDecoding | None = None,
 ) -> np.ndarray:
     """Normal images from a file `vaewatch score` reads, or a data set (`fashion-mnist`,
-    `mnist`, `idx:DIR`, `npz:FILE`; its `split`). Labelled images are narrowed to
+    `mnist`, `idx:DIR`, `npz:FILE`, `folder:DIR`; its `split`); image files made the model's
+    input by `decoding` (the bundle's preprocessing). Labelled images are narrowed to
     `normal_classes`, the classes the bundle was trained on; unlabelled ones are all taken as
     normal."""
     if is_dataset_spec(source):
-        images: ImageSet = load_images(data.model_copy(update={"dataset": source}), split=split)
+        dataset = data.model_copy(update={"dataset": source})
+        images: ImageSet = load_images(dataset, split=split, decoding=decoding)
     else:
-        images = read_image_file(source)
-    keep = normal_mask(images.labels, normal_classes, len(images))
+        images = read_image_file(source, decoding=decoding)
+    keep = normal_mask(images, normal_classes)
     if images.labels is not None:
         log.info(
             "%s: %d of %d images are of the normal classes %s",
@@ -62,11 +70,18 @@ def read_calibration_images(
 
 
 def calibration_source(
-    source: str, *, normal_classes: tuple[int, ...], split: str, data: DataConfig
+    source: str,
+    *,
+    normal_classes: tuple[int | str, ...],
+    split: str,
+    data: DataConfig,
+    decoding: ImageDecoding | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """`read_calibration_images`, and what the new bundle records of where they came from (the
     split of a data set; nothing more of a file)."""
-    images = read_calibration_images(source, normal_classes=normal_classes, split=split, data=data)
+    images = read_calibration_images(
+        source, normal_classes=normal_classes, split=split, data=data, decoding=decoding
+    )
     return images, {"split": split} if is_dataset_spec(source) else {}
 
 
@@ -117,7 +132,11 @@ def recalibrate_bundle(
     scorer = Detector.from_bundle(bundle, settings)
     scores = scorer.score(images).scores
     calibration = calibrate_threshold(scores, target_fpr=target)
-    calibration = validate_precisions(scorer.model.cpu(), images, calibration)
+    # int8 keeps the bundle's activation ranges (from its training images): the same weights
+    # score the same in int8 too; a bundle without them gets them from these images.
+    calibration = validate_precisions(
+        scorer.model.cpu(), images, calibration, int8_ranges=bundle.calibration.int8_ranges
+    )
     metadata = recalibrated_metadata(
         bundle, source=source, n_images=len(images), extra=source_details
     )
@@ -126,7 +145,11 @@ def recalibrate_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         written = save_bundle(
-            staging, model=scorer.model.cpu(), calibration=calibration, metadata=metadata
+            staging,
+            model=scorer.model.cpu(),
+            calibration=calibration,
+            metadata=metadata,
+            preprocessing=bundle.preprocessing,  # the same weights take the same input
         )
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -139,4 +162,4 @@ def recalibrate_bundle(
         bundle.version, written.version, len(images), source,
         bundle.calibration.threshold, calibration.threshold, target,
     )  # fmt: skip
-    return Bundle(written.model, calibration, written.version, metadata, out)
+    return Bundle(written.model, calibration, written.version, metadata, out, written.preprocessing)

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from detector.bundle import BundleError
-from vaewatch import config_command, serve_commands, stream_commands, train_commands
+from streams.connection_errors import BrokerRefusedError, one_line_connection_logs
+from streams.tls import TLSSettingsError
+from vaewatch import (
+    acls_command,
+    config_command,
+    serve_commands,
+    stream_commands,
+    train_commands,
+)
 from vaewatch.config import ConfigError, load_settings
 from vaewatch.secret_settings import mask_secrets_in_logs
 
@@ -24,9 +32,12 @@ _OVERRIDES_AFTER = "overrides_after_command"
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     BundleError,
+    BrokerRefusedError,
+    TLSSettingsError,
     *train_commands.USER_ERRORS,
     *stream_commands.USER_ERRORS,
     *serve_commands.USER_ERRORS,
+    *acls_command.USER_ERRORS,
 )
 
 
@@ -97,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream_commands.register(subparsers)
     config_command.register(subparsers)
     serve_commands.register(subparsers)
+    acls_command.register(subparsers)
     return parser
 
 
@@ -118,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(config_path, args.overrides)
         mask_secrets_in_logs(settings)
+        one_line_connection_logs()
         return int(args.run(args, settings) or 0)
     except USER_ERRORS as exc:
         print(f"vaewatch: error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr, ValidationError
 
 from detector.config import DetectorSettings, ModelConfig
+from detector.preprocess import ImageSettings
 from serve.config import ServeConfig
 from streams.config import MetricsConfig, StreamConfig
 from streams.lifecycle.config import LifecycleConfig
@@ -52,6 +53,14 @@ class Settings(BaseModel):
     calibration: CalibrationConfig = Field(
         default_factory=CalibrationConfig,
         description="How vaewatch train sets the alert threshold on held-out normal images.",
+    )
+    images: ImageSettings = Field(
+        default_factory=ImageSettings,
+        description="How image files (a folder:DIR data set, vaewatch score's files, the "
+        "image codec's records, the console's uploads) become the model's 28 x 28 input. "
+        "vaewatch train records the preprocessing keys in the bundle, and everything that "
+        "scores with the bundle applies its record, not these; the limits and threads apply "
+        "wherever files are decoded (docs/bundle.md, preprocessing).",
     )
     detector: DetectorSettings = Field(
         default_factory=DetectorSettings,

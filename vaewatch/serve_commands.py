@@ -42,6 +42,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
             config=config,
             detector=settings.detector,
             stream=settings.stream,
+            images=settings.images,
         )
     except OSError as exc:
         raise ServeError(f"cannot listen on {config.host}:{config.port} ({exc.strerror})") from None
@@ -69,6 +70,7 @@ def start_console(
         config=config,
         detector=settings.detector,
         stream=stream,
+        images=settings.images,
     )
     return BackgroundServer(service).start()
 

@@ -8,18 +8,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from kafka.errors import KafkaTimeoutError
 
 from detector import Detector
+from detector.preprocess import IMAGE_SUFFIXES
 from streams import demo
 from streams.brokers.local import ENGINES, BrokerError, create_broker
 from streams.kafka_io import ensure_topics
-from streams.replay import replay_to_topic
+from streams.replay import ArrayRecords, FileRecords, replay_to_topic
 from streams.signals import stop_on_signals
 from streams.worker.transactions import TransactionsUnavailableError
 from streams.worker_process import run_worker_process
-from trainer.data import DataError, load_images
-from trainer.demo import demo_bundle
+from trainer.data import DataError, load_images, normal_labels
+from trainer.demo import FASHION_MNIST_CLASSES, demo_bundle
+from trainer.evaluate import auroc
+from trainer.image_folder import list_files
 from vaewatch.config import Settings
 from vaewatch.serve_commands import start_console
 
@@ -61,6 +65,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
             lifecycle_config=settings.lifecycle,
             model_path=args.model,
             shadow=shadow,
+            images=settings.images,
         )
 
 
@@ -106,30 +111,65 @@ def _prepare_broker(engine: str) -> int:
 # -- produce -----------------------------------------------------------------------------------
 
 
-def _dataset(settings: Settings, dataset: str | None, split: str) -> Any:
+def _dataset_records(args: argparse.Namespace, settings: Settings) -> tuple[Any, Any]:
+    """(records, their normal labels): a data set's images, encoded by the codec."""
     data = settings.data
-    if dataset is not None:
-        data = data.model_copy(update={"dataset": dataset})
-    return data, load_images(data, split=split)
+    if args.dataset is not None:
+        data = data.model_copy(update={"dataset": args.dataset})
+    if data.dataset.startswith("folder:"):
+        raise DataError(
+            f"--dataset {data.dataset}: send a folder's files as they are with --from DIR"
+        )
+    images = load_images(data, split=args.split)
+    codec = args.codec or settings.stream.codec
+    records = ArrayRecords(images.images, images.labels, codec=codec, split=args.split)
+    return records, normal_labels(data.normal_classes, images.classes)
+
+
+def _folder_records(args: argparse.Namespace, settings: Settings) -> tuple[Any, Any]:
+    """(records, their normal labels): a folder's image files as they are; files too large for
+    one request are left out, one line each."""
+    folder = args.from_dir
+    if not folder.is_dir():
+        raise DataError(f"--from {folder}: not a folder")
+    listing = list_files(folder)
+    limit = settings.stream.max_request_size - 1024  # room for the key, headers and framing
+    fits = np.asarray([f.stat().st_size <= limit for f in listing.files], dtype=bool)
+    for file in (f for f, ok in zip(listing.files, fits, strict=True) if not ok):
+        logger.warning("%s: over stream.max_request_size (%d bytes); not sent", file, limit)
+    files = [f for f, ok in zip(listing.files, fits, strict=True) if ok]
+    if not files:
+        raise DataError(f"--from {folder}: no image files to send ({', '.join(IMAGE_SUFFIXES)})")
+    labels = listing.labels[fits] if listing.labels is not None else None
+    records = FileRecords(folder, files, labels, listing.classes)
+    if labels is None:
+        return records, None
+    try:
+        return records, normal_labels(settings.data.normal_classes, listing.classes)
+    except DataError as exc:
+        if args.anomaly_fraction is not None:
+            raise
+        logger.warning("%s; records go without the anomaly header", exc)
+        return records, None
 
 
 def run_produce(args: argparse.Namespace, settings: Settings) -> int:
     _quiet_kafka()
-    data, images = _dataset(settings, args.dataset, args.split)
+    if args.from_dir is not None:
+        records, normal = _folder_records(args, settings)
+    else:
+        records, normal = _dataset_records(args, settings)
     stream = settings.stream
     topic = args.topic or stream.input_topic
     sent, elapsed = replay_to_topic(
         config=stream,
         topic=topic,
-        images=images.images,
-        labels=images.labels,
-        normal_classes=data.normal_classes,
-        count=args.count or len(images),
+        records=records,
+        normal_classes=normal,
+        count=args.count or len(records),
         anomaly_fraction=args.anomaly_fraction,
         seed=args.seed,
-        codec=args.codec or stream.codec,
         rate=args.rate,
-        split=args.split,
         partitions=args.partitions,
     )
     print(f"sent {sent} records to {topic} in {elapsed:.1f} s ({sent / max(elapsed, 1e-9):,.0f}/s)")
@@ -148,7 +188,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     data = settings.data
     _say(f"data: {data.dataset} test split")
     test = load_images(data, split="test")
-    model_dir = demo_bundle(
+    model_dir, normal_classes = demo_bundle(
         Path(args.model),
         data=data,
         model=settings.model,
@@ -156,7 +196,9 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         calibration=settings.calibration,
         epochs=args.epochs,
         say=_say,
+        image_settings=settings.images,
     )
+    _quiet_pipeline()
     return demo.run_demo(
         demo.DemoRun(
             engine=args.engine,
@@ -168,7 +210,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         ),
         images=test.images,
         labels=test.labels,
-        normal_classes=data.normal_classes,
+        normal_classes=normal_labels(normal_classes, test.classes),
         detector=Detector.from_bundle(model_dir, settings.detector),
         stream=settings.stream,
         metrics=settings.metrics,
@@ -176,7 +218,19 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
             model_dir, settings, stream=stream, port=port
         ),
         say=_say,
+        image_settings=settings.images,
+        class_names=FASHION_MNIST_CLASSES if data.dataset == "fashion-mnist" else None,
+        auroc=auroc,
     )
+
+
+def _quiet_pipeline() -> None:
+    """The demo says what happens in its own lines; the worker's and the console's INFO lines
+    (partitions assigned, bursts of alerts not shown) would bury them. Their warnings and
+    errors still show, and --log-level DEBUG shows everything."""
+    if logging.getLogger().level == logging.INFO:
+        for name in ("streams", "serve"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # -- registration ------------------------------------------------------------------------------
@@ -226,14 +280,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     broker.set_defaults(run=run_broker)
 
     produce = subparsers.add_parser(
-        "produce", help="replay a labelled dataset into a topic at a steady rate"
+        "produce",
+        help="replay a labelled dataset, or a folder's image files, into a topic at a steady rate",
+        description="Send a data set's images encoded by the codec, or with --from DIR every "
+        "image file under DIR as it is (for stream.codec image): headers id (the file's path in "
+        "DIR), label (its class folder) and anomaly (whether that class is not one of "
+        "data.normal_classes).",
     )
     produce.add_argument("--topic", default=None, help="default: stream.input_topic")
+    produce.add_argument(
+        "--from",
+        dest="from_dir",
+        type=Path,
+        default=None,
+        help="send the image files under this folder (class subfolders give the labels)",
+    )
     produce.add_argument("--dataset", default=None, help="default: data.dataset")
     produce.add_argument("--split", default="test", choices=["train", "test"])
     produce.add_argument("--rate", type=float, default=0.0, help="records/s (0 = unthrottled)")
-    produce.add_argument("--count", type=int, default=0, help="records (0 = the split once)")
-    produce.add_argument("--codec", default=None, choices=["raw", "json"])
+    produce.add_argument("--count", type=int, default=0, help="records (0 = each once)")
+    produce.add_argument(
+        "--codec",
+        default=None,
+        choices=["raw", "json", "image"],
+        help="how a data set's images are encoded (default: stream.codec; image: 28x28 PNGs)",
+    )
     produce.add_argument(
         "--anomaly-fraction",
         type=float,

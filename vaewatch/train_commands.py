@@ -17,10 +17,11 @@ from typing import TextIO
 import numpy as np
 
 from detector.bundle import load_bundle
+from detector.preprocess import ImageDecoding
 from detector.scorer import Detector, DeviceError
 from trainer.calibrate import CalibrationError
 from trainer.config import DataConfig
-from trainer.data import DataError, read_image_file
+from trainer.data import DataError, ImageSet, read_image_file
 from trainer.fit import TrainingError
 from vaewatch.config import Settings
 
@@ -67,14 +68,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     score = subparsers.add_parser(
         "score",
-        help="score images from .npy, .npz, an IDX file or a folder of PNGs",
-        description="Write index, score, p_value and anomaly for every input image: CSV, or "
-        "JSON lines when --out ends in .jsonl/.json. Images are uint8 (N x 28 x 28 or N x 784; "
-        "PNGs of any 8-bit mode become grayscale, 16-bit grayscale PNGs are scaled as PNG "
-        "defines, v * 255 / 65535); an input with no images is an error.",
+        help="score images: .npy, .npz, IDX, image files of any size, or folders of them",
+        description="Write index, score, p_value and anomaly (and name) for every input image: "
+        "CSV, or JSON lines when --out ends in .jsonl/.json. Arrays are uint8 (N x 28 x 28 or N "
+        "x 784); image files (PNG, JPEG, BMP, TIFF, WebP, GIF; a folder's at any depth) become "
+        "the model's input by the bundle's preprocessing, as the worker and `vaewatch serve` "
+        "make them. A file that cannot be read gets one line on stderr and no row; an input "
+        "with no images is an error.",
     )
     score.add_argument("--model", type=Path, required=True, help="bundle directory")
-    score.add_argument("input", type=Path, help=".npy/.npz/IDX file or folder of 28x28 PNGs")
+    score.add_argument(
+        "input",
+        type=Path,
+        nargs="+",
+        help=".npy/.npz/IDX files, image files, or folders of image files",
+    )
     score.add_argument("--out", type=Path, default=None, help="output file (default: stdout)")
     score.add_argument("--format", choices=["csv", "jsonl"], default=None, help="output format")
     score.set_defaults(run=run_score)
@@ -105,8 +113,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recalibrate.add_argument(
         "--data",
         required=True,
-        help="normal images: a file `score` reads (.npy/.npz/IDX/PNG folder), a data set "
-        "(fashion-mnist, mnist, idx:DIR, npz:FILE) or a topic range "
+        help="normal images: a file `score` reads (.npy/.npz/IDX, image files or a folder of "
+        "them), a data set (fashion-mnist, mnist, idx:DIR, npz:FILE, folder:DIR) or a topic "
+        "range "
         "kafka:TOPIC[:PARTITION[:START-END]] read with the stream settings",
     )
     recalibrate.add_argument("--out", type=Path, required=True, help="new bundle directory")
@@ -138,6 +147,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         train=settings.train,
         calibration=settings.calibration,
         out=args.out,
+        image_settings=settings.images,
     )
     best = bundle.metadata.get("best_epoch")
     calibration = bundle.calibration
@@ -168,7 +178,9 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         data = _evaluation_data(bundle.metadata.get("data"), args, settings)
     except ValueError as exc:  # pydantic's ValidationError: an unknown --dataset form
         raise CommandError(f"--dataset {args.dataset!r}: {exc.errors()[0]['msg']}") from None
-    result = evaluate_detector(detector, data)
+    result = evaluate_detector(
+        detector, data, decoding=settings.images.decoding(detector.preprocessing)
+    )
     roc = write_roc_report(args.model, result)
     values = result.evaluation.as_dict()
     if args.json:
@@ -200,9 +212,27 @@ def _output(path: Path | None) -> Iterator[TextIO]:
         raise CommandError(f"{path}: cannot write ({exc.strerror})") from None
 
 
+def _score_inputs(inputs: list[Path], decoding: ImageDecoding) -> ImageSet:
+    """The images of every input, in order. One input keeps its own names (a folder's file
+    paths in it, or none for an array); several give every image a name: the file, the file in
+    the folder, or the array's name with the image's index."""
+    sets = [read_image_file(path, decoding=decoding) for path in inputs]
+    if len(sets) == 1:
+        return sets[0]
+    names = []
+    for path, found in zip(inputs, sets, strict=True):
+        if found.names is None:
+            names += [f"{path}[{i}]" for i in range(len(found))]
+        elif path.is_dir():
+            names += [(path / name).as_posix() for name in found.names]
+        else:
+            names += found.names
+    return ImageSet(np.concatenate([found.images for found in sets]), None, names)
+
+
 def run_score(args: argparse.Namespace, settings: Settings) -> int:
     detector = _detector(args, settings)
-    images = read_image_file(args.input)
+    images = _score_inputs(args.input, settings.images.decoding(detector.preprocessing))
     fmt = args.format
     if fmt is None:
         suffix = args.out.suffix.lower() if args.out else ""
@@ -259,22 +289,31 @@ def run_sample(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _recalibration_images(
-    args: argparse.Namespace, settings: Settings, normal_classes: tuple[int, ...]
+    args: argparse.Namespace,
+    settings: Settings,
+    normal_classes: tuple[int | str, ...],
+    decoding: ImageDecoding,
 ) -> tuple[np.ndarray, dict]:
     """--data read by the library that knows its kind: a Kafka topic range, or a file or data
-    set."""
+    set; image files as the bundle's preprocessing (`decoding`) makes them its input."""
     if args.data.startswith("kafka:"):  # streams.topic_range.PREFIX; Kafka loads only then
         from streams.topic_range import TopicRangeError, parse_topic_range, read_topic_range
 
         try:
-            found = read_topic_range(parse_topic_range(args.data), config=settings.stream)
+            found = read_topic_range(
+                parse_topic_range(args.data), config=settings.stream, images=decoding
+            )
         except TopicRangeError as exc:
             raise CommandError(f"--data {exc}") from None
         return found.images, found.provenance
     from trainer.recalibrate import calibration_source
 
     return calibration_source(
-        args.data, normal_classes=normal_classes, split=args.split, data=settings.data
+        args.data,
+        normal_classes=normal_classes,
+        split=args.split,
+        data=settings.data,
+        decoding=decoding,
     )
 
 
@@ -286,7 +325,8 @@ def run_recalibrate(args: argparse.Namespace, settings: Settings) -> int:
     old = load_bundle(args.model)
     recorded = old.metadata.get("data") or {}
     normal_classes = tuple(recorded.get("normal_classes") or settings.data.normal_classes)
-    images, details = _recalibration_images(args, settings, normal_classes)
+    decoding = settings.images.decoding(old.preprocessing)
+    images, details = _recalibration_images(args, settings, normal_classes, decoding)
     bundle = recalibrate_bundle(
         args.model,
         images,

@@ -39,23 +39,20 @@ export function pngSource(b64) {
   return `data:image/png;base64,${b64}`;
 }
 
-// A PNG file -> 784 grey pixel values (0..255), read through a canvas.
-export async function filePixels(file) {
-  const bitmap = await createImageBitmap(file);
-  if (bitmap.width !== 28 || bitmap.height !== 28) {
-    throw new ApiError(`${file.name}: ${bitmap.width}x${bitmap.height}, expected 28x28`);
-  }
-  const canvas = document.createElement("canvas");
-  canvas.width = canvas.height = 28;
-  const context = canvas.getContext("2d");
-  context.drawImage(bitmap, 0, 0);
-  const rgba = context.getImageData(0, 0, 28, 28).data;
-  const pixels = [];
-  for (let i = 0; i < rgba.length; i += 4) {
-    // ITU-R 601 luma, as PIL's convert("L") does on the server.
-    pixels.push(Math.round((rgba[i] * 299 + rgba[i + 1] * 587 + rgba[i + 2] * 114) / 1000));
-  }
-  return pixels;
+const IMAGE_SUFFIXES = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"];
+
+export function isImageFile(file) {
+  const name = file.name.toLowerCase();
+  return file.type.startsWith("image/") || IMAGE_SUFFIXES.some((suffix) => name.endsWith(suffix));
+}
+
+// Image files -> the 784 grey values (0..255) the model sees of each: made by the service with
+// the bundle's preprocessing (never in the browser, whose decoding and scaling differ).
+export async function modelInputs(files) {
+  const form = new FormData();
+  for (const file of files) form.append("images", file, file.name);
+  const answer = await call("/v1/explain", { method: "POST", body: form });
+  return answer.results.map((result) => result.input);
 }
 
 export function element(tag, attributes = {}, ...children) {

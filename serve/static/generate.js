@@ -1,6 +1,6 @@
 // Generate view: sample grids from the model's fitted latent density (a seed, and "More" for
 // the next seed), and a latent interpolation between two images or two seeds, walked with a slider.
-import { call, element, filePixels, pngSource } from "./api.js";
+import { call, element, modelInputs, pngSource } from "./api.js";
 
 let nextSeed = 0;
 
@@ -32,7 +32,7 @@ async function interpolate() {
   let request;
   try {
     if (fileA && fileB) {
-      request = { images: [await filePixels(fileA), await filePixels(fileB)], steps };
+      request = { images: await modelInputs([fileA, fileB]), steps };
     } else {
       const seeds = [document.getElementById("interp-seed-a"), document.getElementById("interp-seed-b")];
       request = { seeds: seeds.map((input) => Number(input.value)), steps };

@@ -1,6 +1,17 @@
-// Score view: PNG files in; score, p-value, verdict, reconstruction and heatmap out, one card
-// per file, from one /v1/explain call.
-import { call, details, element, figure, pngSource } from "./api.js";
+// Score view: image files of any format and size in; per file the image, the 28 x 28 image the
+// model saw (the bundle's preprocessing of it, done by the service), the reconstruction and
+// heatmap, the verdict, score and p-value, one card per file, from one /v1/explain call.
+import { call, details, element, figure, isImageFile, pngSource } from "./api.js";
+
+function originalFigure(file) {
+  // As uploaded, scaled to fit; a format the browser cannot show (TIFF) gets a note instead.
+  const image = element("img", { src: URL.createObjectURL(file), alt: "uploaded", class: "original" });
+  const caption = element("figcaption", {}, "uploaded");
+  image.addEventListener("error", () => {
+    image.replaceWith(element("span", { class: "no-preview" }, "no preview"));
+  });
+  return element("figure", {}, image, caption);
+}
 
 function resultCard(file, result) {
   const verdict = result.anomaly ? "anomaly" : "normal";
@@ -8,7 +19,8 @@ function resultCard(file, result) {
     "article",
     { class: `card result-card ${verdict}`, "data-name": file.name },
     element("div", { class: "pictures" },
-      figure(URL.createObjectURL(file), "image", "input"),
+      originalFigure(file),
+      figure(pngSource(result.input_png), "model input", "model-input"),
       figure(pngSource(result.reconstruction_png), "reconstruction", "reconstruction"),
       figure(pngSource(result.heatmap_png), "anomaly map", "heatmap")),
     element("p", {}, element("span", { class: `verdict ${verdict}` }, verdict), " ", file.name),
@@ -23,17 +35,17 @@ function resultCard(file, result) {
 async function scoreFiles(files) {
   const status = document.getElementById("score-status");
   const results = document.getElementById("score-results");
-  const pngs = [...files].filter((file) => file.type === "image/png" || file.name.endsWith(".png"));
-  if (!pngs.length) {
-    status.textContent = "no PNG files among those";
+  const images = [...files].filter(isImageFile);
+  if (!images.length) {
+    status.textContent = "no image files among those";
     return;
   }
   const form = new FormData();
-  for (const file of pngs) form.append("images", file, file.name);
-  status.textContent = `scoring ${pngs.length} image(s)…`;
+  for (const file of images) form.append("images", file, file.name);
+  status.textContent = `scoring ${images.length} image(s)…`;
   try {
     const answer = await call("/v1/explain", { method: "POST", body: form });
-    results.replaceChildren(...answer.results.map((result, i) => resultCard(pngs[i], result)));
+    results.replaceChildren(...answer.results.map((result, i) => resultCard(images[i], result)));
     const flagged = answer.results.filter((result) => result.anomaly).length;
     status.textContent = `${answer.results.length} scored by model ${answer.model_version}: ` +
       `${flagged} anomal${flagged === 1 ? "y" : "ies"} (threshold ${answer.threshold.toPrecision(4)})`;

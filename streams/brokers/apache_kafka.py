@@ -20,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from subprocess import DEVNULL
-from typing import IO
+from typing import IO, Any
 
 from streams.brokers.kafka_files import (
     last_error,
@@ -68,7 +69,12 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 class KafkaBroker(BrokerProcess):
     """One Apache Kafka JVM listening on host:port (`port=0`: a free one). Use as a context
     manager or call start() and stop(). `kafka_home` or KAFKA_HOME points at an unpacked
-    release; otherwise the pinned jars are fetched into the user's cache on first use."""
+    release; otherwise the pinned jars are fetched into the user's cache on first use.
+
+    Plaintext unless told otherwise: `properties` replace or add server.properties settings
+    (listeners, TLS, SASL, an authorizer), `format_args` go to the storage tool's format (such
+    as `--add-scram`), and `client_options` are the kafka-python security options with which
+    the start-up check reaches the listener on `port`."""
 
     def __init__(
         self,
@@ -80,6 +86,9 @@ class KafkaBroker(BrokerProcess):
         work_dir: Path | None = None,
         kafka_home: Path | None = None,
         java: str | None = None,
+        properties: Mapping[str, object] | None = None,
+        format_args: Sequence[str] = (),
+        client_options: Mapping[str, Any] | None = None,
     ):
         self.host = host
         self.port = port or free_port(host)
@@ -90,6 +99,9 @@ class KafkaBroker(BrokerProcess):
         self._given_work_dir = work_dir
         self._kafka_home = kafka_home
         self._java_path = java
+        self._properties = dict(properties or {})
+        self._format_args = tuple(format_args)
+        self._client_options = dict(client_options or {})
         self._work_dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
@@ -138,7 +150,11 @@ class KafkaBroker(BrokerProcess):
         self.controller_port = self.controller_port or free_port("127.0.0.1")
         data = self._work_dir / "data"
         properties = server_properties(
-            host=self.host, port=self.port, controller_port=self.controller_port, data_dir=data
+            host=self.host,
+            port=self.port,
+            controller_port=self.controller_port,
+            data_dir=data,
+            overrides=self._properties,
         )
         (self._work_dir / "server.properties").write_text(properties)
         (self._work_dir / "log4j2.properties").write_text(log4j_properties(self.log_path))
@@ -157,7 +173,7 @@ class KafkaBroker(BrokerProcess):
         tool = ["kafka.tools.StorageTool", "format", "--ignore-formatted", "-t"]
         cluster_id = stored_cluster_id(self._work_dir / "data") or random_cluster_id()
         properties = str(self._work_dir / "server.properties")
-        command = self._java(java, jars, *tool, cluster_id, "-c", properties)
+        command = self._java(java, jars, *tool, cluster_id, "-c", properties, *self._format_args)
         timeout_s = max(deadline - time.monotonic(), 1.0)
         try:
             code = subprocess.run(
@@ -214,6 +230,7 @@ class KafkaBroker(BrokerProcess):
                 bootstrap_servers=self.bootstrap_servers,
                 request_timeout_ms=timeout_ms,
                 bootstrap_timeout_ms=timeout_ms,
+                **self._client_options,
             )
             try:
                 admin.list_topics()

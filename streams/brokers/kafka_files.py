@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import re
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 _ERROR_LINE = re.compile(r"\b(ERROR|FATAL)\b|^Error:|^Exception in thread")
@@ -14,11 +15,19 @@ _LOG_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] ")  # how each log4j rec
 _PACKAGE = re.compile(r"^(?:[a-z_][\w]*\.)+")
 
 
-def server_properties(*, host: str, port: int, controller_port: int, data_dir: Path) -> str:
+def server_properties(
+    *,
+    host: str,
+    port: int,
+    controller_port: int,
+    data_dir: Path,
+    overrides: Mapping[str, object] | None = None,
+) -> str:
     """server.properties of a one-node cluster: every internal topic with one replica, no
-    rebalance delay, topics created on first use."""
+    rebalance delay, topics created on first use; `overrides` replace or add settings (the
+    secured broker of the tests: its listeners, TLS, SASL and authorizer)."""
     advertised = "127.0.0.1" if host in ("", "0.0.0.0") else host
-    settings = {
+    settings: dict[str, object] = {
         "process.roles": "broker,controller",
         "node.id": 1,
         "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
@@ -47,6 +56,7 @@ def server_properties(*, host: str, port: int, controller_port: int, data_dir: P
         "num.io.threads": 4,
         "num.recovery.threads.per.data.dir": 1,
     }
+    settings.update(overrides or {})
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
 

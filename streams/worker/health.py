@@ -1,12 +1,18 @@
 """/metrics, /healthz and /readyz on one port: prometheus_client's WSGI app behind a stdlib WSGI
-server, dispatched by path, in a daemon thread."""
+server, dispatched by path, in a daemon thread. Optionally over TLS (each connection's handshake
+in its own thread, bounded like its requests) and behind HTTP basic auth for everything but the
+orchestrator's probes (/healthz, /readyz), as Prometheus' own web configuration does."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import hmac
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -41,6 +47,27 @@ class _BoundedWSGIServer(ThreadingMixIn, WSGIServer):
     request_queue_size = 64  # the listen backlog: a burst of connections is not dropped
     max_connections = 16
     connection_timeout_s = 5.0
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[Any, Any]:
+        # The handshake waits for the client: not here, in the accepting thread, but in the
+        # connection's own (finish_request), under the same deadline as its requests.
+        request, client_address = super().get_request()
+        if self.tls is not None:
+            request = self.tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        return request, client_address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            request.settimeout(self.connection_timeout_s)
+            try:
+                request.do_handshake()
+            except (OSError, ValueError) as exc:  # not TLS, a certificate refused, too slow
+                logger.debug(
+                    "metrics server: TLS handshake with %s failed: %s", client_address, exc
+                )
+                return
+        super().finish_request(request, client_address)
 
     def server_activate(self) -> None:
         super().server_activate()
@@ -106,17 +133,47 @@ class _QuietHandler(WSGIRequestHandler):
         logger.debug("%s " + format, self.address_string(), *args)
 
 
+_OPEN_PATHS = ("/healthz", "/readyz")  # the orchestrator's probes carry no credentials
+
+
+def _authorized(environ: dict[str, Any], basic_auth: tuple[str, str]) -> bool:
+    header = environ.get("HTTP_AUTHORIZATION", "")
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    # Both compared in constant time, and both always: the answer's timing tells nothing.
+    user_ok = hmac.compare_digest(user.encode(), basic_auth[0].encode())
+    password_ok = hmac.compare_digest(password.encode(), basic_auth[1].encode())
+    return user_ok and password_ok
+
+
 def build_app(
     *,
     registry: CollectorRegistry,
     readiness: ReadinessProbe,
     liveness: LivenessProbe = _always_alive,
     admin: AdminAction | None = None,
+    basic_auth: tuple[str, str] | None = None,
 ) -> Callable:
+    """`basic_auth` (user, password): asked of every path but /healthz and /readyz."""
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
+        if (
+            basic_auth is not None
+            and path not in _OPEN_PATHS
+            and not _authorized(environ, basic_auth)
+        ):
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Basic realm="vaewatch"')],
+            )
+            return [b"unauthorized\n"]
         if admin is not None and path.startswith("/admin/"):
             if environ.get("REQUEST_METHOD") != "POST":
                 start_response("405 Method Not Allowed", [("Allow", "POST")])
@@ -147,7 +204,8 @@ def build_app(
 
 
 class MetricsServer:
-    """Serves the app on host:port (port 0 picks a free one; `.port` tells which)."""
+    """Serves the app on host:port (port 0 picks a free one; `.port` tells which); over TLS
+    with `tls`, asking `basic_auth` (user, password) of all but the probes."""
 
     def __init__(
         self,
@@ -158,11 +216,21 @@ class MetricsServer:
         readiness: ReadinessProbe,
         liveness: LivenessProbe = _always_alive,
         admin: AdminAction | None = None,
+        tls: ssl.SSLContext | None = None,
+        basic_auth: tuple[str, str] | None = None,
     ) -> None:
-        app = build_app(registry=registry, readiness=readiness, liveness=liveness, admin=admin)
+        app = build_app(
+            registry=registry,
+            readiness=readiness,
+            liveness=liveness,
+            admin=admin,
+            basic_auth=basic_auth,
+        )
         self._server = make_server(
             host, port, app, server_class=_BoundedWSGIServer, handler_class=_QuietHandler
         )
+        self._server.tls = tls
+        self.scheme = "https" if tls is not None else "http"
         self.host = host
         self.port = int(self._server.server_port)
         self._thread = threading.Thread(
@@ -171,7 +239,9 @@ class MetricsServer:
 
     def start(self) -> MetricsServer:
         self._thread.start()
-        logger.info("metrics, /healthz and /readyz on http://%s:%d", self.host, self.port)
+        logger.info(
+            "metrics, /healthz and /readyz on %s://%s:%d", self.scheme, self.host, self.port
+        )
         return self
 
     def stop(self) -> None:

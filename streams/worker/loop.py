@@ -27,6 +27,8 @@ from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
 from kafka.structs import TopicPartition
 
 from detector import Scores
+from detector.preprocess import ImageDecoding
+from streams.broker_refusals import BrokerRefusals
 from streams.client_internals import coordinator_known, group_stable, unreadable_record
 from streams.codec import DECODE_ERROR, UNREADABLE, DecodedBatch, decode_batch
 from streams.config import StreamConfig
@@ -83,8 +85,10 @@ class Worker:
         state: WorkerState,
         lifecycle: ModelSwaps | None = None,
         transactions: Transactions | None = None,
+        images: ImageDecoding | None = None,
     ) -> None:
         self._config = config
+        self._images = images  # the image codec's preprocessing: the serving bundle's
         self._lifecycle = lifecycle  # hot reload, shadow, drift (streams/lifecycle/)
         self._consumer = consumer
         self._metrics = metrics
@@ -99,6 +103,7 @@ class Worker:
             on_published=self._published,
             transactions=transactions,
         )
+        self._refusals = BrokerRefusals(consumer=consumer, config=config)
         self._buffer: list[Any] = []
         self._polled_at = 0.0
         self._use(scorer, publisher)
@@ -181,6 +186,8 @@ class Worker:
         if candidate is not None:
             old = self._scorer
             self._use(candidate.prepared, self._lifecycle.publisher_for(candidate.detector))
+            if self._images is not None:  # image files as the new bundle makes them its input
+                self._images = self._images.with_preprocessing(candidate.detector.preprocessing)
             self._lifecycle.swapped(candidate, old_scorer=old)
 
     def _poll(self, timeout_ms: int) -> dict:
@@ -189,13 +196,16 @@ class Worker:
             polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=self._poll_records)
         except (CorruptRecordError, UnsupportedCodecError) as exc:
             polled, unreadable = {}, exc
-        except KafkaError as exc:
-            self._error("broker", exc)
+        except KafkaError as exc:  # logged in one line per cause, not at every poll
+            self._metrics.count_error("broker", exc)
+            self._refusals.poll_failed(exc)
             self._state.broker_connected = False
+            self._state.authorized = self._refusals.authorized
             time.sleep(0.1)
             polled = {}
         else:
             self._state.broker_connected = coordinator_known(self._consumer)
+            self._state.authorized = self._refusals.poll_succeeded()
         self._drop_forgotten()  # by a rebalance inside that poll
         if unreadable is not None:
             self._skip_unreadable(unreadable)
@@ -273,7 +283,10 @@ class Worker:
         cut_at = time.time()  # before decoding and scoring, which a caught-up batch does here
         try:
             decoded = decode_batch(
-                [r.value for r in records], codec=self._config.codec, keys=[r.key for r in records]
+                [r.value for r in records],
+                codec=self._config.codec,
+                keys=[r.key for r in records],
+                images=self._images,
             )
         except Exception as exc:  # a decoder bug must not lose records: dead-letter them all
             self._error("decode", exc)

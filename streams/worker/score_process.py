@@ -60,10 +60,11 @@ def _serve(
     capacity: int,
     cpu_threads: int,
     precision: str,
+    int8_ranges: dict | None = None,
 ) -> None:
     """The child's loop: (slot, n) in, scores of inputs[slot, :n] into outputs[slot, :n], in
-    the worker's detector's `precision` (so both scoring paths agree). The model's config and
-    weights come first, through the pipe."""
+    the worker's detector's `precision` (int8 with its calibration's `int8_ranges`, so both
+    scoring paths agree). The model's config and weights come first, through the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -96,7 +97,12 @@ def _serve(
         try:
             batch = torch.from_numpy(images[slot, :n])
             scores[slot, :n] = score_batches(
-                model, batch, device=device, batch_size=n, precision=precision
+                model,
+                batch,
+                device=device,
+                batch_size=n,
+                precision=precision,
+                int8_ranges=int8_ranges,
             ).numpy()
         except Exception as exc:  # reported to the worker, which dead-letters the batch
             conn.send((slot, 0.0, f"{type(exc).__name__}: {exc}"[:200]))
@@ -153,6 +159,7 @@ class ScoringProcess:
         capacity: int,
         cpu_threads: int,
         precision: str = "fp32",
+        int8_ranges: dict | None = None,
         timeout_s: float = 30.0,
         start_timeout_s: float = 120.0,
     ) -> None:
@@ -165,6 +172,7 @@ class ScoringProcess:
         self.capacity = capacity
         self._cpu_threads = cpu_threads
         self._precision = precision
+        self._int8_ranges = int8_ranges
         self._start_timeout_s = start_timeout_s
         self.timeout_s = timeout_s  # longest wait for one reply of a started child
         self._inputs = self._ctx.RawArray(ctypes.c_uint8, _SLOTS * capacity * IMAGE_PIXELS)
@@ -193,6 +201,7 @@ class ScoringProcess:
                 self.capacity,
                 self._cpu_threads,
                 self._precision,
+                self._int8_ranges,
             ),
             name="vaewatch-scorer",
             daemon=True,

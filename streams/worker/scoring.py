@@ -133,6 +133,7 @@ class ProcessScorer:
             capacity=capacity,
             cpu_threads=cpu_threads,
             precision=detector.precision,
+            int8_ranges=detector.int8_ranges,
             timeout_s=timeout_s,
         )
         self.restarts = 0

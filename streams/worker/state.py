@@ -1,5 +1,6 @@
 """What /readyz and /healthz report about a worker: written by its loop, read by the HTTP
-thread. Ready: the model is loaded, the broker reachable, the group joined and stable (an
+thread. Ready: the model is loaded, the broker reachable, the ACLs there let it consume (its
+input topic and group), the group joined and stable (an
 eviction for a stalled poll loop clears it at once) and the loop making progress. Alive: unless
 the loop has had work (records in hand, batches being scored or sends outstanding) and made no
 progress (a batch published or acknowledged) for liveness_timeout_s, or, while it runs, has not
@@ -20,6 +21,7 @@ class WorkerState:
 
     model_loaded: Callable[[], bool] = lambda: False
     broker_connected: bool = False
+    authorized: bool = True  # the broker lets it read its input and use its group (ACLs)
     group_joined: bool = False
     group_stable: Callable[[], bool] = lambda: True  # the coordinator's view, live
     assigned: set[Any] = field(default_factory=set)  # the TopicPartitions it owns
@@ -36,6 +38,7 @@ class WorkerState:
         checks = {
             "model_loaded": self.model_loaded(),
             "broker_connected": self.broker_connected,
+            "authorized": self.authorized,
             "group_joined": self.group_joined and self.group_stable(),
             "making_progress": self.liveness()[0],
         }

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, TransactionalIdAuthorizationFailedError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streams.client_internals import (
@@ -115,6 +115,13 @@ class Transactions:
         Raises TransactionsUnavailableError, one line, when the broker has no transactions."""
         try:
             self._producer.init_transactions()
+        except TransactionalIdAuthorizationFailedError:
+            tx_id = self._producer.config.get("transactional_id")  # the one it asked for
+            raise TransactionsUnavailableError(
+                f"stream.processing_guarantee=exactly_once: not authorized for transactional id "
+                f"{tx_id!r} (TransactionalIdAuthorizationFailedError): grant WRITE on it "
+                "(`vaewatch acls` lists what the worker needs)"
+            ) from None
         except KafkaError as exc:
             raise TransactionsUnavailableError(
                 "stream.processing_guarantee=exactly_once needs a broker with transactions: "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,28 @@ def k8s_documents() -> list[tuple[Path, dict[str, Any]]]:
 
 def k8s_kind(kind: str) -> list[dict[str, Any]]:
     return [doc for _, doc in k8s_documents() if doc.get("kind") == kind]
+
+
+def k8s_expand(text: str, env: Mapping[str, str | None]) -> str:
+    """The kubelet's $(VAR) expansion in command and args: variables the container defines,
+    $$ for a literal $; an undefined one stays as written, as in Kubernetes."""
+
+    def value(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        found = env.get(match.group(1))
+        return match.group(0) if found is None else found
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value, text)
+
+
+def shell_expand(text: str, env: Mapping[str, str | None]) -> str:
+    """The shell's $VAR and ${VAR} for the given variables (a script's own view of its env)."""
+    return re.sub(
+        r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))",
+        lambda m: str(env.get(m.group(1) or m.group(2), m.group(0))),
+        text,
+    )
 
 
 # -- what the worker exports --------------------------------------------------------------------

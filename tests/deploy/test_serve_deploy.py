@@ -11,6 +11,7 @@ from tests.deploy.deploy_files import (
     COMPOSE,
     PROMETHEUS_CONFIG,
     SERVE_JOB,
+    k8s_expand,
     k8s_kind,
     load_yaml,
 )
@@ -20,7 +21,6 @@ from tests.deploy.test_static import (
     _env_dict,
     _image_settings,
     _interpolate,
-    _k8s_expand,
     _parse_vaewatch,
 )
 
@@ -62,10 +62,10 @@ def test_k8s_serve_deployment_service_and_monitor() -> None:
     env = _container_env(container)
     settings = _image_settings(env)
     port = settings.serve.port
-    args = _parse_vaewatch(IMAGE_ENTRYPOINT[1:] + [_k8s_expand(a, env) for a in container["args"]])
+    args = _parse_vaewatch(IMAGE_ENTRYPOINT[1:] + [k8s_expand(a, env) for a in container["args"]])
     assert args.command == "serve"
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": port}
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "/healthz" in " ".join(container["livenessProbe"]["exec"]["command"])
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     (service,) = [s for s in k8s_kind("Service") if s["metadata"]["name"] == SERVE_JOB]

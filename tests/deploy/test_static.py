@@ -8,12 +8,17 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
+from packaging.requirements import Requirement
 
+from streams.brokers.kafka_jars import kafka_version
 from tests.deploy.deploy_files import (
     COMPOSE,
     COMPOSE_GPU,
@@ -35,6 +40,7 @@ from tests.deploy.deploy_files import (
     exported_metric_families,
     exported_series_names,
     k8s_documents,
+    k8s_expand,
     k8s_kind,
     label_values_metric,
     load_yaml,
@@ -42,6 +48,7 @@ from tests.deploy.deploy_files import (
     promql_metric_names,
     recording_rule_names,
     rules,
+    shell_expand,
     template_queries,
 )
 from vaewatch.cli import build_parser
@@ -78,11 +85,6 @@ def _env_dict(environment: Any) -> dict[str, str]:
 def _container_env(container: dict[str, Any]) -> dict[str, str | None]:
     """Kubernetes env: value, or None for valueFrom (a Secret, a field of the pod)."""
     return {item["name"]: item.get("value") for item in container.get("env", [])}
-
-
-def _k8s_expand(arg: str, env: dict[str, str | None]) -> str:
-    """Kubernetes' $(VAR) expansion in args."""
-    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: str(env[m.group(1)]), arg)
 
 
 def _parse_vaewatch(argv: list[str]) -> Any:
@@ -130,7 +132,7 @@ def _all_env_sources() -> list[tuple[str, dict[str, str | None]]]:
     for path, doc in k8s_documents():
         spec = doc.get("spec", {})
         template = spec.get("template", {}).get("spec", {})
-        for container in template.get("containers", []):
+        for container in [*template.get("initContainers", []), *template.get("containers", [])]:
             sources.append((f"{path.name}:{container['name']}", _container_env(container)))
     return sources
 
@@ -205,6 +207,30 @@ def test_every_vaewatch_env_var_is_a_settings_key() -> None:
 # -- the image ----------------------------------------------------------------------------------
 
 
+def test_dockerfile_torch_pins_are_the_projects() -> None:
+    """The CPU image's torch and torchvision pins are inside pyproject.toml's ranges and equal
+    to their upper bounds, the builds the test suite runs on; the image installs every other
+    dependency of pyproject.toml (deploy/image_requirements.py)."""
+    args = {
+        rest.split("=", 1)[0]: rest.split("=", 1)[1]
+        for name, rest in dockerfile_instructions()
+        if name == "ARG" and "=" in rest
+    }
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    ranges = {
+        Requirement(d).name: Requirement(d).specifier for d in project["project"]["dependencies"]
+    }
+    for package, arg in (("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION")):
+        assert args[arg] in ranges[package], f"{arg}={args[arg]} is outside {ranges[package]}"
+        assert f"<={args[arg]}" in str(ranges[package]), (package, args[arg], ranges[package])
+    script, pyproject = DEPLOY / "image_requirements.py", DEPLOY.parent / "pyproject.toml"
+    listed = subprocess.run(
+        [sys.executable, str(script), str(pyproject)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    wanted = [*project["build-system"]["requires"], *project["project"]["dependencies"]]
+    assert listed == [d for d in wanted if Requirement(d).name not in ("torch", "torchvision")]
+
+
 def test_dockerfile_image_contract() -> None:
     instructions = dockerfile_instructions()
     names = [name for name, _ in instructions]
@@ -254,12 +280,35 @@ def _service_command(service: dict[str, Any]) -> list[str]:
 def test_compose_kafka_is_kraft_from_the_official_image() -> None:
     services = compose()["services"]
     kafka = services["kafka"]
-    assert kafka["image"].startswith("apache/kafka:")
+    # The version the project's live tests and `make deploy-test` run (the pom's).
+    assert kafka["image"] == f"apache/kafka:{kafka_version()}", kafka["image"]
+    assert services["topics"]["image"] == kafka["image"]
+    (topics,) = _one("Job", "vaewatch-topics")["spec"]["template"]["spec"]["containers"]
+    assert topics["image"] == kafka["image"]
     env = _env_dict(kafka["environment"])
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
     assert "KAFKA_CONTROLLER_QUORUM_VOTERS" in env
     assert not any("ZOOKEEPER" in key for key in env)
     assert not any("zookeeper" in name for name in services)
+
+
+def test_compose_publishes_ports_on_loopback_only_and_movable() -> None:
+    """Kafka without authentication, Prometheus with its lifecycle API, Grafana's admin and the
+    HTTP service are for this host; and a port taken on it (a developer's own broker on 9092)
+    must not stop the stack: each published port has a variable."""
+    text = COMPOSE.read_text()
+    for name, service in compose()["services"].items():
+        for mapping in service.get("ports", []):
+            assert str(mapping).startswith("127.0.0.1:"), f"{name} publishes {mapping} widely"
+    for line in text.splitlines():
+        if line.strip().startswith('- "127.0.0.1:'):
+            assert re.search(r"\$\{[A-Z_]+_HOST_PORT:-\d+\}", line), line
+    moved = yaml.safe_load(
+        _interpolate(text.replace("KAFKA_HOST_PORT:-9092", "KAFKA_HOST_PORT:-19999"))
+    )
+    kafka_env = _env_dict(moved["services"]["kafka"]["environment"])
+    assert "PLAINTEXT_HOST://localhost:19999" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
+    assert moved["services"]["kafka"]["ports"] == ["127.0.0.1:19999:9092"]
 
 
 def test_compose_stack_agrees_with_the_worker() -> None:
@@ -355,7 +404,7 @@ def test_compose_stack_agrees_with_the_worker() -> None:
         0
     ]
     assert datasource["url"] == "http://prometheus:9090"
-    assert "9090:9090" in prometheus["ports"]
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"], "published on the host's loopback"
 
 
 def test_compose_gpu_overlay_reserves_a_gpu_for_the_worker() -> None:
@@ -448,15 +497,14 @@ def test_k8s_worker_agrees_with_the_settings(tmp_path: Path) -> None:
     assert monitor["spec"]["endpoints"][0]["port"] == service_port["name"]
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
 
-    # Probes: /healthz (alive) and /readyz (ready) on the metrics port.
-    def probe(kind: str) -> dict[str, Any]:
-        return container[kind]["httpGet"]
-
-    assert probe("livenessProbe")["path"] == "/healthz"
-    assert probe("readinessProbe")["path"] == "/readyz"
-    assert probe("startupProbe")["path"] == "/healthz"
-    for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert probe(kind)["port"] in ("metrics", port)
+    # Probes: /healthz (alive) and /readyz (ready); their ports are test_endpoints.py's.
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "/healthz" in " ".join(container["livenessProbe"]["exec"]["command"])
+    # The liveness command's own time limit is under the probe's (a frozen worker fails it).
+    command = container["livenessProbe"]["exec"]["command"]
+    limit = float(command[command.index("--max-time") + 1])
+    assert limit < container["livenessProbe"]["timeoutSeconds"]
 
     # GPU request.
     resources = container["resources"]
@@ -465,7 +513,7 @@ def test_k8s_worker_agrees_with_the_settings(tmp_path: Path) -> None:
     assert settings.detector.device in ("cuda", "auto")
 
     # The command parses; the bundle comes from a PVC mounted where --model points.
-    args = _parse_vaewatch(IMAGE_ENTRYPOINT[1:] + [_k8s_expand(a, env) for a in container["args"]])
+    args = _parse_vaewatch(IMAGE_ENTRYPOINT[1:] + [k8s_expand(a, env) for a in container["args"]])
     assert args.command == "worker"
     pvc_volume = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
     _one("PersistentVolumeClaim", pvc_volume["persistentVolumeClaim"]["claimName"])
@@ -473,8 +521,11 @@ def test_k8s_worker_agrees_with_the_settings(tmp_path: Path) -> None:
     assert PurePosixPath(str(args.model)).is_relative_to(models_mount["mountPath"])
     assert models_mount.get("readOnly") is True
     (init,) = pod["initContainers"]
-    waits_for = _k8s_expand(" ".join(init["args"]), _container_env(init))
-    assert f"test -f {args.model}/bundle.json" in waits_for, waits_for
+    # Shell variables ($MODEL_BUNDLE), not $(MODEL_BUNDLE): `podman kube play` (4.3) does not
+    # expand the latter, and the shell does either way.
+    assert "$(" not in " ".join(init["args"]), init["args"]
+    waits_for = shell_expand(" ".join(init["args"]), _container_env(init))
+    assert f'test -f "{args.model}/bundle.json"' in waits_for, waits_for
     assert any(m["name"] == pvc_volume["name"] for m in init["volumeMounts"])
     assert pod["securityContext"]["runAsNonRoot"] is True
 
@@ -483,7 +534,7 @@ def test_k8s_worker_agrees_with_the_settings(tmp_path: Path) -> None:
     (train_container,) = trainer["containers"]
     train_env = _container_env(train_container)
     train_args = _parse_vaewatch(
-        IMAGE_ENTRYPOINT[1:] + [_k8s_expand(a, train_env) for a in train_container["args"]]
+        IMAGE_ENTRYPOINT[1:] + [k8s_expand(a, train_env) for a in train_container["args"]]
     )
     assert train_args.command == "train" and str(train_args.out) == str(args.model)
     train_pvc = next(v for v in trainer["volumes"] if "persistentVolumeClaim" in v)

@@ -1,6 +1,7 @@
-"""CPU scoring precision (issue 21): the prepared fp32 copy scores as the model does, int8 and
-bf16 stay close to fp32 on real Fashion-MNIST images, the bundle records its precision, `auto`
-resolves as documented (never int8 on CUDA), and a bad value is a one-line error."""
+"""CPU scoring precision (issues 21 and 29): the prepared fp32 copy scores as the model does,
+int8 and bf16 stay close to fp32 on real Fashion-MNIST images, the bundle records its precision,
+`auto` resolves as documented (never int8 on CUDA; int8 on a CPU without bf16 where validated),
+and a bad value is a one-line error. int8's batch-independence: tests/detector/test_int8.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from detector import scorer
 from detector.bundle import MANIFEST, _content_version, load_bundle, save_bundle
 from detector.calibration import Calibration
 from detector.config import DetectorSettings, ModelConfig
+from detector.int8 import activation_ranges
 from detector.model import VAE
 from detector.scorer import (
     Detector,
@@ -53,6 +55,17 @@ def test_the_prepared_fp32_copy_scores_as_the_model_does(kind: str, fashion_mnis
     np.testing.assert_allclose(got, _fp32_model_scores(model, images), rtol=1e-5, atol=1e-3)
 
 
+def test_the_prepared_copy_of_a_trained_bundle_scores_as_its_model(
+    trained_bundle: Path, fashion_mnist
+) -> None:
+    """With a fitted latent mixture (its inverse factors computed once in the copy) and fitted
+    score normalisation: the same scores up to float rounding."""
+    model = load_bundle(trained_bundle).model
+    images = fashion_mnist.test.images[:500]
+    got = score_batches(model, torch.from_numpy(images), device=CPU, batch_size=256).numpy()
+    np.testing.assert_allclose(got, _fp32_model_scores(model, images), rtol=1e-5, atol=1e-4)
+
+
 def test_quantised_scores_are_close_to_fp32_on_real_images(trained_bundle: Path, fashion_mnist):
     """int8 and bf16 scores of 2,000 real test images: the same ranking and the same decisions
     at the calibrated threshold, up to a few images next to it."""
@@ -62,8 +75,14 @@ def test_quantised_scores_are_close_to_fp32_on_real_images(trained_bundle: Path,
     spread = np.subtract(*np.percentile(fp32, [75, 25]))
     threshold = bundle.calibration.threshold
     for precision in ("int8", "bf16"):
-        got = score_batches(bundle.model, images, device=CPU, batch_size=512, precision=precision)
-        got = got.numpy()
+        got = score_batches(
+            bundle.model,
+            images,
+            device=CPU,
+            batch_size=512,
+            precision=precision,
+            int8_ranges=bundle.calibration.int8_ranges,
+        ).numpy()
         difference = np.abs(got - fp32)
         assert np.median(difference) < 0.02 * spread, precision
         assert np.percentile(difference, 99) < 0.1 * spread, precision
@@ -104,6 +123,8 @@ def test_the_bundle_records_its_precision_and_checks(tmp_path: Path, fashion_mni
     assert {"fpr", "fpr_reference", "auroc", "auroc_reference", "passed"} <= set(
         checked.precision_checks["int8"]
     )
+    # int8's scales travel with its check: the layers it quantises, each [input, output] max
+    assert set(checked.int8_ranges) == {"encoder.0", "decoder.3"}
     bundle = save_bundle(tmp_path / "b", model=model, calibration=checked)
     unchecked = save_bundle(tmp_path / "u", model=model, calibration=calibration)
     assert bundle.version != unchecked.version  # the checks are part of the version
@@ -138,17 +159,50 @@ def test_a_bundle_from_before_precisions_loads_as_fp32(tmp_path: Path) -> None:
 
 def test_auto_picks_the_fastest_validated_precision(monkeypatch) -> None:
     monkeypatch.setattr(scorer, "native_bf16", lambda: True)
+    monkeypatch.setattr(scorer, "fast_int8", lambda: True)
     every = ("fp32", "int8", "bf16")
-    assert resolve_precision("auto", CPU, kind="mlp", validated=every) == "bf16"
-    # int8 only when asked for: its scores depend on the other images of a batch.
-    assert resolve_precision("auto", CPU, kind="mlp", validated=("fp32", "int8")) == "fp32"
+    assert resolve_precision("auto", CPU, kind="mlp", validated=every) == "int8"
     assert resolve_precision("auto", CPU, kind="mlp", validated=("fp32", "bf16")) == "bf16"
     assert resolve_precision("auto", CPU, kind="conv", validated=every) == "bf16"
-    assert resolve_precision("auto", CPU, kind="conv", validated=("fp32", "int8")) == "fp32"
+    assert resolve_precision("auto", CPU, kind="conv", validated=("fp32", "int8")) == "int8"
     assert resolve_precision("auto", CPU, kind="mlp", validated=("fp32",)) == "fp32"
     assert resolve_precision("int8", CPU, kind="conv", validated=("fp32",)) == "int8"
+    monkeypatch.setattr(scorer, "fast_int8", lambda: False)  # say, an ARM CPU
+    assert resolve_precision("auto", CPU, kind="mlp", validated=every) == "bf16"
     monkeypatch.setattr(scorer, "native_bf16", lambda: False)
     assert resolve_precision("auto", CPU, kind="conv", validated=every) == "fp32"
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_auto_on_a_cpu_without_bf16_picks_a_validated_int8(monkeypatch, kind: str) -> None:
+    """Issue 29: on an AVX2 CPU (no native bf16: this machine's kind) `auto` picks int8 for a
+    bundle whose calibration validated it, for both model kinds; fp32 where int8's check failed
+    or holds no activation ranges (issue 21's per-batch int8, which `auto` never picked)."""
+    monkeypatch.setattr(scorer, "native_bf16", lambda: False)
+    monkeypatch.setattr(scorer, "fast_int8", lambda: True)
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(kind=kind, mlp_hidden=(32,), conv_channels=(4, 8), latent_dim=4))
+    images = torch.rand(64, 784)
+    ranges = activation_ranges(model, images)
+    passed = {"passed": True, "activation_ranges": ranges}
+    both = {"int8": passed, "bf16": {"passed": True}}
+    detector = Detector(model, _calibration(precision_checks=both), version="v", device="cpu")
+    assert detector.precision == "int8" and detector.int8_ranges == ranges
+    failed = {"int8": {**passed, "passed": False}, "bf16": {"passed": True}}
+    detector = Detector(model, _calibration(precision_checks=failed), version="v", device="cpu")
+    assert detector.precision == "fp32"
+    per_batch = {"int8": {"passed": True}}  # a bundle of issue 21: no ranges
+    detector = Detector(model, _calibration(precision_checks=per_batch), version="v", device="cpu")
+    assert detector.precision == "fp32"
+
+
+def test_int8_on_a_bundle_without_activation_ranges_is_a_one_line_error() -> None:
+    model = VAE(ModelConfig(kind="mlp", mlp_hidden=(8,), latent_dim=2))
+    calibration = _calibration(precision_checks={"int8": {"passed": True}})
+    with pytest.raises(PrecisionError) as info:
+        Detector(model, calibration, version="v", device="cpu", precision="int8")
+    message = str(info.value)
+    assert "activation ranges" in message and "recalibrate" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
@@ -203,8 +257,12 @@ def test_scoring_in_another_precision_than_calibrated_says_so_once(caplog, monke
     with caplog.at_level(logging.INFO, logger="detector.scorer"):
         same = Detector(model, _calibration(), version="v1", device="cpu", precision="auto")
     assert same.precision == "fp32" and not caplog.records
+    ranges = activation_ranges(model, torch.rand(16, 784))
+    unvalidated = _calibration(
+        precision_checks={"int8": {"passed": False, "activation_ranges": ranges}}
+    )
     with caplog.at_level(logging.INFO, logger="detector.scorer"):
-        other = Detector(model, _calibration(), version="v2", device="cpu", precision="int8")
+        other = Detector(model, unvalidated, version="v2", device="cpu", precision="int8")
     assert other.precision == "int8"
     [record] = caplog.records
     assert "calibrated in fp32 and is scored in int8" in record.getMessage()

@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from detector import load_bundle
+from detector import Detector, load_bundle, save_bundle
 from detector.loss import reconstruction_nll
 from detector.model import to_model_input
+from detector.preprocess import ImageDecoding, preprocess_image
 from serve.config import ServeConfig
 from serve.metrics import ServeMetrics
 from serve.service import ModelService
@@ -88,8 +89,8 @@ def _png16(image: np.ndarray) -> bytes:
 def test_a_16_bit_png_scores_the_same_over_http_as_with_vaewatch_score(
     service_url: str, trained_bundle: Path, test_images: np.ndarray, tmp_path: Path
 ) -> None:
-    """One decoder (detector/png.py): HTTP once clipped 16-bit samples at 255 (nearly white)
-    while `vaewatch score` scaled them, so the same file got two scores."""
+    """One decoder (detector/preprocess.py): HTTP once clipped 16-bit samples at 255 (nearly
+    white) while `vaewatch score` scaled them, so the same file got two scores."""
     images = test_images[:6]
     files = [(f"img{i:03d}.png", _png16(image)) for i, image in enumerate(images)]
     folder = tmp_path / "pngs16"
@@ -107,6 +108,50 @@ def test_a_16_bit_png_scores_the_same_over_http_as_with_vaewatch_score(
     over_http = [row["score"] for row in answer.json()["results"]]
     as_8_bit = post_json(service_url, "/v1/score", {"images": images.tolist()}).json()
     assert over_http == from_cli == [row["score"] for row in as_8_bit["results"]]
+
+
+def test_an_image_file_of_any_size_is_explained_with_the_28x28_input_the_model_saw(
+    service_url: str, trained_bundle: Path, test_images: np.ndarray
+) -> None:
+    photo = Image.fromarray(test_images[7].reshape(28, 28)).resize((320, 240)).convert("RGB")
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    answer = post_files(service_url, "/v1/explain", [("photo.jpg", data)])
+    assert answer.status == 200, answer.body
+    (row,) = answer.json()["results"]
+    seen = np.asarray(row["input"], dtype=np.uint8)
+    detector = Detector.from_bundle(trained_bundle, CPU)
+    np.testing.assert_array_equal(
+        seen, preprocess_image(data, ImageDecoding(detector.preprocessing))
+    )
+    assert seen.reshape(28, 28)[:3].max() == 0  # 4:3, padded with background
+    picture = Image.open(io.BytesIO(base64.b64decode(row["input_png"])))
+    assert picture.size == (28, 28)
+    np.testing.assert_array_equal(np.asarray(picture).ravel(), seen)
+    assert row["score"] == pytest.approx(float(detector.score(seen[None]).scores[0]), rel=1e-6)
+    as_body = request(
+        service_url, "POST", "/v1/score", body=data, content_type="image/jpeg"
+    ).json()["results"][0]
+    assert as_body["score"] == row["score"]
+
+
+def test_a_bundle_without_recorded_preprocessing_takes_28x28_files_only(
+    start_service, trained_bundle: Path, test_images: np.ndarray, tmp_path: Path
+) -> None:
+    """Bundles written before the preprocessing was recorded keep their behaviour."""
+    bundle = load_bundle(trained_bundle)
+    old = tmp_path / "old-bundle"
+    save_bundle(old, model=bundle.model, calibration=bundle.calibration, metadata=bundle.metadata)
+    assert "preprocessing" not in (old / "bundle.json").read_text()
+    server = start_service(old)
+    ok = post_files(server.url, "/v1/score", [("a.png", png(test_images[0]))])
+    assert ok.status == 200, ok.body
+    big = post_files(server.url, "/v1/score", [("big.png", png(np.zeros(32 * 32), size=32))])
+    assert big.status == 400 and big.error_code() == "wrong_size"
+    assert "32x32, not 28x28" in big.json()["error"]["message"]
+    card = get(server.url, "/v1/model").json()
+    assert card["preprocessing"]["aspect"] == "exact"
 
 
 def test_explain_maps_have_the_image_shape_and_sum_to_the_reconstruction_term(

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detector.preprocess import ImageDecoding, Preprocessing
 from serve.errors import InputError
 from serve.images import decode_json_images
 from streams.codec import decode_batch
+from tests.image_files import hostile_files
 from tests.serve.conftest import LIMITS
 from tests.serve.http_helpers import Answer, get, multipart, png, post_json, request
 
@@ -49,11 +51,13 @@ def _files(*files: tuple[str, bytes]) -> tuple[bytes, str]:
 CASES = {
     "not an image": ("/v1/score", _files(("notes.png", b"these are words, not pixels")), 400,
                      "not_an_image"),
-    "a JPEG, not a PNG": ("/v1/score", None, 400, "not_png"),
-    "wrong size PNG": ("/v1/score", _files(("big.png", png(np.zeros(32 * 32), size=32))), 400,
-                       "wrong_size"),
-    "decompression bomb": ("/v1/score", _files(("bomb.png", _bomb())), 400, "wrong_size"),
-    "a float TIFF named .png": ("/v1/score", _files(("f.png", _tiff())), 400, "not_png"),
+    "decompression bomb": ("/v1/score", _files(("bomb.png", _bomb())), 413, "too_large"),
+    "a float TIFF named .png": ("/v1/score", _files(("f.png", _tiff())), 400, "bad_depth"),
+    "a bad file among good ones": ("/v1/explain", _files(("a.png", png(BLANK)),
+                                                         ("b.gif", b"GIF89a")), 400,
+                                   "corrupt_image"),
+    "a broken image as the body": ("/v1/score", (b"\xff\xd8\xff\xe0", "image/jpeg"), 400,
+                                   "corrupt_image"),
     "wrong number of pixels": ("/v1/score", _json({"images": [[0] * 783]}), 400, "wrong_length"),
     "too many images": ("/v1/score", _json({"images": [BLANK] * 65}), 413, "too_many_images"),
     "too many files": ("/v1/explain", _files(*[(f"{i}.png", png(np.zeros(784))) for i in
@@ -88,16 +92,6 @@ CASES = {
 }  # fmt: skip
 
 
-def _jpeg() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
 def _assert_error(answer: Answer, status: int, code: str) -> None:
     assert answer.status == status, answer.body
     assert answer.headers["content-type"] == "application/json"
@@ -109,12 +103,26 @@ def _assert_error(answer: Answer, status: int, code: str) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gets_its_4xx(service_url: str, case: str) -> None:
     path, payload, status, code = CASES[case]
-    if payload is None:
-        payload = multipart([("photo.png", _jpeg())])
     body, content_type = payload
     _assert_error(
         request(service_url, "POST", path, body=body, content_type=content_type), status, code
     )
+
+
+HOSTILE = hostile_files()
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_every_hostile_image_file_gets_the_reason_the_worker_dead_letters_it_with(
+    service_url: str, name: str
+) -> None:
+    data, reason = HOSTILE[name]
+    body, content_type = multipart([(f"{name}.img", data)])
+    answer = request(service_url, "POST", "/v1/score", body=body, content_type=content_type)
+    _assert_error(answer, 413 if reason == "too_large" else 400, reason)
+    assert answer.json()["error"]["message"].startswith(f"{name}.img: ")
+    decoded = decode_batch([data], codec="image", images=ImageDecoding(Preprocessing()))
+    assert decoded.errors[0][0] == reason
 
 
 # Image values the HTTP API and the worker's json codec must read alike: the same image, or the

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from detector import Detector
 from streams.kafka_io import create_producer
@@ -83,24 +84,30 @@ def test_score_and_generate_views(
         trained_bundle,
         np.concatenate([test.images[test.labels == 0][:20], test.images[test.labels == 7][:20]]),
     )
-    files = []
-    for name, image in (("tshirt.png", normal), ("sneaker.png", anomaly)):
-        (tmp_path / name).write_bytes(png(image))
-        files.append(str(tmp_path / name))
+    # Files as a user has them: a 28 x 28 PNG, a 112 x 112 colour JPEG, a 16-bit TIFF (which
+    # the browser cannot show, but the model can read).
+    (tmp_path / "tshirt.png").write_bytes(png(normal))
+    Image.fromarray(anomaly.reshape(28, 28)).resize((112, 112)).convert("RGB").save(
+        tmp_path / "sneaker.jpg", quality=95
+    )
+    Image.fromarray(normal.reshape(28, 28).astype(np.uint16) * 257).save(tmp_path / "tshirt.tiff")
+    files = [str(tmp_path / name) for name in ("tshirt.png", "sneaker.jpg", "tshirt.tiff")]
 
     page.goto(service_url + "/")
     page.wait_for_function("document.querySelector('#model-info').textContent.includes('model ')")
     page.set_input_files("#score-files", files)
-    page.wait_for_selector(".result-card >> nth=1")
+    page.wait_for_selector(".result-card >> nth=2")
     verdicts = {
         card.get_attribute("data-name"): card.query_selector(".verdict").inner_text()
         for card in page.query_selector_all(".result-card")
     }
-    assert verdicts == {"tshirt.png": "normal", "sneaker.png": "anomaly"}
-    heatmap_widths = page.eval_on_selector_all(
-        ".result-card img.heatmap", "images => images.map(i => i.complete && i.naturalWidth)"
-    )
-    assert heatmap_widths == [28, 28]
+    assert verdicts == {"tshirt.png": "normal", "sneaker.jpg": "anomaly", "tshirt.tiff": "normal"}
+    sizes = "images => images.map(i => i.complete && i.naturalWidth)"
+    assert page.eval_on_selector_all(".result-card img.heatmap", sizes) == [28, 28, 28]
+    # Beside each upload, the 28 x 28 image the model saw; the TIFF gets a note, not a picture.
+    assert page.eval_on_selector_all(".result-card img.model-input", sizes) == [28, 28, 28]
+    page.wait_for_selector(".result-card .no-preview")
+    assert page.eval_on_selector_all(".result-card img.original", sizes) == [28, 112]
     assert "p-value" in page.inner_text(".result-card")
     _screenshot(page, tmp_path, "console-score.png")
 

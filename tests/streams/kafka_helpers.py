@@ -1,4 +1,5 @@
-"""Small real-Kafka helpers for the stream tests: produce, read a topic back, committed offsets."""
+"""Small real-Kafka helpers for the stream tests: produce, read a topic back, committed offsets.
+Each connects with the security settings of the config it is given (plaintext by default)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streams.codec import encode_images
 from streams.config import StreamConfig
+from streams.kafka_io import security_options
 
 # Apache Kafka refuses by default a record over about 1 MiB and a timestamp more than an hour
 # ahead (Tansu takes both). Topics configured to accept them exist, and the worker must cope with
@@ -33,7 +35,12 @@ def produce_values(
     keys: Sequence[bytes | None] | None = None,
 ) -> None:
     """Send values round-robin over `partitions` partitions and wait for every ack."""
-    producer = KafkaProducer(bootstrap_servers=config.bootstrap_servers, acks="all", linger_ms=5)
+    producer = KafkaProducer(
+        bootstrap_servers=config.bootstrap_servers,
+        acks="all",
+        linger_ms=5,
+        **security_options(config),
+    )
     futures = [
         producer.send(
             topic or config.input_topic,
@@ -60,6 +67,7 @@ def open_reader(
         auto_offset_reset="earliest",
         fetch_max_wait_ms=50,
         isolation_level=isolation_level,
+        **security_options(config),
     )
     partitions = consumer.partitions_for_topic(topic) or {0}
     consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
@@ -99,7 +107,7 @@ def record_count(config: StreamConfig, topic: str) -> int:
     """How many records `topic` holds, from its offsets (Apache Kafka; not Tansu, whose
     ListOffsets is off: see end_offsets). Once the worker has committed its input, every output
     it sent for it is in: a count of 0 proves a topic empty without waiting for nothing."""
-    consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers)
+    consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers, **security_options(config))
     try:
         tps = [
             TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})
@@ -126,6 +134,7 @@ def committed_offsets(config: StreamConfig, *, partitions: int = 1) -> dict[int,
         bootstrap_servers=config.bootstrap_servers,
         group_id=config.group_id,
         enable_auto_commit=False,
+        **security_options(config),
     )
     try:
         return {
@@ -155,6 +164,7 @@ def end_offsets(config: StreamConfig, *, partitions: int = 1) -> dict[int, int]:
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=50,
+        **security_options(config),
     )
     try:
         tps = [TopicPartition(config.input_topic, p) for p in range(partitions)]

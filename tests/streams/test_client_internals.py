@@ -5,6 +5,8 @@ worker. The consumer and producer are real ones, connected to the test broker.""
 from __future__ import annotations
 
 import importlib.metadata
+import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -91,6 +93,31 @@ def test_observe_many_equals_one_observe_per_value() -> None:
         if s.name.startswith("bulk") and not s.name.endswith("_created")
     }
     assert bulk_samples == pytest.approx(samples)
+
+
+@pytest.mark.parametrize(("step_s", "warned"), [(0.4, False), (1.5, False), (3.3, True)])
+def test_only_an_io_step_that_risks_the_group_is_reported_as_blocking(
+    kafka_broker, caplog: pytest.LogCaptureFixture, step_s: float, warned: bool
+) -> None:
+    """kafka-python warns "Task ... ran for 0.417s (>0.100s threshold). It is blocking the event
+    loop" when one step of its I/O loop takes over 0.1 s of wall time, which a busy machine or
+    another thread holding the GIL gives any step (the demo showed it to newcomers). vaewatch's
+    clients warn when a step took half the session timeout (3 s of the default 6 s), when the
+    group membership is at risk."""
+    topics = make_topics(kafka_broker)
+    assert topics.config.session_timeout_ms == 6000
+    consumer = create_consumer(config=topics.config)
+
+    async def slow_step() -> None:  # one step that holds the loop, as a starved thread would
+        time.sleep(step_s)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="kafka.net.selector"):
+            consumer._coordinator._net.run(slow_step)
+    finally:
+        consumer.close()
+    blocking = [r for r in caplog.records if "blocking the event loop" in r.getMessage()]
+    assert bool(blocking) == warned, [r.getMessage() for r in blocking]
 
 
 # -- kafka-python behaviour the worker works around (issue 27) ---------------------------------

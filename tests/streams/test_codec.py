@@ -1,4 +1,5 @@
-"""decode_batch: raw and JSON records to one image array, every invalid record with a reason."""
+"""decode_batch: raw, JSON and image-file records to one image array, every invalid record with a
+reason."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
+from detector.preprocess import ImageDecoding, Preprocessing
 from streams.codec import MAX_ID_BYTES, REASONS, decode_batch, encode_images
+from tests.image_files import NOISE, encode, hostile_files
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -384,3 +388,55 @@ def test_decode_batch_never_raises_and_accounts_for_every_record(
                 np.testing.assert_array_equal(
                     decoded.images[int(decoded.valid[:i].sum())], expected
                 )
+
+
+# -- the image codec ------------------------------------------------------------------------------
+
+IMAGE_DECODING = ImageDecoding(Preprocessing(), threads=2)
+_IMAGE_SEEDS = tuple(encode(Image.fromarray(NOISE), fmt) for fmt in ("PNG", "JPEG", "WEBP"))
+
+
+def test_image_round_trip_of_28x28_pngs_keeps_every_pixel() -> None:
+    images = _images(5)
+    values = encode_images(images, codec="image")
+    assert all(value.startswith(b"\x89PNG") for value in values)
+    decoded = decode_batch(values, codec="image", images=IMAGE_DECODING)
+    assert decoded.valid.all() and not decoded.errors and decoded.ids is None
+    np.testing.assert_array_equal(decoded.images, images)
+
+
+def test_every_hostile_image_record_is_a_dead_letter_with_its_reason_in_order() -> None:
+    hostile = hostile_files()
+    good = encode_images(_images(3), codec="image")
+    values = [good[0], None, *(data for data, _ in hostile.values()), good[1], good[2]]
+    keys = [None, b"k", *([b"x"] * len(hostile)), b"y" * 5000, None]
+    decoded = decode_batch(values, codec="image", keys=keys, images=IMAGE_DECODING)
+    reasons = [decoded.errors[i][0] if i in decoded.errors else None for i in range(len(values))]
+    assert reasons == [None, "null_value", *(r for _, r in hostile.values()), "bad_key", None]
+    assert all(reason in REASONS for reason in filter(None, reasons))
+    assert all(0 < len(detail) <= 200 for _, detail in decoded.errors.values())
+    np.testing.assert_array_equal(decoded.images, _images(3)[[0, 2]])
+
+
+def test_the_image_codec_needs_the_bundles_preprocessing() -> None:
+    with pytest.raises(ValueError, match="preprocessing"):
+        decode_batch([b"x"], codec="image")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    records=st.lists(
+        st.one_of(st.none(), st.binary(max_size=40), st.sampled_from(_IMAGE_SEEDS)),
+        max_size=10,
+    ),
+    cut=st.integers(0, 300),
+)
+def test_image_batches_never_raise_and_account_for_every_record(
+    records: list[bytes | None], cut: int
+) -> None:
+    values = [r[: max(1, len(r) - cut)] if r and r.startswith(b"\x89") else r for r in records]
+    decoded = decode_batch(values, codec="image", images=IMAGE_DECODING)
+    assert decoded.valid.shape == (len(values),)
+    assert set(decoded.errors) == set(np.flatnonzero(~decoded.valid).tolist())
+    assert all(reason in REASONS for reason, _ in decoded.errors.values())
+    assert decoded.images.shape == (int(decoded.valid.sum()), 784)

@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.fixtures_broker import make_topics
 from tests.streams.kafka_helpers import read_topic
@@ -72,3 +74,34 @@ def test_demo_runs_end_to_end_and_stops_cleanly(trained_bundle, engine: str) -> 
     assert "done: 600 of 600 records scored" in done.stdout
     assert "dead letters 3" in done.stdout  # the three malformed records, counted by the worker
     assert "/metrics" in done.stdout and "precision" in done.stdout
+
+
+def test_produce_from_a_folder_sends_each_image_file_as_it_is(kafka_broker, tmp_path) -> None:
+    topics = make_topics(kafka_broker, codec="image")
+    files = {}
+    rng = np.random.default_rng(0)
+    for name, size in (("tshirt/a.png", 28), ("tshirt/deep/b.jpg", 64), ("sneaker/c.webp", 40)):
+        path = tmp_path / "photos" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(path)
+        files[name] = path.read_bytes()
+    (tmp_path / "photos" / "sneaker" / "notes.txt").write_text("not an image")
+    big = tmp_path / "photos" / "sneaker" / "huge.png"
+    Image.fromarray(rng.integers(0, 256, (300, 300), dtype=np.uint8)).save(big)
+    done = _vaewatch(
+        "--set", f"stream.bootstrap_servers={kafka_broker.bootstrap_servers}",
+        "--set", f"stream.input_topic={topics.config.input_topic}",
+        "--set", "stream.max_request_size=60000",
+        "--set", "data.normal_classes=[tshirt]",
+        "produce", "--from", str(tmp_path / "photos"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "sent 3 records" in done.stdout
+    assert "huge.png: over stream.max_request_size" in done.stderr
+    records = read_topic(topics.config, topics.config.input_topic, until=3, timeout_s=10)
+    sent = {dict(r.headers)["id"].decode(): (r.value, dict(r.headers)) for r in records}
+    assert set(sent) == set(files)
+    for name, (value, headers) in sent.items():
+        assert value == files[name]
+        assert headers["label"].decode() == name.split("/")[0]
+        assert headers["anomaly"] == (b"0" if name.startswith("tshirt") else b"1")

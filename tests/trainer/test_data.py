@@ -1,8 +1,10 @@
-"""Data loaders: IDX (gzip or plain), npz, PNG folders, the normal split, and clear errors."""
+"""Data loaders: IDX (gzip or plain), npz, image files and folders of them to score, the normal
+split, and clear errors. The folder data set (folder:DIR): tests/trainer/test_image_folder.py."""
 
 from __future__ import annotations
 
 import gzip
+import logging
 import struct
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detector.preprocess import LEGACY_PREPROCESSING, ImageDecoding, Preprocessing
 from trainer import data as data_module
 from trainer.config import DataConfig
 from trainer.data import (
@@ -20,6 +23,9 @@ from trainer.data import (
     read_image_file,
     split_normal,
 )
+
+DEFAULT = ImageDecoding(Preprocessing())
+LEGACY = ImageDecoding(LEGACY_PREPROCESSING)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -174,16 +180,37 @@ def test_read_npy_npz_and_idx(tmp_path: Path) -> None:
         )
 
 
-def test_read_png_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decoding", [DEFAULT, LEGACY], ids=["default", "legacy"])
+def test_read_an_image_folder_at_any_depth_and_single_files(
+    tmp_path: Path, decoding: ImageDecoding
+) -> None:
     images = _images(3)
     for i, picture in enumerate(images):
         Image.fromarray(picture).save(tmp_path / f"img{i}.png")
-    Image.fromarray(images[0]).convert("RGB").save(tmp_path / "rgb.png")
+    (tmp_path / "deeper").mkdir()
+    Image.fromarray(images[0]).convert("RGB").save(tmp_path / "deeper" / "rgb.bmp")
     (tmp_path / "notes.txt").write_text("ignored")
-    loaded = read_image_file(tmp_path)
-    assert loaded.names == ["img0.png", "img1.png", "img2.png", "rgb.png"]
-    np.testing.assert_array_equal(loaded.images[:3], images.reshape(3, 784))
-    np.testing.assert_array_equal(loaded.images[3], images[0].ravel())
+    loaded = read_image_file(tmp_path, decoding=decoding)
+    assert loaded.names == ["deeper/rgb.bmp", "img0.png", "img1.png", "img2.png"]
+    np.testing.assert_array_equal(loaded.images[1:], images.reshape(3, 784))
+    np.testing.assert_array_equal(loaded.images[0], images[0].ravel())
+    one = read_image_file(tmp_path / "img1.png", decoding=decoding)
+    assert one.names == [str(tmp_path / "img1.png")]
+    np.testing.assert_array_equal(one.images, images[1:2].reshape(1, 784))
+
+
+def test_an_unreadable_file_in_a_folder_is_one_line_and_the_rest_are_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = _images(2)
+    for i, picture in enumerate(images):
+        Image.fromarray(picture).save(tmp_path / f"img{i}.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    with caplog.at_level(logging.WARNING):
+        loaded = read_image_file(tmp_path, decoding=DEFAULT)
+    assert loaded.names == ["img0.png", "img1.png"]
+    (line,) = [r.getMessage() for r in caplog.records if "broken.jpg" in r.getMessage()]
+    assert "corrupt_image" in line and "\n" not in line
 
 
 def test_bad_score_inputs(tmp_path: Path) -> None:
@@ -195,15 +222,18 @@ def test_bad_score_inputs(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "big" / "a.png")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
+    (tmp_path / "broken" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "alone.webp").write_bytes(b"RIFF")
     cases = {
         "float.npy": "uint8",
         "shape.npy": "N x 784",
         "x.csv": "unknown input format",
-        "empty": "no .png files",
-        "big": "not 28x28",
-        "broken": "not a readable PNG",
+        "empty": "no image files",
+        "big": "none of its 1 image files could be read",  # not 28x28: the legacy bundle's rule
+        "broken": "none of its 2 image files could be read",
+        "alone.webp": "alone.webp: not_an_image: not a PNG, JPEG",
         "absent.npy": "no such file",
     }
     for name, message in cases.items():
         with pytest.raises(DataError, match=message):
-            read_image_file(tmp_path / name)
+            read_image_file(tmp_path / name, decoding=LEGACY)

@@ -19,7 +19,12 @@ def test_int8_and_bf16_hold_the_band_on_a_trained_bundle(trained_bundle: Path, f
     anomalies = test.images[test.labels != SMALL_BUNDLE_NORMAL_CLASS][:2000]
     for precision in ("int8", "bf16"):
         check = check_precision(
-            bundle.model, normal, bundle.calibration, precision=precision, anomalies=anomalies
+            bundle.model,
+            normal,
+            bundle.calibration,
+            precision=precision,
+            anomalies=anomalies,
+            int8_ranges=bundle.calibration.int8_ranges,
         )
         assert check["n"] == len(normal) and check["n_anomalies"] == len(anomalies)
         assert abs(check["auroc"] - check["auroc_reference"]) <= PRECISION_BAND, precision
@@ -32,7 +37,14 @@ def test_a_check_outside_the_band_does_not_pass(trained_bundle: Path, fashion_mn
     """A band below zero: nothing holds it, so nothing is validated and `auto` stays fp32."""
     bundle = load_bundle(trained_bundle)
     normal = fashion_mnist.test.images[fashion_mnist.test.labels == SMALL_BUNDLE_NORMAL_CLASS]
-    check = check_precision(bundle.model, normal, bundle.calibration, precision="int8", band=-1)
+    check = check_precision(
+        bundle.model,
+        normal,
+        bundle.calibration,
+        precision="int8",
+        band=-1,
+        int8_ranges=bundle.calibration.int8_ranges,
+    )
     assert check["passed"] is False
     assert "auroc" not in check  # no labelled anomalies given
 

@@ -17,6 +17,7 @@ from detector.bundle import save_bundle
 from detector.calibration import Calibration
 from detector.config import ModelConfig
 from detector.model import VAE
+from detector.preprocess import LEGACY_PREPROCESSING, ImageDecoding
 from vaewatch.cli import main
 
 
@@ -134,9 +135,9 @@ def _write(tmp_path: Path, case: str) -> Path:
         ("header-images-idx3-ubyte", "truncated IDX header"),
         ("truncated-images-idx3-ubyte.gz", "cannot read IDX file"),
         ("corrupt-images-idx3-ubyte.gz", "IDX"),  # the header or the data fails to inflate
-        ("bomb", "not 28x28"),
-        ("float-png", "TIFF image, not a PNG"),
-        ("truncated-png", "not a readable PNG"),
+        ("bomb", "a.png: too_large: Image size (400000000 pixels) exceeds limit"),
+        ("float-png", "a.png: bad_depth"),  # a TIFF named .png: its content decides
+        ("truncated-png", "a.png: corrupt_image"),
     ],
 )
 def test_a_bad_input_is_one_line_and_exit_2(
@@ -161,7 +162,9 @@ def test_a_16_bit_png_is_scaled_as_png_defines(
     Image.fromarray(picture).save(tmp_path / "8" / "a.png")
     Image.fromarray(picture.astype(np.uint16) * 257).save(tmp_path / "16" / "a.png")
     assert Image.open(tmp_path / "16" / "a.png").mode.startswith("I;16")
-    np.testing.assert_array_equal(read_image_file(tmp_path / "16").images[0], picture.ravel())
+    legacy = ImageDecoding(LEGACY_PREPROCESSING)
+    loaded = read_image_file(tmp_path / "16", decoding=legacy)
+    np.testing.assert_array_equal(loaded.images[0], picture.ravel())
     code8, out8, _ = _score(model_dir, tmp_path / "8", capsys)
     code16, out16, _ = _score(model_dir, tmp_path / "16", capsys)
     assert code8 == code16 == 0

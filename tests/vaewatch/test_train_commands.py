@@ -152,3 +152,52 @@ def test_user_errors_exit_2_with_one_line(
     assert code == 2
     assert err.startswith("vaewatch: error:") and err.count("\n") == 1
     assert message in err
+
+
+def _photo_folder(root: Path, fashion_mnist, *, per_class: dict[str, int]) -> None:
+    """Real Fashion-MNIST images as a user's folder: 64 x 64 JPEG files, ImageFolder layout."""
+    names = {"tshirt": 0, "trouser": 1, "sneaker": 7}
+    for split, source in (("train", fashion_mnist.train), ("test", fashion_mnist.test)):
+        for name, label in names.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            n = per_class[split] if name == "tshirt" or split == "test" else 20
+            for i, pixels in enumerate(source.images[source.labels == label][:n]):
+                picture = Image.fromarray(pixels.reshape(28, 28)).resize((64, 64))
+                picture.save(folder / f"{i:04d}.jpg", quality=90)
+
+
+def test_train_evaluate_and_score_a_folder_of_jpeg_files(
+    tmp_path: Path, fashion_mnist, capsys
+) -> None:
+    _photo_folder(tmp_path / "photos", fashion_mnist, per_class={"train": 600, "test": 60})
+    (tmp_path / "photos" / "test" / "tshirt" / "broken.jpg").write_bytes(b"\xff\xd8\xff cut")
+    settings = [
+        "--set", f"data.dataset=folder:{tmp_path / 'photos'}",
+        "--set", "data.normal_classes=[tshirt]",
+        "--set", "model.kind=mlp", "--set", "model.mlp_hidden=[128]",
+        "--set", "train.epochs=3", "--set", "train.progress=false",
+        "--set", "images.resize=bicubic", "--set", "calibration.target_fpr=0.05",
+    ]  # fmt: skip
+    code, out, err = _run(capsys, *settings, "train", "--out", str(tmp_path / "model"))
+    assert code == 0, err
+    bundle = load_bundle(tmp_path / "model")
+    assert bundle.preprocessing.resize == "bicubic" and bundle.preprocessing.invert is False
+    assert bundle.metadata["n_train"] + bundle.metadata["n_val"] == 600  # T-shirts only
+
+    code, out, err = _run(capsys, "evaluate", "--model", str(tmp_path / "model"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["n_normal"], report["n_anomaly"]) == (60, 120)  # the broken file left out
+    assert report["auroc"] > 0.8
+
+    one = tmp_path / "photos" / "test" / "sneaker" / "0000.jpg"
+    code, out, err = _run(
+        capsys, "score", "--model", str(tmp_path / "model"), str(one),
+        str(tmp_path / "photos" / "test" / "tshirt"), "--format", "jsonl",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 1 + 60 and rows[0]["name"] == str(one)
+    assert rows[1]["name"] == f"{tmp_path / 'photos' / 'test' / 'tshirt'}/0000.jpg"
+    assert "broken.jpg" not in {row["name"] for row in rows}

@@ -1,12 +1,14 @@
 """The model's lifecycle in a running worker, against the real embedded broker and real
 Fashion-MNIST: a symlink flipped mid-stream (nothing lost, one version per record, each score
-equal to that version's offline score), a corrupt candidate (the old model keeps serving), a
+equal to that version's offline score; the image codec reading files as the new bundle's
+preprocessing says), a corrupt candidate (the old model keeps serving), a
 shadow candidate (both versions' anomaly rates), and drift (another class moves the KS
 distance and the alert rule fires in promtool on the observed values; the calibrated class
 does not)."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -18,11 +20,14 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from detector import Detector, load_bundle, save_bundle
 from detector.bundle import WEIGHTS
+from detector.preprocess import ImageDecoding, preprocess_image
 from streams.codec import encode_images
 from tests.fixtures_broker import make_topics, start_worker
 from tests.fixtures_model import CPU, SMALL_BUNDLE_NORMAL_CLASS, FashionMNIST
@@ -369,6 +374,51 @@ def test_another_class_as_normal_traffic_moves_the_drift_statistic(
     assert moved["vaewatch_drift_ks_statistic"] > 0.5 and moved["vaewatch_drift_ks_p_value"] < 1e-9
     assert not _promtool_fires(calm, tmp_path)
     assert _promtool_fires(moved, tmp_path)
+
+
+def test_the_image_codec_follows_the_preprocessing_of_the_bundle_swapped_in(
+    kafka_broker, trained_bundle: Path, fashion_mnist, tmp_path: Path
+) -> None:
+    """The image codec applies the serving bundle's preprocessing: a bundle without one (28 x 28
+    files only) dead-letters a 64 x 64 JPEG, and once the worker has swapped to a bundle that
+    records one, the same file is scored as that bundle scores it offline."""
+    bundle = load_bundle(trained_bundle)
+    legacy = tmp_path / "legacy"
+    save_bundle(legacy, model=bundle.model, calibration=bundle.calibration)
+    link = tmp_path / "current"
+    _flip(link, legacy)
+    buffer = io.BytesIO()
+    image = fashion_mnist.test.images[0].reshape(28, 28)
+    Image.fromarray(image).resize((64, 64)).save(buffer, format="JPEG", quality=90)
+    photo = buffer.getvalue()
+
+    topics = make_topics(kafka_broker, codec="image")
+    worker = start_worker(
+        model=link,
+        topics=topics,
+        log_dir=tmp_path,
+        timeout_s=STARTUP_S,
+        extra_args=["--set", "lifecycle.watch_interval_s=0.1"],
+    )
+    try:
+        produce_values(topics.config, [photo])
+        (dead,) = read_topic(topics.config, topics.config.dlq_topic, until=1)
+        assert dict(dead.headers)["vaewatch.error"] == b"wrong_size"
+        _flip(link, trained_bundle)
+        deadline = time.monotonic() + 60
+        while "vaewatch_model_swaps_total 1.0" not in worker.metrics_text():
+            assert time.monotonic() < deadline, worker.log()[-3000:]
+            time.sleep(0.1)
+        produce_values(topics.config, [photo])
+        (scored,) = read_topic(topics.config, topics.config.scores_topic, until=1)
+    finally:
+        assert worker.stop() == 0
+    result = json.loads(scored.value)
+    detector = Detector.from_bundle(trained_bundle, CPU)
+    assert result["offset"] == 1 and result["model_version"] == detector.version
+    offline = detector.score(preprocess_image(photo, ImageDecoding(detector.preprocessing))[None])
+    assert result["score"] == pytest.approx(float(offline.scores[0]), rel=1e-5)
+    assert not np.isnan(result["score"])
 
 
 def test_worker_accepts_a_shadow_bundle_on_the_command_line() -> None:

@@ -178,6 +178,7 @@ def test_worker_state_is_unhealthy_only_when_stalled_with_work_and_unready_when_
         {
             "model_loaded": True,
             "broker_connected": True,
+            "authorized": True,
             "group_joined": False,
             "making_progress": True,
         },

@@ -129,12 +129,13 @@ def test_a_caught_up_batch_is_scored_in_the_worker_without_the_process(
     np.testing.assert_allclose(scoring.result().scores, detector.score(images).scores, rtol=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_the_process_scores_in_the_detectors_precision(
     trained_bundle, fashion_mnist, precision: str
 ) -> None:
     """Batches scored in the child and caught-up batches scored in the worker agree: the child
-    scores in the precision the detector resolved, not in fp32 whatever the setting."""
+    scores in the precision the detector resolved, not in fp32 whatever the setting (int8 with
+    the bundle's activation ranges)."""
     detector = Detector.from_bundle(trained_bundle, CPU.model_copy(update={"precision": precision}))
     assert detector.precision == precision
     scorer = build_scorer(StreamConfig(max_batch_size=128), detector=detector)

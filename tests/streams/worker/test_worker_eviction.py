@@ -129,6 +129,7 @@ def test_an_evicted_worker_is_unready_until_it_rejoins_and_loses_nothing(
             "checks": {
                 "model_loaded": True,
                 "broker_connected": True,
+                "authorized": True,
                 "group_joined": False,  # joined, but no longer a stable member: evicted
                 "making_progress": True,
             },
