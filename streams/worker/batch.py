@@ -3,7 +3,7 @@ the production error policy for its sends.
 
 Every send goes through `ResultPublisher.send`, which turns an exception raised by `send()`
 itself into a failed send like any other. `InFlightBatch.settle` sorts each failure
-(streams/worker/refusals.py):
+(streams/worker/output_refusals.py):
 
 - failed only because another record was refused (a batch-mate): sent again at once;
 - temporary (a Kafka error marked retriable: timeouts, leader moves): sent again after a backoff
@@ -41,14 +41,14 @@ from streams.codec import DecodedBatch
 from streams.config import StreamConfig
 from streams.worker.dead_letters import H_ERROR
 from streams.worker.metrics import UNSENDABLE
-from streams.worker.publish import FailedSend, Outgoing, Outputs, ResultPublisher
-from streams.worker.refusals import (
+from streams.worker.output_refusals import (
     TOPIC_REFUSAL_S,
+    OutputRefusals,
     Refusal,
-    Refusals,
     failed_with_another,
     refusal,
 )
+from streams.worker.publish import FailedSend, Outgoing, Outputs, ResultPublisher
 from streams.worker.scoring import PendingBatch
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ class InFlightBatch:
     publisher: ResultPublisher  # of the model that scores it: its outputs name that model
     polled_at: float  # time.time() when poll() returned the oldest records of the buffer
     cut_at: float  # time.time() when it was cut from the buffer
-    refusals: Refusals = field(default_factory=Refusals)  # the owner's, shared by its batches
+    # the owner's, shared by its batches
+    refusals: OutputRefusals = field(default_factory=OutputRefusals)
     outputs: Outputs | None = None  # once scored
     futures: list[Any] = field(default_factory=list)
     sent_at: float = 0.0

@@ -6,7 +6,7 @@ so no path can commit past a batch whose outputs are outstanding. While the ledg
 unacknowledged records or bytes than allowed, or a send waits for its retry, consuming is held
 back: the partitions are paused until the acks catch up.
 
-Outputs the broker refuses are replaced (streams/worker/batch.py, refusals.py); under
+Outputs the broker refuses are replaced (streams/worker/batch.py, output_refusals.py); under
 exactly_once the transaction they doomed is aborted once, the refusals remembered for its redo.
 
 A revoke is handled here too (kafka-python calls the listener on its I/O thread while the
@@ -41,8 +41,8 @@ from streams.worker.batch import (
 )
 from streams.worker.ledger import OffsetLedger
 from streams.worker.metrics import WorkerMetrics
+from streams.worker.output_refusals import OutputRefusals
 from streams.worker.publish import ResultPublisher
-from streams.worker.refusals import Refusals
 from streams.worker.scoring import PendingBatch
 from streams.worker.state import WorkerState
 from streams.worker.transactions import ProducerFailedError, Transactions
@@ -89,7 +89,7 @@ class Delivery:
         self._on_published = on_published
         self._transactions = transactions  # exactly_once; None: at_least_once
         self.ledger = OffsetLedger()
-        self.refusals = Refusals(on_refused=metrics.count_refused)
+        self.output_refusals = OutputRefusals(on_refused=metrics.count_refused)
         self._scoring: deque[InFlightBatch] = deque()  # cut, being scored, oldest first
         self._sending: dict[int, InFlightBatch] = {}  # sent, awaiting acknowledgements
         self._forgotten: set[TopicPartition] = set()
@@ -123,7 +123,7 @@ class Delivery:
         nbytes = sum(len(r.value or b"") for r in records)
         batch_id = self.ledger.open(offset_ranges(records), records=len(records), nbytes=nbytes)
         batch = InFlightBatch(
-            batch_id, records, decoded, scoring, publisher, polled_at, cut_at, self.refusals
+            batch_id, records, decoded, scoring, publisher, polled_at, cut_at, self.output_refusals
         )
         self._scoring.append(batch)
         return batch
@@ -157,7 +157,7 @@ class Delivery:
             return  # its partitions were revoked while it was scored: the next owner's now
         scored_at = time.time()
         outputs = batch.publisher.build(
-            batch.records, decoded, scores, frame_bytes=self.refusals.frame_bytes
+            batch.records, decoded, scores, frame_bytes=self.output_refusals.frame_bytes
         )
         if self._transactions is not None:
             self._transactions.begin()
@@ -275,7 +275,7 @@ class Delivery:
     def _committed(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         plain = {tp: meta.offset for tp, meta in offsets.items()}
         self.ledger.mark_committed(plain)
-        self.refusals.committed(plain)
+        self.output_refusals.committed(plain)
 
     def await_acks(self, deadline: float) -> None:
         """Flush and take acks (with retries) until every sent batch is settled, the
@@ -307,7 +307,7 @@ class Delivery:
         being scored, wait for the acks, commit the acknowledged prefix, forget the rest; the
         next owner consumes it again."""
         self.publish_all()
-        self.refusals.forget(revoked)
+        self.output_refusals.forget(revoked)
         if self._transactions is not None:
             self._commit_transaction(self._state.assigned | revoked, timeout_s=self.time_left())
             self.forget(revoked)
@@ -355,7 +355,7 @@ class Delivery:
         transaction holds their outputs, which the new owner produces again: abort it."""
         if self._transactions is not None:
             self._abort(f"partitions lost: {sorted(map(str, partitions))}")
-        self.refusals.forget(partitions)
+        self.output_refusals.forget(partitions)
         self.forget(partitions)
 
     def stop_on_failure(self) -> None:

@@ -19,7 +19,7 @@ UNSENDABLE = "unsendable"  # dead-letter reason: outputs that could not be sent 
 OUTCOMES = ("normal", "anomaly", "invalid")
 ERROR_KINDS = ("broker", "produce", "commit", "decode", "scoring", "skipped", "model")
 STAGES = ("fetch", "batching", "score", "publish", "ack")
-# Outputs the broker refused (streams/worker/refusals.py), by output and reason.
+# Outputs the broker refused (streams/worker/output_refusals.py), by output and reason.
 REFUSED_OUTPUTS = ("alert", "score", "dead_letter")
 REFUSAL_REASONS = ("too_large", "invalid_record", "invalid_timestamp", "not_authorized", "other")
 
@@ -154,7 +154,7 @@ class WorkerMetrics:
         self.errors.labels(kind=kind).inc()
 
     def count_refused(self, output: str, reason: str) -> None:
-        """An output refused (streams/worker/refusals.py); the batch logs its line."""
+        """An output refused (streams/worker/output_refusals.py); the batch logs its line."""
         self.outputs_refused.labels(output=output, reason=reason).inc()
 
     def serving(self, detector: Detector) -> None:

@@ -41,7 +41,7 @@ from streams.worker.dead_letters import (
     usable_headers,
 )
 from streams.worker.metrics import WorkerMetrics
-from streams.worker.refusals import FRAME_BYTES
+from streams.worker.output_refusals import FRAME_BYTES
 
 H_SCORES_FORMAT = "vaewatch.format"  # "jsonl" on batch-framed scores messages
 _TIMESTAMP = attrgetter("timestamp")

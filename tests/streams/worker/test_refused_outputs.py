@@ -21,7 +21,7 @@ from kafka.errors import (
 from prometheus_client import CollectorRegistry
 
 from streams.worker.loop import Worker
-from streams.worker.refusals import TOPIC_REFUSAL_S, Refusals
+from streams.worker.output_refusals import TOPIC_REFUSAL_S, OutputRefusals
 from tests.streams.fake_kafka import FakeBroker, FakeConsumer
 from tests.streams.worker.test_worker_rebalance import P0, _config, _run
 from tests.streams.worker.test_worker_rebalance import _worker as worker_on_fakes
@@ -217,7 +217,7 @@ def test_an_alert_topic_the_acls_deny_turns_alerts_into_dead_letters(exactly_onc
 
 def test_a_topic_that_refused_any_output_is_tried_again_after_a_while() -> None:
     now = [0.0]
-    refusals = Refusals(clock=lambda: now[0])
+    refusals = OutputRefusals(clock=lambda: now[0])
     denied = TopicAuthorizationFailedError("alerts")
     refusals.refuse_topic("alerts", denied)
     assert refusals.holds_outputs and refusals.topic_refused("alerts") is denied

@@ -126,7 +126,7 @@ Coordinates = tuple[str, int, int]  # input topic, partition, offset
 
 
 @dataclass
-class Refusals:
+class OutputRefusals:
     """What the broker refused, kept by the batches' owner (delivery.py) for as long as the
     records concerned are not committed: under exactly_once the refused outputs of an aborted
     transaction, by input record and (output topic, form), so that the redo replaces them at
