@@ -26,6 +26,12 @@ changes it (the workaround can then go):
   producer with that batch's own exception (Java's does the same): `aborted_by_client` tells the
   refused record from the ones failed with it
   (`test_a_failed_transaction_fails_the_waiting_batches_with_the_refused_records_error`).
+- A send to a topic whose metadata the ACLs refuse fails before it reaches the producer's
+  buffer, and leaves a transaction usable (Java's send() makes the transaction abortable):
+  `failed_before_sending` tells it apart, so exactly-once replaces that output inside the same
+  transaction instead of aborting it; pinned by
+  `test_kafka_python_fails_a_send_to_a_topic_it_may_not_describe_outside_the_transaction`
+  in tests/streams/test_secured_failures.py (it needs the broker with an authorizer).
 """
 
 from __future__ import annotations
@@ -98,6 +104,16 @@ def aborted_by_client(future: Any) -> bool:
     base offset -1 (`ProducerBatch.abort`), one the broker answered with None."""
     value = getattr(getattr(future, "_produce_future", None), "value", None)
     return isinstance(value, tuple) and len(value) == 3 and value[0] == -1
+
+
+def failed_before_sending(future: Any) -> bool:
+    """Whether a failed send never reached the producer's buffer (nor its transaction):
+    kafka-python 3.0's send() returns a future failed already, rather than raising, when the
+    broker refuses the topic's metadata (TopicAuthorizationFailedError: no ACL lets the client
+    describe it); the produce result behind that future never completes. No client has a
+    public API for it."""
+    produce = getattr(future, "_produce_future", None)
+    return produce is not None and not produce.is_done and future.is_done and future.failed()
 
 
 def fatal_error(producer: KafkaProducer) -> BaseException | None:

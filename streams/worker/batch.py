@@ -37,6 +37,7 @@ import numpy as np
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from detector.config import IMAGE_PIXELS
+from streams.client_internals import failed_before_sending
 from streams.codec import DecodedBatch
 from streams.config import StreamConfig
 from streams.worker.dead_letters import H_ERROR
@@ -82,10 +83,11 @@ def is_about_the_record(exc: BaseException) -> bool:
 
 def _outside_the_transaction(future: Any) -> bool:
     """A failed send that never reached the broker and leaves the transaction as it was: refused
-    by send() itself for what the record is, or not sent at all (RefusedBefore)."""
-    return isinstance(future, RefusedBefore) or (
-        isinstance(future, FailedSend) and is_about_the_record(future.exception)
-    )
+    by send() itself for what the record is, by its topic's metadata before the producer took
+    it, or not sent at all (RefusedBefore)."""
+    if isinstance(future, FailedSend):
+        return isinstance(future, RefusedBefore) or is_about_the_record(future.exception)
+    return failed_before_sending(future)
 
 
 def is_temporary(exc: BaseException) -> bool:
@@ -143,18 +145,27 @@ class InFlightBatch:
 
     def send(self, outputs: Outputs) -> None:
         self.outputs = outputs
-        send = self._send if self.refusals.holds_outputs else self.publisher.send
-        self.futures = [send(m) for m in outputs.messages]
+        self.futures = [self._send(m) for m in outputs.messages]
         self.sent_at = time.time()
 
     def _send(self, message: Outgoing) -> Any:
-        exc = self.refusals.refused_before(self.records, message)
-        if exc is not None:
-            return RefusedBefore(exc)
-        exc = self.refusals.topic_refused(message.topic)
-        if exc is not None:
-            return RefusedBefore(exc, for_topic=True)
-        return self.publisher.send(message)
+        refusals = self.refusals
+        if refusals.holds_outputs:
+            exc = refusals.refused_before(self.records, message)
+            if exc is not None:
+                return RefusedBefore(exc)
+            exc = refusals.topic_refused(message.topic)
+            if exc is not None:
+                return RefusedBefore(exc, for_topic=True)
+        future = self.publisher.send(message)
+        if future.is_done and future.failed():
+            # Refused at once (by send() itself, or a topic whose metadata the ACLs deny: each
+            # such send waits for a metadata answer): the rest of the batch learns it now.
+            exc, topic = future.exception, message.topic
+            refused = refusal(exc)
+            if refused and refused.topic_wide and not failed_with_another(future, exc, topic):
+                refusals.refuse_topic(topic, exc)
+        return future
 
     def settle(
         self,

@@ -38,6 +38,13 @@ class _Aborted:
     value = (-1, -1, None)
 
 
+class _NeverAnswered:
+    """The produce result behind a send kafka-python failed before it took the record."""
+
+    is_done = False
+    value = None
+
+
 class _Sent:
     def __init__(self, topic: str, value: bytes | None, key: bytes | None, headers: list) -> None:
         self.message = (topic, value, headers)
@@ -57,10 +64,21 @@ class RefusingProducer:
     reach the broker only when `FakeTransactions` commits, and a refusal dooms the transaction
     as described above."""
 
-    def __init__(self, broker: FakeBroker, refuse: Refuse, *, transactional: bool = False) -> None:
+    def __init__(
+        self,
+        broker: FakeBroker,
+        refuse: Refuse,
+        *,
+        transactional: bool = False,
+        denied_in_metadata: frozenset[str] = frozenset(),
+    ) -> None:
         self.broker = broker
         self.refuse = refuse
         self.transactional = transactional
+        # Topics whose metadata the broker refuses (no DESCRIBE nor WRITE ACL): kafka-python's
+        # send() asks for their metadata, about one round trip each time, and returns a future
+        # failed already, without touching the transaction.
+        self.denied_in_metadata = denied_in_metadata
         self.pending: list[_Sent] = []
         self.staged: list[tuple] = []
         self.doomed: BaseException | None = None
@@ -78,6 +96,10 @@ class RefusingProducer:
             )
         self.sent.append((topic, value, key))
         sent = _Sent(topic, value, key, list(headers or []))
+        if topic in self.denied_in_metadata:
+            sent.is_done, sent.exception = True, TopicAuthorizationFailedError({topic})
+            sent._produce_future = _NeverAnswered()
+            return sent
         self.pending.append(sent)
         return sent
 
@@ -152,9 +174,12 @@ def _worker(
     refuse: Refuse,
     *,
     exactly_once: bool = False,
+    denied_in_metadata: frozenset[str] = frozenset(),
     **settings: object,
 ) -> tuple[Worker, FakeConsumer, RefusingProducer, CollectorRegistry, FakeTransactions | None]:
-    producer = RefusingProducer(broker, refuse, transactional=exactly_once)
+    producer = RefusingProducer(
+        broker, refuse, transactional=exactly_once, denied_in_metadata=denied_in_metadata
+    )
     transactions = FakeTransactions(producer) if exactly_once else None
     registry = CollectorRegistry()
     worker, consumer, _ = worker_on_fakes(
@@ -213,6 +238,37 @@ def test_an_alert_topic_the_acls_deny_turns_alerts_into_dead_letters(exactly_onc
     assert [t for t, _, _ in producer.sent].count("alerts") <= 3
     if transactions is not None:
         assert transactions.aborts == 1
+
+
+@pytest.mark.parametrize("exactly_once", GUARANTEES)
+def test_a_topic_whose_metadata_is_denied_is_tried_once_per_batch_not_once_per_output(
+    exactly_once: bool,
+) -> None:
+    """Found with the secured broker: kafka-python's send() to a topic the ACLs hide waits for a
+    metadata answer each time (about 0.1 s) before it returns a failed future. A batch of 200
+    anomalies sent 200 alerts that way: the loop stalled 20 s, past max_poll_interval_ms (the
+    group evicted the worker) and past the transaction timeout. The first refusal now stops the
+    batch's other sends to that topic. Such a send never joined the transaction: exactly-once
+    replaces it inside the same one, without an abort."""
+    broker = FakeBroker(partitions=1)
+    values = [BRIGHT] * 12
+    broker.produce(0, values)
+    worker, consumer, producer, registry, transactions = _worker(
+        broker,
+        lambda topic, value, key: None,
+        exactly_once=exactly_once,
+        denied_in_metadata=frozenset({"alerts"}),
+        max_batch_size=12,
+    )
+    assert _run(worker, consumer, [], settle=producer.flush)
+    assert broker.committed[P0] == len(values)
+    assert [t for t, _, _ in producer.sent].count("alerts") == 1
+    letters = {int(h["vaewatch.source.offset"]): h for h in _outputs(broker, "dlq")}
+    assert sorted(letters) == list(range(len(values)))
+    assert len(_outputs(broker, "scores")) == len(values)
+    assert _refused(registry, "alert", "not_authorized") == len(values)
+    if transactions is not None:
+        assert transactions.aborts == 0
 
 
 def test_a_topic_that_refused_any_output_is_tried_again_after_a_while() -> None:
