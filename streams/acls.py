@@ -3,8 +3,8 @@
 Minimal on a broker with an authorizer (Apache Kafka's StandardAuthorizer, MSK, Confluent
 Cloud, Strimzi's `simple` authorization): READ and WRITE imply DESCRIBE; since Kafka 3.0 WRITE
 on any topic implies IDEMPOTENT_WRITE (KIP-679), so neither is listed. Topics are literal names;
-the worker's default transactional id, `<group_id>-<host name>`, differs per host, so it is
-granted as a prefix.
+the worker's default transactional id, `<group_id>-<host name>-<random>`, differs per
+process, so it is granted as a prefix.
 """
 
 from __future__ import annotations

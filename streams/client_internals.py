@@ -4,6 +4,34 @@ Each function names the public API that is missing. The versions they were writt
 pinned in pyproject.toml (kafka-python 3.0.x, prometheus-client >= 0.20), and
 tests/streams/test_client_internals.py fails when an installed version no longer has one of
 these attributes, before the worker meets it.
+
+Workarounds of kafka-python behaviour, each pinned by a test there that fails once a release
+changes it (the workaround can then go):
+
+- IDEMPOTENT_PRODUCER_DIES: kafka-python 3.0.12 classifies a non-retriable broker error (a
+  record too large for its topic, a null key for a compacted topic, a timestamp out of range,
+  a topic the ACLs deny) on an idempotent, non-transactional producer as fatal
+  (`TransactionManager.classify_batch_error`): its sender then fails every batch in flight and
+  every later send with that error. Java's producer fails only the refused batch (and splits
+  one that is too large). So the at-least-once producer is not idempotent
+  (streams/kafka_io.py, create_producer): pinned by
+  `test_kafka_pythons_idempotent_producer_dies_of_one_refused_record`.
+- KAFKA_PYTHON_SEQUENCE_GAP: a transactional producer keeps the sequence number of a batch the
+  broker refused, so after the abort its next batch on that partition fails with
+  OUT_OF_ORDER_SEQUENCE_NUMBER, and kafka-python's epoch bump then leaves the transaction
+  unabortable. So a transaction a refused send doomed is aborted by a fresh producer under
+  the same transactional id (streams/worker/transactions.py, `TransactionalProducer.renew`):
+  pinned by `test_after_a_refused_batch_the_partitions_next_transaction_fails`.
+- In a transaction, one refused batch makes kafka-python abort the batches still waiting in the
+  producer with that batch's own exception (Java's does the same): `aborted_by_client` tells the
+  refused record from the ones failed with it
+  (`test_a_failed_transaction_fails_the_waiting_batches_with_the_refused_records_error`).
+- A send to a topic whose metadata the ACLs refuse fails before it reaches the producer's
+  buffer, and leaves a transaction usable (Java's send() makes the transaction abortable):
+  `failed_before_sending` tells it apart, so exactly-once replaces that output inside the same
+  transaction instead of aborting it; pinned by
+  `test_kafka_python_fails_a_send_to_a_topic_it_may_not_describe_outside_the_transaction`
+  in tests/streams/test_secured_failures.py (it needs the broker with an authorizer).
 """
 
 from __future__ import annotations
@@ -66,6 +94,38 @@ def force_close_producer(producer: KafkaProducer) -> None:
     """Stop the producer's sender without waiting for outstanding sends: what `close(timeout)`
     does after its own timeout, when that timeout raised first (no public force-close)."""
     producer._sender.force_close()
+
+
+def aborted_by_client(future: Any) -> bool:
+    """Whether a failed send was failed by the producer itself, because another batch was
+    refused in its transaction (or the producer was closed by force), rather than refused by
+    the broker: both carry the same exception. No client has a public API for it (Java's
+    callbacks get the same exception too). kafka-python 3.0 completes an aborted batch with
+    base offset -1 (`ProducerBatch.abort`), one the broker answered with None."""
+    value = getattr(getattr(future, "_produce_future", None), "value", None)
+    return isinstance(value, tuple) and len(value) == 3 and value[0] == -1
+
+
+def failed_before_sending(future: Any) -> bool:
+    """Whether a failed send never reached the producer's buffer (nor its transaction):
+    kafka-python 3.0's send() returns a future failed already, rather than raising, when the
+    broker refuses the topic's metadata (TopicAuthorizationFailedError: no ACL lets the client
+    describe it); the produce result behind that future never completes. No client has a
+    public API for it."""
+    produce = getattr(future, "_produce_future", None)
+    return produce is not None and not produce.is_done and future.is_done and future.failed()
+
+
+def fatal_error(producer: KafkaProducer) -> BaseException | None:
+    """The error that made a transactional producer unusable for good (fenced by a newer
+    producer with its transactional id, not authorized, ...), or None while it can still abort
+    and go on. kafka-python only raises it again from each call; Java's producer has no query
+    either (its calls throw ProducerFencedException and the like)."""
+    manager = getattr(producer, "_transaction_manager", None)
+    has_fatal = getattr(manager, "has_fatal_error", None)
+    if not callable(has_fatal) or not has_fatal():
+        return None
+    return manager.last_error or RuntimeError("the producer failed for good")
 
 
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:

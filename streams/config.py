@@ -159,10 +159,13 @@ class StreamConfig(BaseModel):
     )
     transactional_id: str = Field(
         "",
-        description="exactly_once: the producer's transactional.id. Empty = "
-        "<group_id>-<host name>, stable across restarts of one host's worker, so that a "
-        "restarted worker aborts at once the transaction its predecessor left open. Give each "
-        "worker of one host its own.",
+        description="exactly_once: the producer's transactional.id. Empty (the default) = "
+        "one of each worker process's own (<group_id>-<host name>-<random>): workers never "
+        "fence each other, the group generation fences zombies (KIP-447), but a killed "
+        "worker's open transaction holds read_committed readers and the next owner of its "
+        "partitions for up to transaction_timeout_ms. A stable id lets its restart abort that "
+        "transaction at once; give each worker its own: one fenced by another with its id "
+        "exits 1 (docs/delivery.md).",
     )
     transaction_timeout_ms: int = Field(
         10000,
@@ -218,10 +221,11 @@ class StreamConfig(BaseModel):
     )
     on_unsendable: Literal["fail", "skip"] = Field(
         "fail",
-        description="A record whose outputs cannot be sent goes to the dead-letter topic as a "
-        "trimmed copy (reason unsendable). If even that fails: fail = stop and exit non-zero "
-        "without committing it (re-delivered on restart); skip = commit past it, counted in "
-        'vaewatch_errors_total{kind="skipped"}.',
+        description="A record whose outputs cannot be sent or that the broker refuses goes to "
+        "the dead-letter topic as a trimmed (or bare) copy (reason unsendable). If even that "
+        "fails: fail = stop and exit non-zero without committing it (re-delivered on "
+        'restart); skip = commit past it, counted in vaewatch_errors_total{kind="skipped"} '
+        "(docs/delivery.md).",
     )
     max_unacked_records: int = Field(
         8192,

@@ -134,12 +134,16 @@ def create_consumer(
 
 def create_producer(*, config: StreamConfig, transactional_id: str | None = None) -> KafkaProducer:
     """The producer of outputs; with `transactional_id`, a transactional one (exactly_once:
-    idempotent, acks=all, its transactions time out after transaction_timeout_ms)."""
+    idempotent, acks=all, its transactions time out after transaction_timeout_ms). Without, it
+    is not idempotent: kafka-python 3.0's idempotent producer fails every send for good after
+    the first record a broker refuses (streams/client_internals.py, IDEMPOTENT_PRODUCER_DIES);
+    what idempotence would add, no duplicates from the client's own retries, at-least-once
+    does not promise."""
     acks: Any = "all" if config.acks == "all" else int(config.acks)
-    transactional: dict[str, Any] = {}
+    delivery: dict[str, Any] = {"enable_idempotence": False}
     if transactional_id:
         acks = "all"
-        transactional = {
+        delivery = {
             "transactional_id": transactional_id,
             "enable_idempotence": True,
             "transaction_timeout_ms": config.transaction_timeout_ms,
@@ -153,7 +157,7 @@ def create_producer(*, config: StreamConfig, transactional_id: str | None = None
             delivery_timeout_ms=config.delivery_timeout_ms,
             max_request_size=config.max_request_size,
             max_block_ms=config.request_timeout_ms,
-            **transactional,
+            **delivery,
             **_common_options(config),
             **client,
         ),

@@ -31,7 +31,7 @@ from streams.worker.loop import Worker, WorkerState
 from streams.worker.metrics import WorkerMetrics, score_buckets
 from streams.worker.publish import ResultPublisher
 from streams.worker.scoring import Scorer, build_scorer
-from streams.worker.transactions import start_transactions, transactional_id
+from streams.worker.transactions import TransactionalProducer, start_transactions
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,14 @@ def scorer_for(stream: StreamConfig, *, detector: Detector, metrics: WorkerMetri
     return build_scorer(stream, detector=detector, on_error=metrics.count_error)
 
 
-def publisher_for(stream: StreamConfig, *, detector: Detector, producer: Any) -> ResultPublisher:
+def publisher_for(
+    stream: StreamConfig,
+    *,
+    detector: Detector,
+    producer: Any,
+    clock: Callable[[], float] = time.time,
+) -> ResultPublisher:
+    """The publisher of `detector`'s outputs; `clock` stamps them (tests give their own)."""
     return ResultPublisher(
         producer=producer,
         alert_topic=stream.alert_topic,
@@ -93,6 +100,7 @@ def publisher_for(stream: StreamConfig, *, detector: Detector, producer: Any) ->
         threshold=detector.threshold,
         scores_format=stream.scores_format,
         max_request_size=stream.max_request_size,
+        clock=clock,
     )
 
 
@@ -160,9 +168,11 @@ def run_worker_process(
     worker: Worker | None = None
     exactly_once = stream.processing_guarantee == "exactly_once"
     try:
-        tx_id = transactional_id(stream) if exactly_once else None
         producer = connect(
-            lambda: create_producer(config=stream, transactional_id=tx_id), "producer"
+            (lambda: TransactionalProducer(stream))
+            if exactly_once
+            else (lambda: create_producer(config=stream)),
+            "producer",
         )
         # The shadow's comparisons are sent outside the transactions.
         side_producer = (
@@ -205,7 +215,9 @@ def run_worker_process(
             detector.version,
             detector.device,
             f"scoring {scorer.description}",
-            stream.processing_guarantee.replace("_", "-"),
+            "exactly-once, transactional id " + producer.transactional_id
+            if exactly_once
+            else "at-least-once",
         )
         complete = worker.run(stop)
         return 0 if complete else 1

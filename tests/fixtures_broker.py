@@ -105,9 +105,11 @@ def make_topics(
     partitions: int = 1,
     scores: bool = True,
     input_configs: dict[str, str] | None = None,
+    output_configs: dict[str, dict[str, str]] | None = None,
     **overrides: object,
 ) -> StreamTopics:
-    """Fresh topics and group on `broker`; `input_configs`: topic-level configs of the input."""
+    """Fresh topics and group on `broker`; `input_configs`: topic-level configs of the input,
+    `output_configs`: of the outputs, by setting name ("alert_topic", "dlq_topic", ...)."""
     n = next(_counter)
     stem = f"t{os.getpid()}-{n}"
     config = StreamConfig(
@@ -122,6 +124,8 @@ def make_topics(
     ensure_topics(
         config=config, topics=[config.input_topic], partitions=partitions, configs=input_configs
     )
+    for name, configs in (output_configs or {}).items():
+        ensure_topics(config=config, topics=[getattr(config, name)], configs=configs)
     ensure_topics(
         config=config,
         topics=[config.alert_topic, config.scores_topic, config.dlq_topic],

@@ -1,5 +1,5 @@
 """What a dead letter carries: the input record's value, key and usable headers, and headers
-that say why and where from (docs/wire-contract.md); and the trimmed copy, reason
+that say why and where from (docs/wire-contract.md); and the trimmed (or bare) copy, reason
 `unsendable`, of a record whose outputs cannot be sent as they are."""
 
 from __future__ import annotations
@@ -85,18 +85,24 @@ def trimmed_copy(
     first_reason: bytes | None,
     *,
     max_request_size: int,
-) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:
+    bare: bool = False,
+) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     """(value, key, headers) of a dead letter that fits: the input value cut to
-    max_request_size, input headers only when usable and small, an over-long key dropped;
-    reason `unsendable`, the error and the original size in headers."""
+    max_request_size, input headers only when usable and small; reason `unsendable`, the error
+    and the original size in headers. `bare`: no input value nor headers at all, for a topic
+    that refused the trimmed copy as too large (its limit is unknown; the value stays in the
+    input topic, at the source coordinates). Always keyed (a compacted topic refuses a null
+    key): the input key up to 1 KiB, else topic/partition/offset as on alerts."""
     value = record.value or b""
     kept, size = [], 0
-    for name, header_value in _input_headers(record.headers):
+    for name, header_value in () if bare else _input_headers(record.headers):
         header_size = len(name.encode("utf-8", "surrogatepass")) + len(header_value)
         if size + header_size <= _KEPT_HEADER_BYTES:
             kept.append((name, header_value))
             size += header_size
-    key = record.key if record.key is not None and len(record.key) <= _MAX_KEPT_KEY else None
+    key = record.key
+    if key is None or len(key) > _MAX_KEPT_KEY:
+        key = f"{record.topic}/{record.partition}/{record.offset}".encode()
     headers = [
         *kept,
         (H_ERROR, UNSENDABLE.encode()),
@@ -104,5 +110,5 @@ def trimmed_copy(
         (H_ORIGINAL_SIZE, str(len(value)).encode()),
         *source_headers(record),
     ]
-    budget = max(0, max_request_size - _COPY_HEADROOM - size)
+    budget = 0 if bare else max(0, max_request_size - _COPY_HEADROOM - size)
     return value[:budget], key, headers

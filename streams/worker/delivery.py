@@ -6,6 +6,9 @@ so no path can commit past a batch whose outputs are outstanding. While the ledg
 unacknowledged records or bytes than allowed, or a send waits for its retry, consuming is held
 back: the partitions are paused until the acks catch up.
 
+Outputs the broker refuses are replaced (streams/worker/batch.py, output_refusals.py); under
+exactly_once the transaction they doomed is aborted once, the refusals remembered for its redo.
+
 A revoke is handled here too (kafka-python calls the listener on its I/O thread while the
 worker's thread waits in poll()): publish what is being scored, wait for the acks, commit the
 acknowledged prefix, forget the rest. The worker learns which partitions were forgotten from
@@ -27,7 +30,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from detector import Scores
-from streams.client_internals import commit_in_listener
+from streams.client_internals import commit_in_listener, fatal_error
 from streams.codec import SCORING_ERROR, DecodedBatch
 from streams.config import StreamConfig
 from streams.worker.batch import (
@@ -38,14 +41,18 @@ from streams.worker.batch import (
 )
 from streams.worker.ledger import OffsetLedger
 from streams.worker.metrics import WorkerMetrics
+from streams.worker.output_refusals import OutputRefusals
 from streams.worker.publish import ResultPublisher
 from streams.worker.scoring import PendingBatch
 from streams.worker.state import WorkerState
-from streams.worker.transactions import Transactions
+from streams.worker.transactions import ProducerFailedError, Transactions
 
 logger = logging.getLogger(__name__)
 
 _LAG_INTERVAL_S = 0.5
+# How long a doomed transaction waits for the answers to its other sends, for their refusals.
+# A producer can hold sends back far longer (kafka-python's epoch bump): the loop must go on.
+_REFUSAL_ANSWERS_S = 5.0
 _TP_KEY = attrgetter("topic", "partition")
 
 Published = Callable[[InFlightBatch, DecodedBatch, Scores | None], None]
@@ -82,6 +89,7 @@ class Delivery:
         self._on_published = on_published
         self._transactions = transactions  # exactly_once; None: at_least_once
         self.ledger = OffsetLedger()
+        self.output_refusals = OutputRefusals(on_refused=metrics.count_refused)
         self._scoring: deque[InFlightBatch] = deque()  # cut, being scored, oldest first
         self._sending: dict[int, InFlightBatch] = {}  # sent, awaiting acknowledgements
         self._forgotten: set[TopicPartition] = set()
@@ -114,7 +122,9 @@ class Delivery:
         time.time() stamps of the poll that returned its oldest records and of its cut."""
         nbytes = sum(len(r.value or b"") for r in records)
         batch_id = self.ledger.open(offset_ranges(records), records=len(records), nbytes=nbytes)
-        batch = InFlightBatch(batch_id, records, decoded, scoring, publisher, polled_at, cut_at)
+        batch = InFlightBatch(
+            batch_id, records, decoded, scoring, publisher, polled_at, cut_at, self.output_refusals
+        )
         self._scoring.append(batch)
         return batch
 
@@ -146,7 +156,9 @@ class Delivery:
         if not self.ledger.tracks(batch.batch_id):
             return  # its partitions were revoked while it was scored: the next owner's now
         scored_at = time.time()
-        outputs = batch.publisher.build(batch.records, decoded, scores)
+        outputs = batch.publisher.build(
+            batch.records, decoded, scores, frame_bytes=self.output_refusals.frame_bytes
+        )
         if self._transactions is not None:
             self._transactions.begin()
         batch.send(outputs)
@@ -187,7 +199,7 @@ class Delivery:
                 self.failure = exc
                 continue
             except TransactionFailedError as exc:
-                self._abort(f"a send failed ({exc})")
+                self._abort_refused(f"a send failed ({exc})")
                 return acked
             del self._sending[batch.batch_id]
             self.ledger.acknowledge(batch.batch_id)
@@ -261,7 +273,9 @@ class Delivery:
             self._committed(offsets)
 
     def _committed(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        self.ledger.mark_committed({tp: meta.offset for tp, meta in offsets.items()})
+        plain = {tp: meta.offset for tp, meta in offsets.items()}
+        self.ledger.mark_committed(plain)
+        self.output_refusals.committed(plain)
 
     def await_acks(self, deadline: float) -> None:
         """Flush and take acks (with retries) until every sent batch is settled, the
@@ -293,6 +307,7 @@ class Delivery:
         being scored, wait for the acks, commit the acknowledged prefix, forget the rest; the
         next owner consumes it again."""
         self.publish_all()
+        self.output_refusals.forget(revoked)
         if self._transactions is not None:
             self._commit_transaction(self._state.assigned | revoked, timeout_s=self.time_left())
             self.forget(revoked)
@@ -340,6 +355,7 @@ class Delivery:
         transaction holds their outputs, which the new owner produces again: abort it."""
         if self._transactions is not None:
             self._abort(f"partitions lost: {sorted(map(str, partitions))}")
+        self.output_refusals.forget(partitions)
         self.forget(partitions)
 
     def stop_on_failure(self) -> None:
@@ -383,15 +399,35 @@ class Delivery:
         self._committed(offsets)
         return True
 
-    def _abort(self, reason: object) -> None:
+    def _abort_refused(self, reason: str) -> None:
+        """A send failed inside the transaction: once every send of it has an answer (bounded),
+        remember what the broker refused, so that the redo replaces it, then abort."""
+        timeout_s = min(self.time_left(), _REFUSAL_ANSWERS_S)
+        try:
+            if fatal_error(self._producer) is None:  # a fatal one has failed them all already
+                self._producer.flush(timeout=timeout_s)
+        except KafkaError as exc:  # not every answer in time: those refusals show in the redo
+            self._on_error("produce", exc)
+        for batch in self._sending.values():
+            batch.remember_refusals()
+        self._abort(reason, renew=True)
+
+    def _abort(self, reason: object, *, renew: bool = False) -> None:
         """Abort the open transaction and consume everything again from the last committed
-        offsets: none of what it held was ever visible to read_committed subscribers."""
+        offsets: none of what it held was ever visible to read_committed subscribers. A
+        producer that cannot abort any more is replaced (Transactions.recover), or the worker
+        stops."""
         assert self._transactions is not None
         try:
-            self._transactions.abort(reason, timeout_s=max(1.0, self.time_left()))
+            self._transactions.abort(reason, timeout_s=max(1.0, self.time_left()), renew=renew)
         except KafkaError as exc:
             self._on_error("produce", exc)
-            self.failure = RuntimeError(f"the transaction could not be aborted: {exc}")
+            try:
+                self._transactions.recover(exc)
+            except ProducerFailedError as final:  # its one line says why
+                self.failure = final
+            except (KafkaError, RuntimeError) as final:
+                self.failure = RuntimeError(f"the transaction could not be aborted: {final}")
         held = set(self._started_at) | set(self._state.assigned)
         self.forget(held)
 

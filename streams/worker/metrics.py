@@ -19,6 +19,9 @@ UNSENDABLE = "unsendable"  # dead-letter reason: outputs that could not be sent 
 OUTCOMES = ("normal", "anomaly", "invalid")
 ERROR_KINDS = ("broker", "produce", "commit", "decode", "scoring", "skipped", "model")
 STAGES = ("fetch", "batching", "score", "publish", "ack")
+# Outputs the broker refused (streams/worker/output_refusals.py), by output and reason.
+REFUSED_OUTPUTS = ("alert", "score", "dead_letter")
+REFUSAL_REASONS = ("too_large", "invalid_record", "invalid_timestamp", "not_authorized", "other")
 
 
 class WorkerMetrics:
@@ -107,6 +110,15 @@ class WorkerMetrics:
             registry=registry,
         )
         self.model = Info("vaewatch_model", "The loaded model bundle.", registry=registry)
+        self.outputs_refused = Counter(
+            "vaewatch_outputs_refused",
+            "Outputs the broker (or the client) refused, by output (alert, score, dead_letter) "
+            "and reason (too_large, invalid_record: e.g. a null key for a compacted topic, "
+            "invalid_timestamp, not_authorized, other); each is replaced by its record's dead "
+            "letter or a smaller copy, or follows stream.on_unsendable (docs/delivery.md).",
+            ["output", "reason"],
+            registry=registry,
+        )
         # processing_guarantee=exactly_once (docs/delivery.md): 0 otherwise.
         self.transactions = Counter(
             "vaewatch_transactions",
@@ -132,11 +144,18 @@ class WorkerMetrics:
             self.transactions.labels(outcome=outcome)
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)
+        for output in REFUSED_OUTPUTS:
+            for reason in REFUSAL_REASONS:
+                self.outputs_refused.labels(output=output, reason=reason)
 
     def count_error(self, kind: str, exc: BaseException) -> None:
         """The error callback of the worker's parts (scorer, lifecycle, clients): counted by
         kind in vaewatch_errors_total; each part logs its own message."""
         self.errors.labels(kind=kind).inc()
+
+    def count_refused(self, output: str, reason: str) -> None:
+        """An output refused (streams/worker/output_refusals.py); the batch logs its line."""
+        self.outputs_refused.labels(output=output, reason=reason).inc()
 
     def serving(self, detector: Detector) -> None:
         """The threshold, target rate and info of the model that serves now."""

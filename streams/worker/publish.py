@@ -2,8 +2,8 @@
 
 `ResultPublisher.build` is a pure function of (records, decoded images, scores): it returns the
 batch's outgoing messages and what to count once they are acknowledged; the batch's owner
-(streams/worker/delivery.py) sends them with `send`, retries them and dead-letters what cannot
-be sent (`unsendable_copy`).
+(streams/worker/delivery.py) sends them with `send`, retries them and replaces what the broker
+refuses (`dead_letter_copy`, `single_lines`: streams/worker/batch.py).
 
 Alerts and scores are JSON objects keyed `topic/partition/offset` (so subscribers can drop the
 duplicates that at-least-once delivery allows); the input record's headers pass through. An
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import compress
 from operator import attrgetter
@@ -41,9 +41,9 @@ from streams.worker.dead_letters import (
     usable_headers,
 )
 from streams.worker.metrics import WorkerMetrics
+from streams.worker.output_refusals import FRAME_BYTES
 
 H_SCORES_FORMAT = "vaewatch.format"  # "jsonl" on batch-framed scores messages
-_FRAME_BYTES = 256 * 1024  # largest batch-framed scores message
 _TIMESTAMP = attrgetter("timestamp")
 ID_HEADER = "id"  # with the raw codec, an `id` header stands in for the JSON `id` field
 # An id header this long (in characters) or shorter fits in MAX_ID_BYTES as JSON, whatever its
@@ -60,8 +60,10 @@ def _key_text(key: bytes | None) -> str:
 
 
 class Outgoing(NamedTuple):
-    """One send, kept until acknowledged so that it can be retried or dead-lettered.
-    `sources`: indexes (in the batch) of the input records it carries."""
+    """One send, kept until acknowledged so that it can be retried or replaced.
+    `sources`: indexes (in the batch) of the input records it carries. `form`: "output" as
+    built, or what replaced a refused one: "line" (one line of a refused scores frame),
+    "copy" (a trimmed dead-letter copy), "bare" (a dead letter without the input's value)."""
 
     topic: str
     value: bytes
@@ -69,6 +71,13 @@ class Outgoing(NamedTuple):
     headers: list[tuple[str, bytes]] | None
     partition: int
     sources: tuple[int, ...]
+    form: str = "output"
+
+    @property
+    def size(self) -> int:
+        """Roughly what the broker counts against max.message.bytes."""
+        headers = sum(len(name) + len(value) for name, value in self.headers or ())
+        return len(self.value or b"") + len(self.key or b"") + headers
 
 
 class FailedSend:
@@ -169,8 +178,10 @@ class ResultPublisher:
         threshold: float,
         scores_format: str = "record",
         max_request_size: int = 1024 * 1024,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._producer = producer
+        self._clock = clock  # the outputs' timestamps and scored_at_ms
         self._max_request_size = max_request_size
         self.scores_format = scores_format
         self.alert_topic = alert_topic
@@ -201,19 +212,36 @@ class ResultPublisher:
                 key=message.key,
                 headers=message.headers,
                 partition=message.partition,
+                timestamp_ms=int(self._clock() * 1000),
             )
         except Exception as exc:  # TypeError, ValueError, MessageSizeTooLarge, timeouts, ...
             return FailedSend(exc)
 
-    def unsendable_copy(
-        self, record: ConsumerRecord, exc: BaseException, first_reason: bytes | None = None
+    def dead_letter_copy(
+        self,
+        record: ConsumerRecord,
+        exc: BaseException,
+        first_reason: bytes | None,
+        *,
+        source: int,
+        bare: bool = False,
     ) -> Outgoing:
-        """The record's dead letter with reason `unsendable`, cut to fit (trimmed_copy)."""
+        """The record's dead letter with reason `unsendable` (trimmed_copy): cut to fit the
+        producer's request size, or `bare`, without the input's value and headers."""
         value, key, headers = trimmed_copy(
-            record, exc, first_reason, max_request_size=self._max_request_size
+            record, exc, first_reason, max_request_size=self._max_request_size, bare=bare
         )
         part = record.partition % self._partition_count(self.dlq_topic)
-        return Outgoing(self.dlq_topic, value, key, headers, part, ())  # no copy of a copy
+        form = "bare" if bare else "copy"
+        return Outgoing(self.dlq_topic, value, key, headers, part, (source,), form)
+
+    def single_lines(self, records: Sequence[ConsumerRecord], frame: Outgoing) -> list[Outgoing]:
+        """A scores frame the topic refused, as one message per line (form "line")."""
+        first = records[frame.sources[0]]
+        lines = {first.partition: list(zip(frame.sources, frame.value.split(b"\n"), strict=True))}
+        messages: list[Outgoing] = []
+        self._frame(messages, first.topic, lines, self._partition_count(frame.topic), 0)
+        return [m._replace(form="line") for m in messages]
 
     def _frame(
         self,
@@ -221,15 +249,16 @@ class ResultPublisher:
         topic: str,
         framed: dict[int, list[tuple[int, bytes]]],
         parts: int,
+        frame_bytes: int,
     ) -> None:
         """scores_format=batch: per input partition, messages of JSON Lines of the same objects
-        (at most _FRAME_BYTES each, well under the producer's request limit), keyed
+        (at most `frame_bytes` each, well under the producer's request limit), keyed
         topic/partition/first-last offset."""
         for partition, lines in framed.items():
             start, size = 0, 0
             for end, (_, line) in enumerate(lines, 1):
                 size += len(line) + 1
-                if size >= _FRAME_BYTES or end == len(lines):
+                if size >= frame_bytes or end == len(lines):
                     chunk = lines[start:end]
                     first = json.loads(chunk[0][1])["offset"]
                     last = json.loads(chunk[-1][1])["offset"]
@@ -245,11 +274,16 @@ class ResultPublisher:
                     start, size = end, 0
 
     def build(
-        self, records: Sequence[ConsumerRecord], decoded: DecodedBatch, scores: Scores | None
+        self,
+        records: Sequence[ConsumerRecord],
+        decoded: DecodedBatch,
+        scores: Scores | None,
+        *,
+        frame_bytes: int = FRAME_BYTES,
     ) -> Outputs:
         messages: list[Outgoing] = []
         send = messages.append
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self._clock() * 1000)
         if scores is not None and decoded.n_valid:
             late = _non_finite(decoded, scores)
             if late:
@@ -338,7 +372,7 @@ class ResultPublisher:
                     )
                 elif self.scores_topic:
                     framed.setdefault(record.partition, []).append((source[0], body))
-            self._frame(messages, valid_records[0].topic, framed, score_parts)
+            self._frame(messages, valid_records[0].topic, framed, score_parts, frame_bytes)
         n_scored = len(valid_records)
         score_values = scores.scores if scores is not None else np.empty(0, np.float32)
         errors = decoded.errors

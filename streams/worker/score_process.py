@@ -39,6 +39,7 @@ from detector.scorer import as_image_batch, score_batches
 logger = logging.getLogger(__name__)
 
 _SLOTS = 2  # one batch being scored while the next is copied in
+_HELPER_JOIN_S = 5.0  # a helper thread's end once its child is gone: at once, bounded anyway
 
 
 class ScoringProcessError(RuntimeError):
@@ -186,6 +187,7 @@ class ScoringProcess:
         self.generation = 0
         self._start = _Start()
         self._process: Any = None
+        self._helpers: list[threading.Thread] = []
         self._conn: Connection | None = None
         self.start()
 
@@ -212,18 +214,22 @@ class ScoringProcess:
         self.generation += 1
         self._busy = [None] * _SLOTS
         self._start = _Start()
-        threading.Thread(
-            target=self._send_model,
-            args=(parent, self._start),
-            name="vaewatch-scorer-model",
-            daemon=True,
-        ).start()
-        threading.Thread(
-            target=self._await_ready,
-            args=(parent, self._process, self._start),
-            name="vaewatch-scorer-start",
-            daemon=True,
-        ).start()
+        self._helpers = [
+            threading.Thread(
+                target=self._send_model,
+                args=(parent, self._start),
+                name="vaewatch-scorer-model",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._await_ready,
+                args=(parent, self._process, self._start),
+                name="vaewatch-scorer-start",
+                daemon=True,
+            ),
+        ]
+        for helper in self._helpers:
+            helper.start()
 
     def _send_model(self, conn: Connection, start: _Start) -> None:
         # Through the pipe after the start rather than as Process arguments: spawn writes those
@@ -354,16 +360,23 @@ class ScoringProcess:
         return self._process is not None and self._process.is_alive()
 
     def _stop(self, *, timeout_s: float) -> None:
-        if self._conn is not None:
-            if self._start.model_sent.is_set():  # else the model is still on its way: no
-                self._send(None)  # second writer on the pipe; closing it stops the child too
-            self._conn.close()
-            self._conn = None
         if self._process is not None:
+            if self._start.model_sent.is_set():
+                self._send(None)
+            else:  # the model is still on its way: no second writer on the pipe, and a child
+                self._process.kill()  # without its model holds nothing
             self._process.join(timeout_s)
             if self._process.is_alive():
                 self._process.kill()
                 self._process.join()  # SIGKILL cannot be refused: this returns
+        # The child is gone, so the helper threads' reads and writes on the pipe end (EOF, a
+        # broken pipe); only then is it closed: closed under a write of the model, the write
+        # went on without a handle (TypeError).
+        for helper in self._helpers:
+            helper.join(_HELPER_JOIN_S)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def close(self) -> None:
         self._stop(timeout_s=10.0)

@@ -212,7 +212,9 @@ class FakeProducer:
     def partitions_for(self, topic: str) -> set[int]:
         return {0}
 
-    def send(self, topic, value=None, key=None, headers=None, partition=None) -> _Future:
+    def send(
+        self, topic, value=None, key=None, headers=None, partition=None, timestamp_ms=None
+    ) -> _Future:
         future = _Future(self, (topic, value, list(headers or [])))
         self.pending.append(future)
         return future

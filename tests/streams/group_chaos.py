@@ -52,6 +52,10 @@ class ChaosReport:
     seconds: float
     duplicates_per_kill: list[int] = field(default_factory=list)
     exactly_once: bool = False  # then any duplicate fails, explained or not
+    # once the group committed everything and every member was ready again, before the final
+    # stop: per member process, whether it still ran; and the partitions of each group member
+    running: list[bool] = field(default_factory=list)
+    held: list[int] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -84,22 +88,24 @@ class _Group:
         log_dir: Path,
         args: list[str],
         exactly_once: bool = False,
+        stable_ids: bool = True,
     ):
         self._start = dict(model=model, topics=topics, log_dir=log_dir)
         self._args = args
         self._group = topics.config.group_id
-        self._exactly_once = exactly_once
+        self._stable_ids = exactly_once and stable_ids
         self.members: list[WorkerProcess] = []
         self.logs: list[Path] = []
         self.started_at: dict[int, float] = {}
-        # exactly_once: each member keeps a transactional id, and its replacement after a kill
-        # takes it over (as a StatefulSet's pod would), which aborts what the victim left open
+        # exactly_once with stable_ids: each member keeps a transactional id, and its replacement
+        # after a kill takes it over (as a StatefulSet's pod would), which aborts what the victim
+        # left open; without, every process has its own (the default)
         self.slots: dict[int, int] = {}  # pid -> slot
 
     def start(self, *, wait: bool, slot: int | None = None) -> WorkerProcess:
         slot = len(self.slots) if slot is None else slot
         args = list(self._args)
-        if self._exactly_once:
+        if self._stable_ids:
             args += ["--set", f"stream.transactional_id={self._group}-{slot}"]
         member = start_worker(**self._start, extra_args=args, wait=wait, timeout_s=90.0)
         self.slots[member.process.pid] = slot
@@ -139,6 +145,12 @@ class _Group:
 
     def remove(self, member: WorkerProcess) -> None:
         self.members.remove(member)
+
+    def wait_ready(self) -> None:
+        """Until every member is ready: a replacement started after the last kill may still be
+        starting when the backlog is done (a SIGTERM then kills it before its handler is in)."""
+        for member in self.members:
+            member.wait_ready(timeout_s=90.0)
 
 
 def _ready(member: WorkerProcess) -> bool:
@@ -211,6 +223,15 @@ class _Committed:
             if tp.topic == self._config.input_topic and meta.offset >= 0
         }
 
+    def held(self) -> list[int]:
+        """How many input partitions each member of the group holds."""
+        group = self._config.group_id
+        members = self._admin.describe_groups([group])[group]["members"]
+        return sorted(
+            sum(len(a["partitions"]) for a in m["member_assignment"]["assigned_partitions"])
+            for m in members
+        )
+
     def close(self) -> None:
         self._admin.close()
 
@@ -232,10 +253,12 @@ def run_chaos(
     settle_timeout_s: float = 180.0,
     seed: int = 0,
     exactly_once: bool = False,
+    stable_ids: bool = True,
 ) -> ChaosReport:
     """One chaos run on `broker` (anything with .bootstrap_servers); see the module's text.
     `exactly_once`: the members run stream.processing_guarantee=exactly_once, the outputs are
-    read read_committed, and any duplicate fails the run."""
+    read read_committed, and any duplicate fails the run; `stable_ids` false: with the default
+    transactional id (one per process) instead of one per member slot."""
     started = time.monotonic()
     chooser = random.Random(seed)
     topics = make_topics(broker, partitions=partitions)
@@ -243,7 +266,12 @@ def run_chaos(
     if exactly_once:
         args += ["--set", "stream.processing_guarantee=exactly_once"]
     group = _Group(
-        model=model, topics=topics, log_dir=log_dir, args=args, exactly_once=exactly_once
+        model=model,
+        topics=topics,
+        log_dir=log_dir,
+        args=args,
+        exactly_once=exactly_once,
+        stable_ids=stable_ids,
     )
     group.start_all(workers)
     committed = _Committed(topics)
@@ -291,6 +319,9 @@ def run_chaos(
         deadline = time.monotonic() + settle_timeout_s
         while committed.read() != expected and time.monotonic() < deadline:
             time.sleep(0.5)
+        group.wait_ready()
+        running = [m.process.poll() is None for m in group.members]
+        held = committed.held()
     finally:
         done.set()
         lag_thread.join()
@@ -311,6 +342,7 @@ def run_chaos(
         seconds=time.monotonic() - started,
     )
     report.exactly_once = exactly_once
+    report.running, report.held = running, held
     return report
 
 

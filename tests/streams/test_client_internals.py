@@ -7,15 +7,27 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import pytest
+from kafka import KafkaProducer
+from kafka.errors import (
+    InvalidRecordError,
+    InvalidTimestampError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumberError,
+    TopicAuthorizationFailedError,
+)
+from kafka.producer.transaction_manager import TransactionManager
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from packaging.requirements import Requirement
 from prometheus_client import CollectorRegistry, Histogram
 
 from streams import client_internals
-from streams.kafka_io import create_consumer, create_producer
+from streams.config import StreamConfig
+from streams.kafka_io import create_consumer, create_producer, ensure_topics
 from tests.fixtures_broker import make_topics
 
 
@@ -106,3 +118,127 @@ def test_only_an_io_step_that_risks_the_group_is_reported_as_blocking(
         consumer.close()
     blocking = [r for r in caplog.records if "blocking the event loop" in r.getMessage()]
     assert bool(blocking) == warned, [r.getMessage() for r in blocking]
+
+
+# -- kafka-python behaviour the worker works around (issue 27) ---------------------------------
+
+_SMALL_TOPIC = {"max.message.bytes": "4096"}
+_TOO_LARGE_FOR_IT = b"x" * 20_000  # under max_request_size, over the topic's limit
+
+
+def _small_and_plain_topics(kafka_broker) -> tuple[str, str, str]:
+    topics = make_topics(kafka_broker)
+    small = f"{topics.config.input_topic}.small"
+    ensure_topics(config=topics.config, topics=[small], configs=_SMALL_TOPIC)
+    return topics.bootstrap_servers, small, topics.config.alert_topic
+
+
+def _refused_in_a_transaction(kafka_broker, name: str) -> tuple[KafkaProducer, str, Any]:
+    """A transactional producer that has sent the small topic a record too large for it (a
+    full batch: sent at once), and that record's future."""
+    servers, small, plain = _small_and_plain_topics(kafka_broker)
+    producer = KafkaProducer(bootstrap_servers=servers, transactional_id=f"{plain}-{name}")
+    producer.init_transactions()
+    producer.begin_transaction()
+    return producer, small, producer.send(small, _TOO_LARGE_FOR_IT, partition=0)
+
+
+def test_kafka_pythons_idempotent_producer_dies_of_one_refused_record(kafka_broker) -> None:
+    """The pin of create_producer's enable_idempotence=False (at-least-once). kafka-python
+    3.0.12 classifies a non-retriable broker error on an idempotent, non-transactional producer
+    as FATAL (TransactionManager.classify_batch_error; the comment above it says such a batch
+    should just fail): every later send fails with the refused record's error, whatever its
+    topic. When this test fails, a release fixed it: the worker's producer may be idempotent
+    again."""
+    servers, small, plain = _small_and_plain_topics(kafka_broker)
+    idempotent = KafkaProducer(bootstrap_servers=servers, enable_idempotence=True, acks="all")
+    try:
+        refused = idempotent.send(small, _TOO_LARGE_FOR_IT)
+        with pytest.raises(MessageSizeTooLargeError):
+            refused.get(timeout=20)
+        innocent = idempotent.send(plain, b"a small record for another topic")
+        with pytest.raises(MessageSizeTooLargeError):
+            innocent.get(timeout=20)
+    finally:
+        client_internals.force_close_producer(idempotent)
+        idempotent.close(timeout=1)
+    manager = TransactionManager(transactional_id=None, api_version=(4, 0))
+    for error in (InvalidRecordError, InvalidTimestampError, TopicAuthorizationFailedError):
+        assert manager.classify_batch_error(error, None) == TransactionManager.ERROR_CLASS_FATAL
+
+
+def test_the_worker_producer_fails_only_the_refused_record(kafka_broker) -> None:
+    """What the worker's at-least-once producer does instead: the refused record fails alone,
+    the producer stays usable."""
+    servers, small, plain = _small_and_plain_topics(kafka_broker)
+    producer = create_producer(config=StreamConfig(bootstrap_servers=servers))
+    try:
+        refused = producer.send(small, _TOO_LARGE_FOR_IT)
+        fine = producer.send(plain, b"a batch-mate")
+        with pytest.raises(MessageSizeTooLargeError):
+            refused.get(timeout=20)
+        fine.get(timeout=20)
+        producer.send(plain, b"a later record").get(timeout=20)
+    finally:
+        producer.close(timeout=5)
+
+
+def test_a_failed_transaction_fails_the_waiting_batches_with_the_refused_records_error(
+    kafka_broker,
+) -> None:
+    """In a transaction, the batches still waiting in the producer when one is refused fail
+    with that batch's own exception: only client_internals.aborted_by_client tells them apart.
+    The waiting one is queued behind the refused one on its partition (a transactional producer
+    sends one batch per partition at a time)."""
+    producer, small, refused = _refused_in_a_transaction(kafka_broker, "pin")
+    try:
+        waiting = producer.send(small, b"a record the topic takes", partition=0)
+        with pytest.raises(MessageSizeTooLargeError):
+            refused.get(timeout=20)
+        with pytest.raises(MessageSizeTooLargeError):
+            waiting.get(timeout=20)
+        assert not client_internals.aborted_by_client(refused)
+        assert client_internals.aborted_by_client(waiting)
+        assert client_internals.fatal_error(producer) is None  # abortable, not fatal
+        producer.abort_transaction()
+    finally:
+        producer.close(timeout=5)
+
+
+def test_after_a_refused_batch_the_partitions_next_transaction_fails(kafka_broker) -> None:
+    """The pin of renewing the producer to abort a transaction a refused send doomed
+    (KAFKA_PYTHON_SEQUENCE_GAP): kafka-python 3.0.12 keeps the sequence number the refused
+    batch took, so the next batch on that partition, in the next transaction, fails with
+    OUT_OF_ORDER_SEQUENCE_NUMBER (Java's producer takes the number back). When this test
+    fails, plain abort_transaction suffices again."""
+    producer, small, refused = _refused_in_a_transaction(kafka_broker, "gap")
+    try:
+        with pytest.raises(MessageSizeTooLargeError):
+            refused.get(timeout=20)
+        producer.abort_transaction()
+        producer.begin_transaction()
+        later = producer.send(small, b"a record the topic takes", partition=0)
+        with pytest.raises(OutOfOrderSequenceNumberError):
+            later.get(timeout=20)
+    finally:
+        client_internals.force_close_producer(producer)
+        producer.close(timeout=1)
+
+
+def test_a_fenced_producer_is_fatal(kafka_broker) -> None:
+    servers, _, plain = _small_and_plain_topics(kafka_broker)
+    first = KafkaProducer(bootstrap_servers=servers, transactional_id=f"{plain}-fenced")
+    second = KafkaProducer(bootstrap_servers=servers, transactional_id=f"{plain}-fenced")
+    try:
+        first.init_transactions()
+        second.init_transactions()  # fences the first
+        first.begin_transaction()
+        first.send(plain, b"from a zombie")
+        with pytest.raises(KafkaError):
+            first.commit_transaction()
+        assert isinstance(client_internals.fatal_error(first), KafkaError)
+        assert client_internals.fatal_error(second) is None
+    finally:
+        client_internals.force_close_producer(first)
+        first.close(timeout=1)
+        second.close(timeout=5)

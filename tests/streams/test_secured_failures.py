@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from kafka.errors import TopicAuthorizationFailedError
 
+from streams import client_internals
 from streams.acls import client_acls
 from streams.config import StreamConfig
 from streams.connection_errors import BrokerConnectionError
 from streams.kafka_io import create_consumer, create_producer, ensure_topics
-from tests.fixtures_broker import WorkerProcess, start_worker
+from tests.fixtures_broker import WorkerProcess, metric_value, start_worker
 from tests.fixtures_secured_kafka import (
     WORKER,
     WORKER_PASSWORD,
@@ -344,17 +346,16 @@ def _headers(record) -> dict[str, str]:
     return {k: v.decode("utf-8", "replace") for k, v in (record.headers or [])}
 
 
-@pytest.mark.skip(
-    reason="needs issue 27's refused-output handling: a write the broker refuses (here a "
-    "missing WRITE ACL on the alert topic) becomes a dead letter and never halts the partition"
-)
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_a_missing_write_acl_on_one_output_topic_never_halts_the_partition(
     secured_kafka, trained_bundle, tmp_path, monkeypatch, guarantee
 ) -> None:
     """The worker may write its scores and dead letters but not its alerts: every record is
     scored and committed, each refused alert becomes a dead letter naming the alert topic and
-    the broker's reason, one line in the log says so, and nothing is lost."""
+    the broker's reason, one line in the log says so, and nothing is lost (issue 27). The
+    worker stays in its group: kafka-python's send() to a topic it may not describe waits for a
+    metadata answer each time, and 200 alerts sent that way stalled the loop past
+    max_poll_interval_ms. Such a send never joins a transaction: exactly-once aborts none."""
     n = 200
     topics = secured_kafka.topics()
     config = _worker_config(secured_kafka, topics, processing_guarantee=guarantee)
@@ -389,18 +390,60 @@ def test_a_missing_write_acl_on_one_output_topic_never_halts_the_partition(
             isolation_level="read_committed",
         )
         assert wait_committed(topics.config, n) == n, worker.log()
+        text = worker.metrics_text()
     finally:
         assert worker.stop() == 0, worker.log()
     assert sorted({s["offset"] for s in scores}) == list(range(n))
     assert anomalies, "random noise should be anomalous"
-    refused = {int(_headers(r)["vaewatch.source.offset"]) for r in letters}
-    assert refused == anomalies
+    refused = [int(_headers(r)["vaewatch.source.offset"]) for r in letters]
+    assert set(refused) == anomalies
+    alerts = 'vaewatch_outputs_refused_total{output="alert",reason="not_authorized"}'
+    assert metric_value(text, alerts) == len(anomalies)
+    assert "evicted from the group" not in worker.log(), worker.log()
+    if guarantee == "exactly_once":
+        assert len(refused) == len(anomalies) and len(scores) == n
+        aborted = metric_value(text, 'vaewatch_transactions_total{outcome="aborted"}')
+        assert aborted == 0, worker.log()
     details = {_headers(r).get("vaewatch.error.detail", "") for r in letters}
     assert all(config.alert_topic in d and "TopicAuthorizationFailed" in d for d in details)
     assert any(
         config.alert_topic in line and "TopicAuthorizationFailed" in line
         for line in worker.log().splitlines()
     ), worker.log()
+
+
+def test_kafka_python_fails_a_send_to_a_topic_it_may_not_describe_outside_the_transaction(
+    secured_kafka,
+) -> None:
+    """The pin of client_internals.failed_before_sending: kafka-python 3.0.12's send() to a
+    topic whose metadata the ACLs refuse returns a future failed already, with its produce
+    result never answered, and the open transaction stays usable: a send to a topic the worker
+    may write commits with it. When this test fails, a release changed that, and exactly-once
+    must abort such a transaction again (streams/worker/batch.py, _outside_the_transaction)."""
+    topics = secured_kafka.topics()
+    config = _worker_config(secured_kafka, topics, processing_guarantee="exactly_once")
+    secured_kafka.grant(
+        a
+        for a in client_acls("worker", config, principal=PRINCIPAL)
+        if not (a.name == config.alert_topic and a.operation == "write")
+    )
+    producer = create_producer(config=config, transactional_id=f"{config.group_id}-pin")
+    try:
+        producer.init_transactions()
+        producer.begin_transaction()
+        denied = producer.send(config.alert_topic, b"an alert")
+        assert denied.is_done and isinstance(denied.exception, TopicAuthorizationFailedError)
+        assert client_internals.failed_before_sending(denied)
+        allowed = producer.send(config.scores_topic, b"a score")
+        producer.commit_transaction()
+        assert allowed.get(timeout=10) is not None
+        assert not client_internals.failed_before_sending(allowed)
+    finally:
+        producer.close(timeout=5)
+    committed = read_topic(
+        topics.config, config.scores_topic, until=1, isolation_level="read_committed"
+    )
+    assert [r.value for r in committed] == [b"a score"]
 
 
 def test_tls_to_a_plaintext_listener_says_so(kafka_broker) -> None:

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from kafka import KafkaProducer
 
-from tests.fixtures_broker import StreamTopics, WorkerProcess, make_topics, start_worker
+from tests.fixtures_broker import (
+    StreamTopics,
+    WorkerProcess,
+    make_topics,
+    start_worker,
+)
 from tests.streams.kafka_helpers import (
     committed_offsets,
     raw_images,
@@ -166,16 +171,17 @@ def test_a_frozen_worker_is_fenced_and_its_transaction_never_shows(
 ) -> None:
     """SIGSTOP a worker past its session timeout while records keep coming; a second worker takes
     its partition over. Woken up, the first one cannot commit what it held (the group fenced it),
-    aborts and rejoins; a read_committed subscriber sees every record's outputs once."""
+    aborts and rejoins (with a new producer, should the broker have timed its transaction out
+    and fenced the old one meanwhile); a read_committed subscriber sees every record's outputs
+    once. Both keep the default transactional id, one per process."""
     topics = make_topics(kafka_broker)
     n = 4000
     slow = ["--set", "stream.transaction_interval_ms=2000"]
-    group = topics.config.group_id
     zombie = start_worker(
         model=trained_bundle,
         topics=topics,
         log_dir=tmp_path / "zombie",
-        extra_args=[*EOS, *SHORT_SESSION, *slow, "--set", f"stream.transactional_id={group}-a"],
+        extra_args=[*EOS, *SHORT_SESSION, *slow],
     )
     producing = _Feeder(topics, rate=800, limit=n)
     producing.start()
@@ -187,7 +193,7 @@ def test_a_frozen_worker_is_fenced_and_its_transaction_never_shows(
             model=trained_bundle,
             topics=topics,
             log_dir=tmp_path / "heir",
-            extra_args=[*EOS, *SHORT_SESSION, "--set", f"stream.transactional_id={group}-b"],
+            extra_args=[*EOS, *SHORT_SESSION],
             timeout_s=60,  # ready once the group gave it the frozen member's partition
         )
         producing.join()
@@ -197,10 +203,101 @@ def test_a_frozen_worker_is_fenced_and_its_transaction_never_shows(
         while "aborting the transaction" not in zombie.log() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "aborting the transaction" in zombie.log(), zombie.log()[-3000:]
+        while zombie.log().count("partitions assigned") < 2:  # it rejoined the group
+            assert time.monotonic() < deadline + 30, zombie.log()[-3000:]
+            time.sleep(0.2)
     finally:
         os.kill(zombie.process.pid, signal.SIGCONT)
         producing.join()
-        _stop(zombie)
+        codes = [zombie.stop() if zombie.process.poll() is None else zombie.process.returncode]
         if heir is not None:
             _stop(heir)
+    assert codes == [0], zombie.log()[-3000:]
+    _exactly_once(topics, n)
+
+
+def test_a_worker_fenced_by_another_with_its_stable_transactional_id_says_so_and_exits(
+    kafka_broker, trained_bundle, tmp_path: Path
+) -> None:
+    """Two workers given the same stream.transactional_id: the second one's start fences the
+    first, which says why in one line and exits non-zero (it does not fence the other back);
+    the second consumes everything, exactly once for read_committed readers."""
+    topics = make_topics(kafka_broker)
+    same = [*EOS, *SHORT_SESSION, "--set", f"stream.transactional_id={topics.config.group_id}-x"]
+    # The range assignor gives the one partition to the lowest member id, which starts with the
+    # client id: the first worker keeps it, so that it has transactions to be fenced in (an
+    # idle one would learn of it only once it has work again).
+    first = start_worker(
+        model=trained_bundle,
+        topics=topics,
+        log_dir=tmp_path / "first",
+        extra_args=[*same, "--set", 'stream.client_id="a-first"'],
+    )
+    # Records keep coming, so that the first worker has transactions to fail with.
+    producing = _Feeder(topics, rate=300)
+    producing.start()
+    second: WorkerProcess | None = None
+    try:
+        _wait_past(topics, 200)
+        second = start_worker(
+            model=trained_bundle,
+            topics=topics,
+            log_dir=tmp_path / "second",
+            extra_args=[*same, "--set", 'stream.client_id="b-second"'],
+        )
+        assert first.wait(timeout_s=60) == 1, first.log()[-3000:]
+    finally:
+        n = producing.stop()
+        _stop(first)
+    try:
+        assert second is not None
+        assert wait_committed(topics.config, n, timeout_s=120) == n, second.log()[-3000:]
+    finally:
+        codes = [second.stop()] if second is not None else []
+    assert codes == [0], second.log()[-3000:] if second is not None else ""
+    fenced = [line for line in first.log().splitlines() if "fenced (" in line]
+    assert fenced and "stream.transactional_id" in fenced[0], first.log()[-3000:]
+    _exactly_once(topics, n)
+
+
+def test_a_worker_whose_transaction_timed_out_goes_on_with_a_new_producer(
+    kafka_broker, trained_bundle, tmp_path: Path
+) -> None:
+    """Frozen (SIGSTOP) past its transaction timeout, not past its session: the broker aborts
+    the open transaction and fences the producer. Woken up, the worker says so in one line and
+    goes on with a fresh producer (default transactional id); every record's outputs show once."""
+    topics = make_topics(kafka_broker)
+    settings = [
+        *EOS,
+        "--set",
+        "stream.transaction_interval_ms=2000",  # a transaction is open when it freezes
+        "--set",
+        "stream.transaction_timeout_ms=1000",
+        "--set",
+        "stream.session_timeout_ms=45000",  # the group keeps it as a member meanwhile
+        "--set",
+        "stream.heartbeat_interval_ms=3000",
+    ]
+    worker = start_worker(
+        model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=settings
+    )
+    producing = _Feeder(topics, rate=300)
+    producing.start()
+    try:
+        _wait_past(topics, 300)
+        os.kill(worker.process.pid, signal.SIGSTOP)
+        time.sleep(20)  # the broker looks for timed-out transactions every 10 s
+        os.kill(worker.process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while "the producer was fenced" not in worker.log() and time.monotonic() < deadline:
+            assert worker.process.poll() is None, worker.log()[-3000:]
+            time.sleep(0.2)
+        assert "the producer was fenced" in worker.log(), worker.log()[-3000:]
+        n = producing.stop()
+        assert wait_committed(topics.config, n, timeout_s=120) == n, worker.log()[-3000:]
+    finally:
+        producing.stop()
+        os.kill(worker.process.pid, signal.SIGCONT)
+        code = worker.stop() if worker.process.poll() is None else worker.process.returncode
+    assert code == 0, worker.log()[-3000:]
     _exactly_once(topics, n)

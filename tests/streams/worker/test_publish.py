@@ -57,7 +57,7 @@ class FakeProducer:
     def partitions_for(self, topic: str) -> set[int]:
         return {0}
 
-    def send(self, topic, value=None, key=None, headers=None, partition=None):
+    def send(self, topic, value=None, key=None, headers=None, partition=None, timestamp_ms=None):
         if value is None and key is None:
             raise ValueError("Need at least one: key or value")
         headers = headers or []
@@ -300,7 +300,7 @@ def test_an_unsendable_copy_keeps_the_value_when_a_header_is_what_is_too_large()
     record = _record(3, headers=[("blob", b"b" * (2 * MIB)), ("small", b"s")])
     producer = FakeProducer()
     publisher = _publisher(producer)
-    copy = publisher.unsendable_copy(record, MessageSizeTooLargeError("too large"))
+    copy = publisher.dead_letter_copy(record, MessageSizeTooLargeError("too large"), None, source=0)
     assert not publisher.send(copy).failed()
     assert copy.value == IMAGE
     assert dict(copy.headers)["small"] == b"s" and "blob" not in dict(copy.headers)

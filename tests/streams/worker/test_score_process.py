@@ -186,3 +186,31 @@ def test_starting_a_child_does_not_wait_for_its_start_up(detector, tmp_path, mon
         assert child.ready()
     finally:
         child.close()
+
+
+def test_a_process_closed_while_it_starts_stops_without_a_traceback(
+    detector, tmp_path, monkeypatch
+) -> None:
+    """A worker stopped while its scoring child still starts (the issue-30 engineer's find):
+    the model is still on its way through the pipe, whose buffer it overfills, when close()
+    comes. close() closed the pipe under the thread that wrote the model, and that write went
+    on without a handle: a TypeError traceback from _send_model. The child is held at the gate
+    (as in the test above) so that close() always meets the model in transit."""
+    (tmp_path / "sitecustomize.py").write_text(_GATE_HOOK)
+    monkeypatch.setenv("VAEWATCH_TEST_GATE", str(tmp_path / "open"))  # never opened
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    weights = sum(t.numel() * t.element_size() for t in detector.model.state_dict().values())
+    assert weights > 1 << 20  # far more than a pipe's buffer (64 KiB)
+    failures: list[str] = []
+    monkeypatch.setattr(
+        threading, "excepthook", lambda args: failures.append(f"{args.thread}: {args.exc_value!r}")
+    )
+    process = ScoringProcess(model=detector.model, capacity=64, cpu_threads=1)
+    assert not process.ready()
+    process.close()
+    assert not process.alive()
+    for thread in threading.enumerate():
+        if thread.name.startswith("vaewatch-scorer-"):
+            thread.join(timeout=30)
+            assert not thread.is_alive(), thread.name
+    assert failures == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,8 +80,13 @@ def _worker(
     seed: int = 0,
     scorer: FakeScorer | None = None,
     registry: CollectorRegistry | None = None,
+    producer: Any = None,
+    transactions: Any = None,
 ):
-    consumer, producer = FakeConsumer(broker), FakeProducer(broker, seed=seed)
+    """The real worker on the fakes; `producer` and `transactions` stand in for the defaults
+    (a FakeProducer, at-least-once)."""
+    consumer = FakeConsumer(broker)
+    producer = producer or FakeProducer(broker, seed=seed)
     publisher = ResultPublisher(
         producer=producer,
         alert_topic="alerts",
@@ -97,6 +103,7 @@ def _worker(
         consumer=consumer,
         producer=producer,
         state=WorkerState(),
+        transactions=transactions,
     )
     return worker, consumer, producer
 
