@@ -32,6 +32,15 @@ changes it (the workaround can then go):
   transaction instead of aborting it; pinned by
   `test_kafka_python_fails_a_send_to_a_topic_it_may_not_describe_outside_the_transaction`
   in tests/streams/test_secured_failures.py (it needs the broker with an authorizer).
+- SENDER_SPINS_AT_MAX_IN_FLIGHT: kafka-python 3.0.12's `connection_delay` is 0 for a connected
+  node, also one paused at max_in_flight_requests_per_connection, so the sender of a producer
+  with that many requests unanswered polls with a 0 ms timeout: a busy loop that holds the GIL
+  while a broker is slow or frozen (the non-idempotent producer meets it; Java's
+  NetworkClient.connectionDelay is "forever" for a connected node, and an answer wakes the
+  poll). The clients made by `recording_kafka_client` wait for an answer instead; pinned by
+  `test_kafka_pythons_connection_delay_is_zero_for_a_connected_node`. Without it a shutdown
+  against a frozen broker overran drain_timeout_s by a second
+  (tests/streams/worker/test_worker_faults.py).
 """
 
 from __future__ import annotations
@@ -228,9 +237,22 @@ def recording_kafka_client(
 
     def make_client(**configs: Any) -> KafkaNetClient:
         net = NetworkSelector(**{**configs, "slow_task_threshold_secs": slow_step_s})
-        return KafkaNetClient(net=net, manager=RecordingManager(net, **configs), **configs)
+        return _WaitingNetClient(net=net, manager=RecordingManager(net, **configs), **configs)
 
     return make_client
+
+
+class _WaitingNetClient(KafkaNetClient):
+    """SENDER_SPINS_AT_MAX_IN_FLIGHT (module docstring): a connected node whose requests in
+    flight are at the limit is not ready until an answer comes, and the answer ends the
+    sender's poll; until then it may wait as long as a request may take. The sender reads the
+    delay in milliseconds (kafka.producer.sender, `_send_producer_data`)."""
+
+    def connection_delay(self, node_id: Any) -> float:
+        connection = self._manager._conns.get(node_id)
+        if connection is not None and connection.connected and connection.paused:
+            return float(self._manager.config["request_timeout_ms"])
+        return super().connection_delay(node_id)
 
 
 def certificate_dates(path: str) -> tuple[str, str] | None:

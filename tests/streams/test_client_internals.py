@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
+import signal
 import time
 from typing import Any
 
@@ -242,3 +244,49 @@ def test_a_fenced_producer_is_fatal(kafka_broker) -> None:
         client_internals.force_close_producer(first)
         first.close(timeout=1)
         second.close(timeout=5)
+
+
+def _polls_without_waiting(producer: KafkaProducer, broker: Any, topic: str) -> int:
+    """How many times the producer's sender polled with a 0 ms timeout in one second, with more
+    requests than max_in_flight_requests_per_connection sent to a broker frozen by SIGSTOP."""
+    producer.send(topic, b"connected").get(timeout=20)
+    client = producer._sender._client
+    real_poll = client.poll
+    zero = [0]
+
+    def poll(timeout_ms: float | None = None, future: Any = None) -> Any:
+        zero[0] += timeout_ms == 0
+        return real_poll(timeout_ms=timeout_ms, future=future)
+
+    client.poll = poll
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        for _ in range(8):  # one request each: more than the 5 a connection may have unanswered
+            producer.send(topic, b"x" * 100)
+            time.sleep(0.02)
+        zero[0] = 0
+        time.sleep(1.0)
+        return zero[0]
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+        client_internals.force_close_producer(producer)
+        producer.close(timeout=1)
+
+
+def test_kafka_pythons_sender_spins_at_max_in_flight(kafka_broker) -> None:
+    """The pin of SENDER_SPINS_AT_MAX_IN_FLIGHT: kafka-python 3.0.12's own client polls without
+    waiting while a connection is at its limit of unanswered requests (connection_delay is 0 for
+    a connected node). When this test fails, a release fixed it and _WaitingNetClient can go."""
+    topic = make_topics(kafka_broker).config.input_topic
+    producer = KafkaProducer(
+        bootstrap_servers=kafka_broker.bootstrap_servers, enable_idempotence=False, linger_ms=0
+    )
+    assert _polls_without_waiting(producer, kafka_broker, topic) > 200
+
+
+def test_the_worker_producer_waits_for_an_answer_at_max_in_flight(kafka_broker) -> None:
+    """The busy loop held the GIL: a worker's shutdown against a frozen broker overran
+    drain_timeout_s by a second (test_worker_faults.py). The worker's producer waits instead."""
+    config = make_topics(kafka_broker).config
+    producer = create_producer(config=config.model_copy(update={"linger_ms": 0}))
+    assert _polls_without_waiting(producer, kafka_broker, config.input_topic) < 20
