@@ -29,6 +29,10 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "vaewatch.json"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 COMPOSE = DEPLOY / "compose.yaml"
 COMPOSE_GPU = DEPLOY / "compose.gpu.yaml"
+COMPOSE_SECURED = DEPLOY / "compose.secured.yaml"
+COMPOSE_SECURED_MTLS = DEPLOY / "compose.secured-mtls.yaml"
+PROMETHEUS_SECURED_CONFIG = PROMETHEUS_DIR / "prometheus.secured.yml"
+MAKE_DEV_SECRETS = DEPLOY / "secrets" / "make-dev-secrets.sh"
 DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = DEPLOY / "k8s"
 REPO_CONFIG = ROOT / "config.yaml"
@@ -80,6 +84,114 @@ def shell_expand(text: str, env: Mapping[str, str | None]) -> str:
         lambda m: str(env.get(m.group(1) or m.group(2), m.group(0))),
         text,
     )
+
+
+# -- compose files ------------------------------------------------------------------------------
+
+_COMPOSE_VARIABLE = re.compile(
+    r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)"
+)
+
+
+def compose_interpolate(text: str, variables: Mapping[str, str]) -> str:
+    """Compose's interpolation, from `variables` only (not the environment): $$ is a literal $;
+    ${VAR}, $VAR; ${VAR:-default} (unset or empty: the default), ${VAR-default} (unset);
+    ${VAR:?message} and ${VAR?message} stop with the message, as `docker compose` does."""
+
+    def value(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(4)
+        how, argument = match.group(2), match.group(3)
+        found = variables.get(name)
+        present = bool(found) if how and how.startswith(":") else found is not None
+        if present:
+            return str(found)
+        if how and how.endswith("-"):
+            return argument
+        if how and how.endswith("?"):
+            raise AssertionError(f"required variable {name} is missing a value: {argument}")
+        raise AssertionError(f"${{{name}}} is not set and has no default")
+
+    return _COMPOSE_VARIABLE.sub(value, text)
+
+
+def _interpolated(node: Any, variables: Mapping[str, str]) -> Any:
+    """Compose interpolates the values of a parsed file (never its keys or comments)."""
+    if isinstance(node, dict):
+        return {key: _interpolated(value, variables) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_interpolated(item, variables) for item in node]
+    return compose_interpolate(node, variables) if isinstance(node, str) else node
+
+
+def _mount_target(item: Any) -> str:
+    """The container path of a volume or the name of a secret (short or long syntax)."""
+    if isinstance(item, dict):
+        return str(item.get("target") or item["source"])
+    parts = str(item).split(":")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+# How compose merges a service's sequences across files (the Compose Specification's merge
+# rules): commands are replaced, mounts and secrets merged by their target, ports appended.
+_REPLACED = {"command", "entrypoint"}
+_MERGED_BY_TARGET = {"volumes", "secrets", "configs"}
+_APPENDED = {"ports", "expose"}
+
+
+def _merge_service(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        old = merged.get(key)
+        if old is None or key in _REPLACED:
+            merged[key] = value
+        elif key == "healthcheck":
+            merged[key] = {**old, **value}  # its `test` is replaced whole
+        elif isinstance(old, dict) and isinstance(value, dict):
+            merged[key] = {**old, **value}  # environment, depends_on, build.args: by key
+            if key == "build" and "args" in old and "args" in value:
+                merged[key]["args"] = {**old["args"], **value["args"]}
+        elif key in _MERGED_BY_TARGET:
+            by_target = {_mount_target(item): item for item in old}
+            by_target.update({_mount_target(item): item for item in value})
+            merged[key] = list(by_target.values())
+        elif key in _APPENDED:
+            merged[key] = old + [item for item in value if item not in old]
+        else:
+            raise AssertionError(f"{where}: no merge rule here for {key!r}: add compose's")
+    return merged
+
+
+def compose_document(files: tuple[Path, ...], variables: Mapping[str, str]) -> dict[str, Any]:
+    """`docker compose -f FILE -f FILE ...`'s view of the files: each one interpolated, then
+    merged onto the ones before (services key by key; top-level volumes and secrets by name).
+    Relative paths stay relative to the first file's folder, as in compose."""
+    merged: dict[str, Any] = {}
+    for path in files:
+        document = _interpolated(yaml.safe_load(path.read_text()), variables)
+        for key, value in document.items():
+            if key.startswith("x-"):
+                continue
+            if key == "services":
+                services = merged.setdefault("services", {})
+                for name, service in value.items():
+                    where = f"{path.name} services.{name}"
+                    services[name] = _merge_service(services.get(name, {}), service, where)
+            elif isinstance(value, dict):
+                merged[key] = {**merged.get(key, {}), **value}
+            else:
+                merged[key] = value
+    return merged
+
+
+def env_dict(environment: Any) -> dict[str, str]:
+    """A compose `environment` (mapping or KEY=VALUE list) as strings."""
+    if environment is None:
+        return {}
+    if isinstance(environment, list):
+        return dict(item.split("=", 1) for item in environment)
+    return {str(k): "" if v is None else str(v) for k, v in environment.items()}
 
 
 # -- what the worker exports --------------------------------------------------------------------
