@@ -3,7 +3,7 @@
 # certificates, and random passwords, written to a folder (default: this one, deploy/secrets/;
 # git and the image build ignore everything here but this script). Production brings its own:
 # the same file names from your CA and secret store, or the Kubernetes Secrets of
-# deploy/k8s/secured/. Needs openssl only.
+# deploy/k8s-secured/ (deploy/README.md, "Secured Kafka"). Needs openssl only.
 #
 #   deploy/secrets/make-dev-secrets.sh [FOLDER]
 #   docker compose --env-file deploy/secrets/secured.env \
