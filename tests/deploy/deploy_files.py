@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
@@ -35,6 +39,9 @@ PROMETHEUS_SECURED_CONFIG = PROMETHEUS_DIR / "prometheus.secured.yml"
 MAKE_DEV_SECRETS = DEPLOY / "secrets" / "make-dev-secrets.sh"
 DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = DEPLOY / "k8s"
+# The kustomize overlays of K8S (outside it: kustomize refuses an overlay inside its base).
+K8S_SECURED = DEPLOY / "k8s-secured"
+K8S_SECURED_MTLS = DEPLOY / "k8s-secured-mtls"
 REPO_CONFIG = ROOT / "config.yaml"
 
 # The Prometheus job every rule and panel selects.
@@ -192,6 +199,50 @@ def env_dict(environment: Any) -> dict[str, str]:
     if isinstance(environment, list):
         return dict(item.split("=", 1) for item in environment)
     return {str(k): "" if v is None else str(v) for k, v in environment.items()}
+
+
+# -- the secured variant ------------------------------------------------------------------------
+
+
+def dev_secrets(folder: Path) -> dict[str, str]:
+    """deploy/secrets/make-dev-secrets.sh run into `folder`: compose's variables for the
+    secured files (the passwords of its secured.env, and SECRETS_DIR)."""
+    subprocess.run(
+        ["bash", str(MAKE_DEV_SECRETS), str(folder)], check=True, capture_output=True, timeout=60
+    )
+    variables = {"SECRETS_DIR": str(folder)}
+    for line in (folder / "secured.env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            variables[name] = value
+    return variables
+
+
+def kustomize_command() -> list[str] | None:
+    """kustomize as `make kustomize` builds it into the virtualenv, else on the PATH, else
+    kubectl's own (`kubectl kustomize`); None when there is none."""
+    beside = Path(sys.executable).with_name("kustomize")
+    if beside.exists():
+        return [str(beside), "build"]
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+def kustomize_build(folder: Path) -> list[dict[str, Any]]:
+    """The manifests `kubectl apply -k FOLDER` would apply."""
+    command = kustomize_command()
+    if command is None:
+        pytest.fail(
+            "no kustomize: put kustomize or kubectl on the PATH (`make kustomize` builds it with "
+            "Go where neither is)",
+            pytrace=False,
+        )
+    done = subprocess.run([*command, str(folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"kustomize build {folder}: {done.stderr.strip()}"
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc is not None]
 
 
 # -- what the worker exports --------------------------------------------------------------------
