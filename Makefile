@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # --engine kafka` (Apache Kafka 4.x runs on Java 17+; Maven fetches its jars, see kafka-jars).
 APT_PACKAGES := dataset-fashion-mnist prometheus chromium curl openjdk-17-jre-headless maven
 
-.PHONY: setup system-packages kafka-jars demo test lint bench gpu-check gpu-wheels
+.PHONY: setup system-packages kafka-jars kustomize demo test lint bench gpu-check gpu-wheels
 
 # Installs only the packages that are missing (no apt-get at all when none is).
 system-packages:
@@ -47,8 +47,23 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# kustomize for tests/deploy/test_secured.py, which renders the overlays deploy/k8s-secured*/.
+# Nothing to do where kustomize or kubectl (`kubectl kustomize`, embedded) is on the PATH, as on
+# the project's and CI's machines. Otherwise it is built from its Go module into the virtualenv:
+# about 2 min on two cores, and it needs Go and the Go module proxy. Without any of them the test
+# fails with one line saying so.
+KUSTOMIZE_VERSION := v5.8.1
+GO := $(shell command -v go || { [ -x /usr/local/go/bin/go ] && echo /usr/local/go/bin/go; })
+kustomize: | $(VENV)/.installed
+	@if command -v kustomize >/dev/null 2>&1 || command -v kubectl >/dev/null 2>&1 \
+	  || [ -x $(VENV)/bin/kustomize ]; then :; \
+	elif [ -n "$(GO)" ]; then \
+	  GOBIN=$(abspath $(VENV))/bin $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION); \
+	else echo "warning: no kustomize, kubectl or Go: tests/deploy/test_secured.py will fail" \
+	  "(put kustomize or kubectl on the PATH)"; fi
+
 # pytest's own exit code goes through: 5 (no tests collected) fails like any other error.
-test: setup lint
+test: setup lint kustomize
 	$(PY) -m pytest
 
 bench: setup

@@ -14,28 +14,11 @@ import json
 import re
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tests.deploy.containers import Podman, wait_for
-from tests.deploy.deploy_files import COMPOSE
-
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def interpolate(text: str, variables: dict[str, str]) -> str:
-    """Compose's ${VAR} and ${VAR:-default}, from `variables` only (not the environment)."""
-
-    def value(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if variables.get(name):
-            return variables[name]
-        if default is None:
-            raise AssertionError(f"${{{name}}} is not set and has no default")
-        return default
-
-    return _VARIABLE.sub(value, text)
+from tests.deploy.deploy_files import COMPOSE, compose_document
 
 
 def _seconds(duration: str | int) -> int:
@@ -72,20 +55,24 @@ def _health_flags(check: dict[str, Any]) -> list[str]:
 
 @dataclass
 class ComposeStack:
-    """The services of compose.yaml, each a container `<run prefix><service>` on one network
-    where the service name resolves (as compose's default network does)."""
+    """The services of compose.yaml (merged with the override `files` after it, as `docker
+    compose -f compose.yaml -f ...` merges them), each a container `<run prefix><service>` on
+    one network where the service name resolves (as compose's default network does)."""
 
     podman: Podman
     variables: dict[str, str]
     # Per service, environment added to the file's (what a test changes, e.g. fewer epochs).
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    files: tuple[Path, ...] = (COMPOSE,)
     services: dict[str, Any] = field(init=False)
     started: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        document = yaml.safe_load(interpolate(COMPOSE.read_text(), self.variables))
+        assert self.files[0] == COMPOSE, "overrides go after compose.yaml"
+        document = compose_document(self.files, self.variables)
         self.services = document["services"]
         self.volumes = set(document.get("volumes") or {})
+        self.secrets = document.get("secrets") or {}
 
     @property
     def network(self) -> str:
@@ -109,12 +96,17 @@ class ComposeStack:
             args += ["--env", f"{name}={'' if value is None else value}"]
         for volume in spec.get("volumes", []):
             source, target, *mode = volume.split(":")
-            if source.startswith("."):
+            if source.startswith((".", "/")):
                 source = str((COMPOSE.parent / source).resolve())
             else:
                 assert source in self.volumes, f"{service}: volume {source} is not declared"
                 source = f"{self.podman.prefix}{source}"
             args += ["--volume", ":".join([source, target, *mode])]
+        # Compose's file secrets are read-only bind mounts at /run/secrets/<name>.
+        for name in spec.get("secrets", []):
+            assert isinstance(name, str), f"{service}: long-syntax secrets are not run here"
+            source = (COMPOSE.parent / self.secrets[name]["file"]).resolve()
+            args += ["--volume", f"{source}:/run/secrets/{name}:ro"]
         for port in spec.get("ports", []):
             args += ["--publish", str(port)]
         if "healthcheck" in spec:

@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
@@ -29,8 +33,15 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "vaewatch.json"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 COMPOSE = DEPLOY / "compose.yaml"
 COMPOSE_GPU = DEPLOY / "compose.gpu.yaml"
+COMPOSE_SECURED = DEPLOY / "compose.secured.yaml"
+COMPOSE_SECURED_MTLS = DEPLOY / "compose.secured-mtls.yaml"
+PROMETHEUS_SECURED_CONFIG = PROMETHEUS_DIR / "prometheus.secured.yml"
+MAKE_DEV_SECRETS = DEPLOY / "secrets" / "make-dev-secrets.sh"
 DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = DEPLOY / "k8s"
+# The kustomize overlays of K8S (outside it: kustomize refuses an overlay inside its base).
+K8S_SECURED = DEPLOY / "k8s-secured"
+K8S_SECURED_MTLS = DEPLOY / "k8s-secured-mtls"
 REPO_CONFIG = ROOT / "config.yaml"
 
 # The Prometheus job every rule and panel selects.
@@ -80,6 +91,158 @@ def shell_expand(text: str, env: Mapping[str, str | None]) -> str:
         lambda m: str(env.get(m.group(1) or m.group(2), m.group(0))),
         text,
     )
+
+
+# -- compose files ------------------------------------------------------------------------------
+
+_COMPOSE_VARIABLE = re.compile(
+    r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)"
+)
+
+
+def compose_interpolate(text: str, variables: Mapping[str, str]) -> str:
+    """Compose's interpolation, from `variables` only (not the environment): $$ is a literal $;
+    ${VAR}, $VAR; ${VAR:-default} (unset or empty: the default), ${VAR-default} (unset);
+    ${VAR:?message} and ${VAR?message} stop with the message, as `docker compose` does."""
+
+    def value(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(4)
+        how, argument = match.group(2), match.group(3)
+        found = variables.get(name)
+        present = bool(found) if how and how.startswith(":") else found is not None
+        if present:
+            return str(found)
+        if how and how.endswith("-"):
+            return argument
+        if how and how.endswith("?"):
+            raise AssertionError(f"required variable {name} is missing a value: {argument}")
+        raise AssertionError(f"${{{name}}} is not set and has no default")
+
+    return _COMPOSE_VARIABLE.sub(value, text)
+
+
+def _interpolated(node: Any, variables: Mapping[str, str]) -> Any:
+    """Compose interpolates the values of a parsed file (never its keys or comments)."""
+    if isinstance(node, dict):
+        return {key: _interpolated(value, variables) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_interpolated(item, variables) for item in node]
+    return compose_interpolate(node, variables) if isinstance(node, str) else node
+
+
+def _mount_target(item: Any) -> str:
+    """The container path of a volume or the name of a secret (short or long syntax)."""
+    if isinstance(item, dict):
+        return str(item.get("target") or item["source"])
+    parts = str(item).split(":")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+# How compose merges a service's sequences across files (the Compose Specification's merge
+# rules): commands are replaced, mounts and secrets merged by their target, ports appended.
+_REPLACED = {"command", "entrypoint"}
+_MERGED_BY_TARGET = {"volumes", "secrets", "configs"}
+_APPENDED = {"ports", "expose"}
+
+
+def _merge_service(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        old = merged.get(key)
+        if old is None or key in _REPLACED:
+            merged[key] = value
+        elif key == "healthcheck":
+            merged[key] = {**old, **value}  # its `test` is replaced whole
+        elif isinstance(old, dict) and isinstance(value, dict):
+            merged[key] = {**old, **value}  # environment, depends_on, build.args: by key
+            if key == "build" and "args" in old and "args" in value:
+                merged[key]["args"] = {**old["args"], **value["args"]}
+        elif key in _MERGED_BY_TARGET:
+            by_target = {_mount_target(item): item for item in old}
+            by_target.update({_mount_target(item): item for item in value})
+            merged[key] = list(by_target.values())
+        elif key in _APPENDED:
+            merged[key] = old + [item for item in value if item not in old]
+        else:
+            raise AssertionError(f"{where}: no merge rule here for {key!r}: add compose's")
+    return merged
+
+
+def compose_document(files: tuple[Path, ...], variables: Mapping[str, str]) -> dict[str, Any]:
+    """`docker compose -f FILE -f FILE ...`'s view of the files: each one interpolated, then
+    merged onto the ones before (services key by key; top-level volumes and secrets by name).
+    Relative paths stay relative to the first file's folder, as in compose."""
+    merged: dict[str, Any] = {}
+    for path in files:
+        document = _interpolated(yaml.safe_load(path.read_text()), variables)
+        for key, value in document.items():
+            if key.startswith("x-"):
+                continue
+            if key == "services":
+                services = merged.setdefault("services", {})
+                for name, service in value.items():
+                    where = f"{path.name} services.{name}"
+                    services[name] = _merge_service(services.get(name, {}), service, where)
+            elif isinstance(value, dict):
+                merged[key] = {**merged.get(key, {}), **value}
+            else:
+                merged[key] = value
+    return merged
+
+
+def env_dict(environment: Any) -> dict[str, str]:
+    """A compose `environment` (mapping or KEY=VALUE list) as strings."""
+    if environment is None:
+        return {}
+    if isinstance(environment, list):
+        return dict(item.split("=", 1) for item in environment)
+    return {str(k): "" if v is None else str(v) for k, v in environment.items()}
+
+
+# -- the secured variant ------------------------------------------------------------------------
+
+
+def dev_secrets(folder: Path) -> dict[str, str]:
+    """deploy/secrets/make-dev-secrets.sh run into `folder`: compose's variables for the
+    secured files (the passwords of its secured.env, and SECRETS_DIR)."""
+    subprocess.run(
+        ["bash", str(MAKE_DEV_SECRETS), str(folder)], check=True, capture_output=True, timeout=60
+    )
+    variables = {"SECRETS_DIR": str(folder)}
+    for line in (folder / "secured.env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            variables[name] = value
+    return variables
+
+
+def kustomize_command() -> list[str] | None:
+    """kustomize as `make kustomize` builds it into the virtualenv, else on the PATH, else
+    kubectl's own (`kubectl kustomize`); None when there is none."""
+    beside = Path(sys.executable).with_name("kustomize")
+    if beside.exists():
+        return [str(beside), "build"]
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+def kustomize_build(folder: Path) -> list[dict[str, Any]]:
+    """The manifests `kubectl apply -k FOLDER` would apply."""
+    command = kustomize_command()
+    if command is None:
+        pytest.fail(
+            "no kustomize: put kustomize or kubectl on the PATH (`make kustomize` builds it with "
+            "Go where neither is)",
+            pytrace=False,
+        )
+    done = subprocess.run([*command, str(folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"kustomize build {folder}: {done.stderr.strip()}"
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc is not None]
 
 
 # -- what the worker exports --------------------------------------------------------------------

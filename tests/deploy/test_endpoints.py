@@ -1,8 +1,10 @@
 """Every HTTP endpoint that deploy/ names is one that vaewatch serves: each health check, probe,
 scrape target, annotation, Service and ServiceMonitor points at the port of the process behind
-it (its settings as deployed: the config file, the image's and the container's environment)
-and at a path its app answers. A port or path vaewatch does not have fails here, naming the file
-and the place; test_static.py does the same for settings names and CLI arguments."""
+it (its settings as deployed: the config file, the image's and the container's environment),
+at a path its app answers, and speaks its scheme (HTTPS where the settings give the process a
+certificate). A port, path or scheme vaewatch does not have fails here, naming the file and the
+place; test_static.py does the same for settings names and CLI arguments, test_secured.py runs
+these checks on the secured variant."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from tests.deploy.deploy_files import (
     PROMETHEUS_CONFIG,
     dockerfile_env,
     dockerfile_instructions,
+    env_dict,
     k8s_documents,
     load_yaml,
 )
@@ -34,7 +37,6 @@ from tests.deploy.test_static import (
     IMAGE_CMD,
     IMAGE_ENTRYPOINT,
     _container_env,
-    _env_dict,
     _image_settings,
     _interpolate,
     _parse_vaewatch,
@@ -43,7 +45,7 @@ from tests.deploy.test_static import (
 )
 from vaewatch.config import Settings
 
-_URL = re.compile(r"https?://[^/\s'\":]+:(\d+|%s)(/[A-Za-z0-9_./-]*)")
+_URL = re.compile(r"(https?)://[^/\s'\":]+:(\d+|%s)(/[A-Za-z0-9_./-]*)")
 
 
 @dataclass(frozen=True)
@@ -53,16 +55,23 @@ class Endpoint:
     port: int
     path: str | None  # None: a port alone (containerPort, expose)
     expected_port: int  # that process's port in its settings as deployed
+    scheme: str | None = None  # http or https where the place says (None: a port alone)
+    expected_scheme: str = "http"  # https when the process's settings give it a certificate
 
 
 def _port_of(process: str, settings: Settings) -> int:
     return settings.metrics.port if process == "worker" else settings.serve.port
 
 
-def _urls(text: str, default_port: int | None = None) -> list[tuple[int, str]]:
+def _scheme_of(process: str, settings: Settings) -> str:
+    tls = settings.metrics.tls_cert_file if process == "worker" else settings.serve.ssl_certfile
+    return "https" if tls else "http"
+
+
+def _urls(text: str, default_port: int | None = None) -> list[tuple[str, int, str]]:
     found = []
-    for port, path in _URL.findall(text):
-        found.append((default_port if port == "%s" else int(port), path))
+    for scheme, port, path in _URL.findall(text):
+        found.append((scheme, default_port if port == "%s" else int(port), path))
     return found
 
 
@@ -74,15 +83,20 @@ def _dockerfile() -> list[Endpoint]:
     check = next(rest for name, rest in dockerfile_instructions() if name == "HEALTHCHECK")
     default = int(re.search(r"'VAEWATCH_METRICS__PORT', '(\d+)'", check).group(1))
     process = _parse_vaewatch(IMAGE_ENTRYPOINT[1:] + IMAGE_CMD).command
-    expected = _port_of(process, _image_settings())
+    settings = _image_settings()
     return [
-        Endpoint(f"{DOCKERFILE.name} HEALTHCHECK", process, port, path, expected)
-        for port, path in _urls(check, default)
-    ]
+        Endpoint(f"{DOCKERFILE.name} HEALTHCHECK", process, port, path,
+                 _port_of(process, settings), scheme, _scheme_of(process, settings))
+        for scheme, port, path in _urls(check, default)
+    ]  # fmt: skip
 
 
 def _compose(text: str) -> list[Endpoint]:
-    services = yaml.safe_load(_interpolate(text))["services"]
+    return compose_endpoints(yaml.safe_load(_interpolate(text))["services"], COMPOSE.name)
+
+
+def compose_endpoints(services: dict[str, Any], file: str) -> list[Endpoint]:
+    """The endpoints of compose `services` (one file, or several merged)."""
     found = []
     for name, service in services.items():
         if not str(service.get("image", "")).startswith("vaewatch:"):
@@ -92,11 +106,15 @@ def _compose(text: str) -> list[Endpoint]:
         process = _parse_vaewatch(IMAGE_ENTRYPOINT[1:] + _service_command(service)).command
         if process not in ("worker", "serve"):
             continue
-        expected = _port_of(process, _image_settings(_env_dict(service.get("environment"))))
-        where = f"{COMPOSE.name} {name}"
+        settings = _image_settings(env_dict(service.get("environment")))
+        expected, scheme_expected = _port_of(process, settings), _scheme_of(process, settings)
+        where = f"{file} {name}"
         check = service.get("healthcheck", {})
-        for port, path in _urls(" ".join(check.get("test", []))):
-            found.append(Endpoint(f"{where} healthcheck", process, port, path, expected))
+        for scheme, port, path in _urls(" ".join(check.get("test", []))):
+            found.append(
+                Endpoint(f"{where} healthcheck", process, port, path, expected, scheme,
+                         scheme_expected)
+            )  # fmt: skip
         for port in service.get("expose", []):
             found.append(Endpoint(f"{where} expose", process, int(port), None, expected))
         for mapping in service.get("ports", []):
@@ -105,31 +123,47 @@ def _compose(text: str) -> list[Endpoint]:
     return found
 
 
-def _prometheus(expected: dict[str, int]) -> list[Endpoint]:
-    """The scrape jobs: vaewatch (the workers) and vaewatch-serve."""
+def prometheus_endpoints(
+    config: Path, services: dict[str, Any], expected: dict[str, Settings] | None = None
+) -> list[Endpoint]:
+    """The scrape jobs of `config`: vaewatch (the workers) and vaewatch-serve, against the
+    settings of compose's worker and serve `services` (or `expected`, by process)."""
+    if expected is None:
+        expected = {
+            process: _image_settings(env_dict(services[process]["environment"]))
+            for process in ("worker", "serve")
+        }
     found = []
-    for job in load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]:
+    for job in load_yaml(config)["scrape_configs"]:
         process = {"vaewatch": "worker", "vaewatch-serve": "serve"}[job["job_name"]]
+        settings = expected[process]
         for sd in job.get("dns_sd_configs", []):
             found.append(
                 Endpoint(
-                    f"{PROMETHEUS_CONFIG.name} job {job['job_name']}",
+                    f"{config.name} job {job['job_name']}",
                     process,
                     sd["port"],
                     job.get("metrics_path", "/metrics"),
-                    expected[process],
+                    _port_of(process, settings),
+                    job.get("scheme", "http"),
+                    _scheme_of(process, settings),
                 )
             )
     return found
 
 
-def _k8s(documents: list[tuple[Path, dict[str, Any]]], folder: Path) -> list[Endpoint]:
+def k8s_endpoints(documents: list[tuple[Path, dict[str, Any]]], folder: Path) -> list[Endpoint]:
     """Deployments' containers (ports, probes, scrape annotations), the Services that select
     their pods, and the ServiceMonitors on those Services. The settings of a container: its
     ConfigMap's config.yaml (written into `folder`), the image's environment, the container's."""
     configmaps = {d["metadata"]["name"]: d for _, d in documents if d.get("kind") == "ConfigMap"}
     found: list[Endpoint] = []
-    pods = []  # (labels, process, {port name: number}, expected port)
+    pods = []  # (labels, process, {port name: number}, (expected port, expected scheme))
+
+    def endpoint(where: str, process: str, port: int, path: str | None, expected: tuple[int, str],
+                 scheme: str | None = None) -> Endpoint:  # fmt: skip
+        return Endpoint(where, process, port, path, expected[0], scheme, expected[1])
+
     for path, doc in documents:
         if doc.get("kind") != "Deployment":
             continue
@@ -145,33 +179,39 @@ def _k8s(documents: list[tuple[Path, dict[str, Any]]], folder: Path) -> list[End
         for container in pod["containers"]:
             env = _container_env(container)
             process = _parse_vaewatch(IMAGE_ENTRYPOINT[1:] + container.get("args", [])).command
-            expected = _port_of(process, _settings(config_file, dockerfile_env(), env))
+            settings = _settings(config_file, dockerfile_env(), env)
+            expected = (_port_of(process, settings), _scheme_of(process, settings))
             where = f"{path.name} {doc['metadata']['name']}/{container['name']}"
             named = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
             for name, number in named.items():
-                found.append(Endpoint(f"{where} port {name}", process, number, None, expected))
+                found.append(endpoint(f"{where} port {name}", process, number, None, expected))
             for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
                 probe = container.get(kind)
                 if not probe:
                     continue
                 if "httpGet" in probe:
-                    port = probe["httpGet"]["port"]
-                    assert isinstance(port, int), (
-                        f"{where} {kind}: port {port!r} by name; `podman kube play` (4.3) turns "
-                        "a named probe port into 0: give the number"
+                    http = probe["httpGet"]
+                    assert isinstance(http["port"], int), (
+                        f"{where} {kind}: port {http['port']!r} by name; `podman kube play` (4.3) "
+                        "turns a named probe port into 0: give the number"
                     )
+                    scheme = http.get("scheme", "HTTP").lower()
                     found.append(
-                        Endpoint(f"{where} {kind}", process, port, probe["httpGet"]["path"],
-                                 expected)
+                        endpoint(f"{where} {kind}", process, http["port"], http["path"], expected,
+                                 scheme)
                     )  # fmt: skip
-                for port, url_path in _urls(" ".join(probe.get("exec", {}).get("command", []))):
-                    found.append(Endpoint(f"{where} {kind}", process, port, url_path, expected))
+                command = " ".join(probe.get("exec", {}).get("command", []))
+                for scheme, port, url_path in _urls(command):
+                    found.append(
+                        endpoint(f"{where} {kind}", process, port, url_path, expected, scheme)
+                    )
             annotations = template["metadata"].get("annotations", {})
             if "prometheus.io/port" in annotations:
                 found.append(
-                    Endpoint(f"{where} prometheus.io annotations", process,
+                    endpoint(f"{where} prometheus.io annotations", process,
                              int(annotations["prometheus.io/port"]),
-                             annotations.get("prometheus.io/path", "/metrics"), expected)
+                             annotations.get("prometheus.io/path", "/metrics"), expected,
+                             annotations.get("prometheus.io/scheme", "http"))
                 )  # fmt: skip
             pods.append((template["metadata"]["labels"], process, named, expected))
     services = {}
@@ -184,35 +224,36 @@ def _k8s(documents: list[tuple[Path, dict[str, Any]]], folder: Path) -> list[End
             target = port.get("targetPort", port["port"])
             number = named[target] if isinstance(target, str) else target
             where = f"{path.name} Service {doc['metadata']['name']} port {port['name']}"
-            found.append(Endpoint(where, process, number, None, expected))
+            found.append(endpoint(where, process, number, None, expected))
             services[(doc["metadata"]["name"], port["name"])] = (doc, process, number, expected)
     for path, doc in documents:
         if doc.get("kind") != "ServiceMonitor":
             continue
-        for endpoint in doc["spec"]["endpoints"]:
+        for item in doc["spec"]["endpoints"]:
             (_, process, number, expected) = next(
                 s
                 for (name, port), s in services.items()
-                if port == endpoint["port"]
+                if port == item["port"]
                 and doc["spec"]["selector"]["matchLabels"].items()
                 <= s[0]["metadata"]["labels"].items()
             )
             found.append(
-                Endpoint(f"{path.name} ServiceMonitor {doc['metadata']['name']}", process,
-                         number, endpoint.get("path", "/metrics"), expected)
+                endpoint(f"{path.name} ServiceMonitor {doc['metadata']['name']}", process,
+                         number, item.get("path", "/metrics"), expected,
+                         item.get("scheme", "http"))
             )  # fmt: skip
     return found
 
 
 def all_endpoints(folder: Path) -> list[Endpoint]:
     compose_text = COMPOSE.read_text()
-    found = _dockerfile() + _compose(compose_text) + _k8s(k8s_documents(), folder)
     services = yaml.safe_load(_interpolate(compose_text))["services"]
-    expected = {
-        "worker": _port_of("worker", _image_settings(_env_dict(services["worker"]["environment"]))),
-        "serve": _port_of("serve", _image_settings(_env_dict(services["serve"]["environment"]))),
-    }
-    return found + _prometheus(expected)
+    return (
+        _dockerfile()
+        + _compose(compose_text)
+        + k8s_endpoints(k8s_documents(), folder)
+        + prometheus_endpoints(PROMETHEUS_CONFIG, services)
+    )
 
 
 # -- what the processes serve -------------------------------------------------------------------
@@ -244,6 +285,10 @@ def endpoint_problems(endpoints: list[Endpoint]) -> list[str]:
         if e.port != e.expected_port:
             problems.append(
                 f"{e.where}: port {e.port}, but the {e.process} is on {e.expected_port}"
+            )
+        if e.scheme is not None and e.scheme != e.expected_scheme:
+            problems.append(
+                f"{e.where}: {e.scheme}, but the {e.process} speaks {e.expected_scheme}"
             )
         if e.path is not None:
             served = _worker_answers(e.path) if e.process == "worker" else e.path in serve_routes
@@ -288,6 +333,6 @@ def test_the_check_catches_a_wrong_probe_in_a_manifest(tmp_path: Path) -> None:
             doc = yaml.safe_load(yaml.safe_dump(doc).replace("/readyz", "/ready"))
             doc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] = "9100"
         broken.append((path, doc))
-    problems = endpoint_problems(_k8s(broken, tmp_path))
+    problems = endpoint_problems(k8s_endpoints(broken, tmp_path))
     assert any("readinessProbe: the worker does not serve /ready" in p for p in problems)
     assert any("annotations: port 9100" in p for p in problems), problems

@@ -13,6 +13,7 @@ import pytest
 from tests.deploy.deploy_files import (
     K8S,
     PROMETHEUS_CONFIG,
+    PROMETHEUS_SECURED_CONFIG,
     RULES,
     RULES_TEST,
     alert_names,
@@ -37,8 +38,11 @@ def _run(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_promtool_check_config(promtool: str) -> None:
-    result = _run(promtool, "check", "config", str(PROMETHEUS_CONFIG))
+@pytest.mark.parametrize(
+    "config", [PROMETHEUS_CONFIG, PROMETHEUS_SECURED_CONFIG], ids=["plain", "secured"]
+)
+def test_promtool_check_config(promtool: str, config: Path) -> None:
+    result = _run(promtool, "check", "config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
     # The config must load the rules file (check config checks the rule files it names).
     assert "1 rule files found" in result.stdout + result.stderr

@@ -11,6 +11,7 @@ from tests.deploy.deploy_files import (
     COMPOSE,
     PROMETHEUS_CONFIG,
     SERVE_JOB,
+    env_dict,
     k8s_expand,
     k8s_kind,
     load_yaml,
@@ -18,7 +19,6 @@ from tests.deploy.deploy_files import (
 from tests.deploy.test_static import (
     IMAGE_ENTRYPOINT,
     _container_env,
-    _env_dict,
     _image_settings,
     _interpolate,
     _parse_vaewatch,
@@ -31,7 +31,7 @@ def _compose_serve() -> dict[str, Any]:
 
 def test_compose_serve_service_agrees_with_its_settings() -> None:
     serve = _compose_serve()
-    settings = _image_settings(_env_dict(serve["environment"]))
+    settings = _image_settings(env_dict(serve["environment"]))
     args = _parse_vaewatch(IMAGE_ENTRYPOINT[1:] + list(serve["command"]))
     assert args.command == "serve" and args.live_alerts
     assert settings.serve.host == "0.0.0.0", "inside a container it must listen beyond loopback"
@@ -41,7 +41,7 @@ def test_compose_serve_service_agrees_with_its_settings() -> None:
     assert f"http://127.0.0.1:{port}/readyz" in check
     mounts = {v.split(":")[1]: v.split(":")[0] for v in serve["volumes"]}
     assert any(str(args.model).startswith(m) for m in mounts)
-    worker_env = _env_dict(
+    worker_env = env_dict(
         yaml.safe_load(_interpolate(COMPOSE.read_text()))["services"]["worker"]["environment"]
     )
     worker = _image_settings(worker_env).stream

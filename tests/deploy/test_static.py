@@ -37,6 +37,7 @@ from tests.deploy.deploy_files import (
     dockerfile_env,
     dockerfile_exec_form,
     dockerfile_instructions,
+    env_dict,
     exported_metric_families,
     exported_series_names,
     k8s_documents,
@@ -72,14 +73,6 @@ def _interpolate(text: str) -> str:
 
 def compose() -> dict[str, Any]:
     return yaml.safe_load(_interpolate(COMPOSE.read_text()))
-
-
-def _env_dict(environment: Any) -> dict[str, str]:
-    if environment is None:
-        return {}
-    if isinstance(environment, list):
-        return dict(item.split("=", 1) for item in environment)
-    return {str(k): "" if v is None else str(v) for k, v in environment.items()}
 
 
 def _container_env(container: dict[str, Any]) -> dict[str, str | None]:
@@ -128,7 +121,7 @@ def _all_env_sources() -> list[tuple[str, dict[str, str | None]]]:
     for path in (COMPOSE, COMPOSE_GPU):
         services = yaml.safe_load(_interpolate(path.read_text()))["services"]
         for name, service in services.items():
-            sources.append((f"{path.name}:{name}", dict(_env_dict(service.get("environment")))))
+            sources.append((f"{path.name}:{name}", dict(env_dict(service.get("environment")))))
     for path, doc in k8s_documents():
         spec = doc.get("spec", {})
         template = spec.get("template", {}).get("spec", {})
@@ -176,31 +169,38 @@ def test_a_wrong_settings_key_is_caught() -> None:
         load_settings(None, env={"VAEWATCH_STREAMS__BOOTSTRAP_SERVERS": "kafka:9092"})
 
 
+def check_vaewatch_env(source: str, env: dict[str, str | None]) -> int:
+    """Every VAEWATCH_* variable of `env` is a real settings key, and together they are valid
+    settings with the values as written (None: from a Secret or a field, only the key is
+    checked); how many there were."""
+    names = {name: value for name, value in env.items() if name.startswith("VAEWATCH_")}
+    for name in names:
+        assert "__" in name, (
+            f"{source}: {name} is ignored by vaewatch (settings variables are "
+            "VAEWATCH_<SECTION>__<KEY>)"
+        )
+    try:
+        settings = load_settings(
+            None, env={name: "x" if value is None else value for name, value in names.items()}
+        )
+    except ConfigError as exc:
+        raise AssertionError(f"{source}: {exc}") from None
+    for name, value in names.items():
+        section, _, key = name[len("VAEWATCH_") :].lower().partition("__")
+        assert key in type(getattr(settings, section)).model_fields, f"{source}: {name}"
+        if value is not None:
+            got = getattr(getattr(settings, section), key)
+            want = yaml.safe_load(value) if value.strip() else ""
+            if hasattr(got, "get_secret_value"):
+                got, want = got.get_secret_value(), value
+            if isinstance(got, tuple):
+                got = list(got)
+            assert got == want, f"{source}: {name}={value!r} gives {section}.{key}={got!r}"
+    return len(names)
+
+
 def test_every_vaewatch_env_var_is_a_settings_key() -> None:
-    seen = 0
-    for source, env in _all_env_sources():
-        for name, value in env.items():
-            if not name.startswith("VAEWATCH_"):
-                continue
-            seen += 1
-            assert "__" in name, (
-                f"{source}: {name} is ignored by vaewatch (settings variables are "
-                "VAEWATCH_<SECTION>__<KEY>)"
-            )
-            section, _, key = name[len("VAEWATCH_") :].lower().partition("__")
-            try:
-                settings = load_settings(None, env={name: "x" if value is None else value})
-            except ConfigError as exc:
-                raise AssertionError(f"{source}: {name}={value!r}: {exc}") from None
-            assert key in type(getattr(settings, section)).model_fields, f"{source}: {name}"
-            if value is not None:
-                got = getattr(getattr(settings, section), key)
-                want = yaml.safe_load(value) if value.strip() else ""
-                if hasattr(got, "get_secret_value"):
-                    got = got.get_secret_value()
-                if isinstance(got, tuple):
-                    got = list(got)
-                assert got == want, f"{source}: {name}={value!r} gives {section}.{key}={got!r}"
+    seen = sum(check_vaewatch_env(source, env) for source, env in _all_env_sources())
     assert seen >= 15
 
 
@@ -285,7 +285,7 @@ def test_compose_kafka_is_kraft_from_the_official_image() -> None:
     assert services["topics"]["image"] == kafka["image"]
     (topics,) = _one("Job", "vaewatch-topics")["spec"]["template"]["spec"]["containers"]
     assert topics["image"] == kafka["image"]
-    env = _env_dict(kafka["environment"])
+    env = env_dict(kafka["environment"])
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
     assert "KAFKA_CONTROLLER_QUORUM_VOTERS" in env
     assert not any("ZOOKEEPER" in key for key in env)
@@ -306,7 +306,7 @@ def test_compose_publishes_ports_on_loopback_only_and_movable() -> None:
     moved = yaml.safe_load(
         _interpolate(text.replace("KAFKA_HOST_PORT:-9092", "KAFKA_HOST_PORT:-19999"))
     )
-    kafka_env = _env_dict(moved["services"]["kafka"]["environment"])
+    kafka_env = env_dict(moved["services"]["kafka"]["environment"])
     assert "PLAINTEXT_HOST://localhost:19999" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
     assert moved["services"]["kafka"]["ports"] == ["127.0.0.1:19999:9092"]
 
@@ -320,7 +320,7 @@ def test_compose_stack_agrees_with_the_worker() -> None:
     worker = services["worker"]
     assert "build" in worker and worker["build"]["dockerfile"] == "deploy/Dockerfile"
     assert (COMPOSE.parent / worker["build"]["context"]).resolve() == DEPLOY.parent
-    settings = _image_settings(_env_dict(worker.get("environment")))
+    settings = _image_settings(env_dict(worker.get("environment")))
     port = settings.metrics.port
 
     # The worker's command, after the image's entrypoint, parses and names a mounted bundle.
@@ -341,7 +341,7 @@ def test_compose_stack_agrees_with_the_worker() -> None:
     assert sd["names"] == ["worker"] and sd["port"] == port
 
     # Bootstrap: the broker's in-network advertised listener.
-    kafka_env = _env_dict(services["kafka"]["environment"])
+    kafka_env = env_dict(services["kafka"]["environment"])
     advertised = [
         listener.split("://")[1] for listener in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(",")
     ]
@@ -371,13 +371,13 @@ def test_compose_stack_agrees_with_the_worker() -> None:
     assert trainer_mounts[model_mount] == mounts[model_mount]
     assert worker["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
     assert worker["depends_on"]["topics"]["condition"] == "service_completed_successfully"
-    _image_settings(_env_dict(trainer.get("environment")))  # valid settings
+    _image_settings(env_dict(trainer.get("environment")))  # valid settings
 
     # Producer: `vaewatch produce` of the Fashion-MNIST test set into the worker's input topic.
     producer = services["producer"]
     produce = _parse_vaewatch(IMAGE_ENTRYPOINT[1:] + _service_command(producer))
     assert produce.command == "produce"
-    produce_settings = _image_settings(_env_dict(producer.get("environment")))
+    produce_settings = _image_settings(env_dict(producer.get("environment")))
     assert (produce.topic or produce_settings.stream.input_topic) == settings.stream.input_topic
     assert produce_settings.stream.bootstrap_servers == inner
     assert (produce.dataset or produce_settings.data.dataset) == "fashion-mnist"
@@ -398,7 +398,7 @@ def test_compose_stack_agrees_with_the_worker() -> None:
     provider = load_yaml(GRAFANA_PROVISIONING / "dashboards" / "vaewatch.yml")["providers"][0]
     dash_dir = provider["options"]["path"]
     assert (COMPOSE.parent / graf_mounts[dash_dir]).resolve() == DASHBOARD.parent
-    home = _env_dict(grafana["environment"])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    home = env_dict(grafana["environment"])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{dash_dir}/{DASHBOARD.name}"
     datasource = load_yaml(GRAFANA_PROVISIONING / "datasources" / "prometheus.yml")["datasources"][
         0
@@ -417,7 +417,7 @@ def test_compose_gpu_overlay_reserves_a_gpu_for_the_worker() -> None:
         assert overlay[name]["build"]["args"]["VARIANT"] == "cuda"
     assert (
         _image_settings(
-            _env_dict(base["worker"]["environment"]), _env_dict(overlay["worker"]["environment"])
+            env_dict(base["worker"]["environment"]), env_dict(overlay["worker"]["environment"])
         ).detector.device
         == "cuda"
     )
@@ -594,7 +594,7 @@ def test_keda_scales_on_the_workers_group_and_topic_up_to_the_partition_count(
 
 def test_compose_topic_partitions_bound_the_worker_count() -> None:
     services = compose()["services"]
-    stream = _image_settings(_env_dict(services["worker"]["environment"])).stream
+    stream = _image_settings(env_dict(services["worker"]["environment"])).stream
     script = "\n".join(_service_command(services["topics"]))
     partitions = _topic_partitions(script, stream.bootstrap_servers)
     assert partitions[stream.input_topic] >= 1
