@@ -31,6 +31,7 @@ from streams.connection_errors import (
     BrokerConnectionError,
     ConnectionFailures,
     describe_connection_failure,
+    one_line_connection_logs,
 )
 from streams.tls import check_client_tls_files
 
@@ -71,6 +72,9 @@ def _connected(make: Callable[..., Any], config: StreamConfig) -> Any:
             keyfile=config.ssl_keyfile,
             password=password.get_secret_value() if password is not None else None,
         )
+    # kafka-python logs a refused TLS connection with a traceback at every retry; the cause is
+    # named in one line below, so its records keep their message only (once per process).
+    one_line_connection_logs()
     failures = ConnectionFailures()
     try:
         # kafka-python warns ("It is blocking the event loop") about any step of its I/O loop

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from detector.bundle import BundleError
-from streams.connection_errors import BrokerRefusedError, one_line_connection_logs
 from streams.tls import TLSSettingsError
 from vaewatch import (
     acls_command,
@@ -29,16 +28,24 @@ from vaewatch.secret_settings import mask_secrets_in_logs
 
 DEFAULT_CONFIG = Path("config.yaml")
 _OVERRIDES_AFTER = "overrides_after_command"
-USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError,
-    BundleError,
-    BrokerRefusedError,
-    TLSSettingsError,
-    *train_commands.USER_ERRORS,
-    *stream_commands.USER_ERRORS,
-    *serve_commands.USER_ERRORS,
-    *acls_command.USER_ERRORS,
-)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that end a command with `vaewatch: error: ...` and exit code 2. `main` calls
+    this only when an exception is on its way: the Kafka-side ones import kafka-python, which
+    commands without a Kafka client should not load."""
+    from streams.connection_errors import BrokerRefusedError
+
+    return (
+        ConfigError,
+        BundleError,
+        BrokerRefusedError,
+        TLSSettingsError,
+        *train_commands.USER_ERRORS,
+        *stream_commands.user_errors(),
+        *serve_commands.USER_ERRORS,
+        *acls_command.USER_ERRORS,
+    )
 
 
 class _SubcommandsAction(argparse._SubParsersAction):
@@ -130,9 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(config_path, args.overrides)
         mask_secrets_in_logs(settings)
-        one_line_connection_logs()
         return int(args.run(args, settings) or 0)
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         print(f"vaewatch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

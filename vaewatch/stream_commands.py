@@ -1,4 +1,9 @@
-"""Subcommands worker, broker, produce and demo (owned by the streams work)."""
+"""Subcommands worker, broker, produce and demo (owned by the streams work).
+
+kafka-python and the worker are imported by the commands that run them, not with this module:
+every command's CLI imports it, and `vaewatch score` or `vaewatch config` should not pay about
+0.3 s for a Kafka client they never make (tests/vaewatch/test_cli_imports.py).
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka.errors import KafkaTimeoutError
 
 from detector import Detector
 from detector.preprocess import IMAGE_SUFFIXES
-from streams import demo
 from streams.brokers.local import ENGINES, BrokerError, create_broker
-from streams.kafka_io import ensure_topics
-from streams.replay import ArrayRecords, FileRecords, replay_to_topic
 from streams.signals import stop_on_signals
-from streams.worker.transactions import TransactionsUnavailableError
-from streams.worker_process import run_worker_process
 from trainer.data import DataError, load_images, normal_labels
 from trainer.demo import FASHION_MNIST_CLASSES, demo_bundle
 from trainer.evaluate import auroc
@@ -29,13 +28,16 @@ from vaewatch.serve_commands import start_console
 
 logger = logging.getLogger(__name__)
 
-# KafkaTimeoutError: no broker answered at stream.bootstrap_servers (one line, user-fixable).
-USER_ERRORS: tuple[type[Exception], ...] = (
-    BrokerError,
-    DataError,
-    KafkaTimeoutError,
-    TransactionsUnavailableError,
-)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors these commands end with in one line. KafkaTimeoutError: no broker answered at
+    stream.bootstrap_servers. Imported only when an error is on its way (see the docstring)."""
+    from kafka.errors import KafkaTimeoutError
+
+    from streams.worker.transactions import TransactionsUnavailableError
+
+    return (BrokerError, DataError, KafkaTimeoutError, TransactionsUnavailableError)
+
 
 DEMO_MODEL = Path("models/demo")
 
@@ -50,6 +52,8 @@ def _quiet_kafka() -> None:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.worker_process import run_worker_process
+
     _quiet_kafka()
     detector = Detector.from_bundle(args.model, settings.detector)
     shadow_path = args.shadow or settings.lifecycle.shadow_model or None
@@ -73,6 +77,8 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_broker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.kafka_io import ensure_topics
+
     _quiet_kafka()
     if args.prepare:
         return _prepare_broker(args.engine)
@@ -113,6 +119,8 @@ def _prepare_broker(engine: str) -> int:
 
 def _dataset_records(args: argparse.Namespace, settings: Settings) -> tuple[Any, Any]:
     """(records, their normal labels): a data set's images, encoded by the codec."""
+    from streams.replay import ArrayRecords
+
     data = settings.data
     if args.dataset is not None:
         data = data.model_copy(update={"dataset": args.dataset})
@@ -129,6 +137,8 @@ def _dataset_records(args: argparse.Namespace, settings: Settings) -> tuple[Any,
 def _folder_records(args: argparse.Namespace, settings: Settings) -> tuple[Any, Any]:
     """(records, their normal labels): a folder's image files as they are; files too large for
     one request are left out, one line each."""
+    from streams.replay import FileRecords
+
     folder = args.from_dir
     if not folder.is_dir():
         raise DataError(f"--from {folder}: not a folder")
@@ -154,6 +164,8 @@ def _folder_records(args: argparse.Namespace, settings: Settings) -> tuple[Any, 
 
 
 def run_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.replay import replay_to_topic
+
     _quiet_kafka()
     if args.from_dir is not None:
         records, normal = _folder_records(args, settings)
@@ -184,6 +196,8 @@ def _say(line: str) -> None:
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from streams import demo
+
     _quiet_kafka()
     data = settings.data
     _say(f"data: {data.dataset} test split")
