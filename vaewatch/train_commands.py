@@ -238,27 +238,22 @@ def run_score(args: argparse.Namespace, settings: Settings) -> int:
         suffix = args.out.suffix.lower() if args.out else ""
         fmt = "jsonl" if suffix in (".jsonl", ".json", ".ndjson") else "csv"
     result = detector.score(images.images)
-    names = images.names
+    names = [images.names] if images.names else []
+    # Whole columns as Python values, written by the csv module's C loop: a row dict per image
+    # cost a quarter of a second for 60,000 images. repr() keeps every float's digits.
+    index = range(len(result))
+    scores, p_values = result.scores.tolist(), result.p_values.tolist()
+    anomalous = result.anomalous.tolist()
     with _output(args.out) as stream:
         if fmt == "csv":
             writer = csv.writer(stream, lineterminator="\n")
             writer.writerow(["index", "score", "p_value", "anomaly", *(["name"] if names else [])])
-        for i in range(len(result)):
-            row = {
-                "index": i,
-                "score": float(result.scores[i]),
-                "p_value": float(result.p_values[i]),
-                "anomaly": bool(result.anomalous[i]),
-            }
-            if names:
-                row["name"] = names[i]
-            if fmt == "csv":
-                writer.writerow(
-                    [i, repr(row["score"]), repr(row["p_value"]), int(row["anomaly"])]
-                    + ([names[i]] if names else [])
-                )
-            else:
-                stream.write(json.dumps(row) + "\n")
+            texts = map(repr, scores), map(repr, p_values), map(int, anomalous)
+            writer.writerows(zip(index, *texts, *names, strict=True))
+        else:
+            keys = ("index", "score", "p_value", "anomaly", "name")[: 4 + len(names)]
+            rows = zip(index, scores, p_values, anomalous, *names, strict=True)
+            stream.writelines(json.dumps(dict(zip(keys, row, strict=True))) + "\n" for row in rows)
     log.info(
         "scored %d images with model %s: %d anomalies (threshold %.4g)",
         len(result), detector.version, int(result.anomalous.sum()), detector.threshold,
