@@ -2,7 +2,7 @@
 (issue 29): natively, and restricted to what most laptops, CI runners and cloud VMs have, AVX2
 without bf16.
 
-    .venv/bin/python bench/cpu_modes.py -- bench/score_process.py --base /work/wt/base-51279ae
+    .venv/bin/python bench/cpu_modes.py -- bench/score_process.py --base /tmp/vaewatch-51279ae
     .venv/bin/python bench/cpu_modes.py -- bench/precision.py speed --threads 1
     .venv/bin/python bench/cpu_modes.py --modes avx2 -- bench/worker_throughput.py --model-kind mlp
 

@@ -8,9 +8,9 @@ alternating, and the figure is the median over rounds of the per-round ratio bas
 `import torch` alone (the floor no scorer goes below) and `vaewatch --help` (the CLI's
 imports) are timed in the same rounds, to say where the time goes.
 
-    git worktree add /work/wt/base-51279ae 51279ae
-    .venv/bin/python bench/score_process.py --base /work/wt/base-51279ae [--rounds 5]
-    .venv/bin/python bench/cpu_modes.py -- bench/score_process.py --base /work/wt/base-51279ae
+    git worktree add /tmp/vaewatch-51279ae 51279ae
+    .venv/bin/python bench/score_process.py --base /tmp/vaewatch-51279ae [--rounds 5]
+    .venv/bin/python bench/cpu_modes.py -- bench/score_process.py --base /tmp/vaewatch-51279ae
 
 Both trees run with this interpreter (this venv's torch), from their own folder with their own
 code first on PYTHONPATH.
