@@ -194,7 +194,7 @@ class InFlightBatch:
                 if not isinstance(future, RefusedBefore):
                     on_error("produce", exc)
                 if transactional and not _outside_the_transaction(future):
-                    raise TransactionFailedError(f"{type(exc).__name__}: {exc}")
+                    raise TransactionFailedError(f"{type(exc).__name__}: {exc}") from exc
                 self._failed(self.checked, future, config, on_error)
                 continue  # look at its replacement
             self.checked += 1

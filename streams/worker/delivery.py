@@ -199,7 +199,7 @@ class Delivery:
                 self.failure = exc
                 continue
             except TransactionFailedError as exc:
-                self._abort_refused(f"a send failed ({exc})")
+                self._abort_refused(f"a send failed ({exc})", cause=exc.__cause__)
                 return acked
             del self._sending[batch.batch_id]
             self.ledger.acknowledge(batch.batch_id)
@@ -394,12 +394,12 @@ class Delivery:
             transactions.commit(offsets, timeout_s=max(0.001, deadline - time.monotonic()))
         except KafkaError as exc:
             self._on_error("commit", exc)
-            self._abort(f"{type(exc).__name__}: {exc}")
+            self._abort(f"{type(exc).__name__}: {exc}", cause=exc)
             return False
         self._committed(offsets)
         return True
 
-    def _abort_refused(self, reason: str) -> None:
+    def _abort_refused(self, reason: str, *, cause: BaseException | None) -> None:
         """A send failed inside the transaction: once every send of it has an answer (bounded),
         remember what the broker refused, so that the redo replaces it, then abort."""
         timeout_s = min(self.time_left(), _REFUSAL_ANSWERS_S)
@@ -410,16 +410,22 @@ class Delivery:
             self._on_error("produce", exc)
         for batch in self._sending.values():
             batch.remember_refusals()
-        self._abort(reason, renew=True)
+        self._abort(reason, renew=True, cause=cause)
 
-    def _abort(self, reason: object, *, renew: bool = False) -> None:
+    def _abort(
+        self, reason: object, *, renew: bool = False, cause: BaseException | None = None
+    ) -> None:
         """Abort the open transaction and consume everything again from the last committed
         offsets: none of what it held was ever visible to read_committed subscribers. A
         producer that cannot abort any more is replaced (Transactions.recover), or the worker
         stops."""
         assert self._transactions is not None
         try:
-            self._transactions.abort(reason, timeout_s=max(1.0, self.time_left()), renew=renew)
+            self._transactions.abort(
+                reason, timeout_s=max(1.0, self.time_left()), renew=renew, cause=cause
+            )
+        except ProducerFailedError as final:  # fenced, not authorized: its one line says why
+            self.failure = final
         except KafkaError as exc:
             self._on_error("produce", exc)
             try:

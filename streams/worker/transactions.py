@@ -32,7 +32,12 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError, TransactionalIdAuthorizationFailedError
+from kafka.errors import (
+    InvalidProducerEpochError,
+    KafkaError,
+    ProducerFencedError,
+    TransactionalIdAuthorizationFailedError,
+)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streams.client_internals import (
@@ -55,6 +60,14 @@ class TransactionsUnavailableError(RuntimeError):
 
 class ProducerFailedError(RuntimeError):
     """The transactional producer cannot go on and cannot be replaced (one line: the reason)."""
+
+
+# What the broker answers a producer whose epoch is no longer the transactional id's: another
+# producer initialised the id, or the coordinator aborted its timed-out transaction. kafka-python
+# 3.0 counts INVALID_PRODUCER_EPOCH on a send as recoverable and bumps the epoch with the same
+# id: with a stable id that fences the other worker back, and the two take turns (seen in
+# test_a_worker_fenced_by_another_with_its_stable_transactional_id_says_so_and_exits).
+FENCED = (ProducerFencedError, InvalidProducerEpochError)
 
 
 def transactional_id(config: StreamConfig) -> str:
@@ -152,20 +165,29 @@ class Transactions:
         self._metrics.transactions.labels(outcome="committed").inc()
         self._metrics.transaction_commit_seconds.observe(time.perf_counter() - started)
 
-    def abort(self, reason: object, *, timeout_s: float, renew: bool = False) -> None:
+    def abort(
+        self,
+        reason: object,
+        *,
+        timeout_s: float,
+        renew: bool = False,
+        cause: BaseException | None = None,
+    ) -> None:
         """Abort the open transaction: none of its outputs and offsets ever become visible.
         `renew` (after a send the broker answered with a failure), or a producer kafka-python
         has made unusable for good: by a fresh producer's InitProducerId instead (`_renew`).
         Raises KafkaError when even that fails (the worker then stops; the broker aborts the
         transaction after transaction_timeout_ms, or at once when the worker restarts), and
-        ProducerFailedError where a fresh producer cannot help."""
+        ProducerFailedError where a fresh producer cannot help. `cause`: the error that failed
+        the transaction; one that says the producer was fenced (FENCED) counts as fatal."""
         if not self.open:
             return
         logger.error("aborting the transaction: %s", reason)
         self.open = False
         self._metrics.transactions.labels(outcome="aborted").inc()
-        if fatal_error(self._producer) is not None or (renew and hasattr(self._producer, "renew")):
-            self._renew()
+        fenced = cause if isinstance(cause, FENCED) else None
+        if fatal_error(self._producer) or fenced or (renew and hasattr(self._producer, "renew")):
+            self._renew(fenced)
             return
         abort_transaction_within(self._producer, timeout_ms=max(1, int(timeout_s * 1000)))
 
@@ -177,13 +199,13 @@ class Transactions:
             raise failed
         self._renew()
 
-    def _renew(self) -> None:
+    def _renew(self, fenced: BaseException | None = None) -> None:
         """A fresh producer under the same transactional id (TransactionalProducer.renew),
         initialised: its InitProducerId aborts what the old one left open. A producer that
         failed for good says why in one line first. Raises ProducerFailedError (one line) where
         a fresh one cannot help: an id or cluster the ACLs deny, a stable transactional id
         that another worker may hold (fencing it back would make them take turns)."""
-        cause = fatal_error(self._producer)
+        cause = fatal_error(self._producer) or fenced
         renew = getattr(self._producer, "renew", None)
         if cause is not None:
             name = type(cause).__name__
