@@ -214,6 +214,11 @@ class InFlightBatch:
                 continue
             for j in message.sources:
                 self.refusals.remember(self.records[j], message.topic, message.form, exc)
+            if refused.too_large and len(message.sources) > 1:  # a scores frame
+                # Learnt now, not at the redo: the frames of the batches still to be cut in
+                # this worker are smaller at once, so one refusal costs one abort.
+                longest = max(len(line) for line in (message.value or b"").split(b"\n"))
+                self.refusals.learn_frame(message.size, longest + 1)
             if refused.topic_wide:
                 self.refusals.refuse_topic(message.topic, exc)
             self._report(message, refused, "aborting the transaction; the redo replaces it")

@@ -8,6 +8,7 @@ client) and every later send until the transaction ends."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -158,7 +159,9 @@ class FakeTransactions:
         self.producer.staged = []
         self.open = False
 
-    def abort(self, reason: object, *, timeout_s: float, renew: bool = False) -> None:
+    def abort(
+        self, reason: object, *, timeout_s: float, renew: bool = False, cause: object = None
+    ) -> None:
         if self.open:
             self.open = False
             self.aborts += 1
@@ -370,3 +373,28 @@ def test_exactly_once_a_dead_letter_too_large_aborts_once_and_the_redo_sends_it_
     assert len(_outputs(broker, "scores")) == len(values) - 1
     assert len(_outputs(broker, "alerts")) == 1
     assert _refused(registry, "dead_letter", "too_large") == 1
+
+
+def test_exactly_once_a_scores_frame_too_large_costs_one_abort_not_one_per_guess() -> None:
+    """Scores frames of 100 lines (about 27 KB) against a 4,096-byte topic: the frame size is
+    learnt at the refusal (an eighth of the refused frame), so the next batches' frames fit.
+    Learnt at the redo and halved it took an abort per guess (15 aborts in a live run)."""
+    broker = FakeBroker(partitions=1)
+    values = [DARK] * 600
+    broker.produce(0, values)
+    refuse: Refuse = lambda topic, value, key: (  # noqa: E731
+        MessageSizeTooLargeError() if topic == "scores" and len(value or b"") > 4096 else None
+    )
+    worker, consumer, producer, _, transactions = _worker(
+        broker, refuse, exactly_once=True, scores_format="batch", max_batch_size=100
+    )
+    assert _run(worker, consumer, [], settle=producer.flush)
+    assert transactions is not None and transactions.aborts == 1
+    assert broker.committed[P0] == len(values)
+    lines = [
+        json.loads(line)["offset"]
+        for t, value, _ in broker.outputs
+        if t == "scores"
+        for line in value.splitlines()
+    ]
+    assert sorted(lines) == list(range(len(values)))

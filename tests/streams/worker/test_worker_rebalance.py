@@ -94,6 +94,7 @@ def _worker(
         dlq_topic="dlq",
         model_version="v1",
         threshold=0.5,
+        scores_format=config.scores_format,
     )
     worker = Worker(
         config=config,
