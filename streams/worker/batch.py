@@ -214,13 +214,9 @@ class InFlightBatch:
                 continue
             for j in message.sources:
                 self.refusals.remember(self.records[j], message.topic, message.form, exc)
-            if refused.too_large and len(message.sources) > 1:  # a scores frame
-                # Learnt now, not at the redo: the frames of the batches still to be cut in
-                # this worker are smaller at once, so one refusal costs one abort.
-                longest = max(len(line) for line in (message.value or b"").split(b"\n"))
-                self.refusals.learn_frame(message.size, longest + 1)
-            if refused.topic_wide:
-                self.refusals.refuse_topic(message.topic, exc)
+            # Learnt now, not at the redo: the batches still to be cut are sent with it in
+            # mind, so one refusal costs one abort.
+            self.refusals.learn(message, refused)
             self._report(message, refused, "aborting the transaction; the redo replaces it")
 
     def _failed(
@@ -253,8 +249,8 @@ class InFlightBatch:
             )
             return
         refused = refusal(exc) or Refusal("other", False, exc)  # also: retries used up
-        if refused.topic_wide and not isinstance(future, RefusedBefore):
-            self.refusals.refuse_topic(message.topic, exc)
+        if not isinstance(future, RefusedBefore):  # learnt from the broker's own answer only
+            self.refusals.learn(message, refused)
         replacements = self._replacements(message, refused)
         if replacements is None:
             self._report(message, refused, "nothing left to send in its place", future)
@@ -283,9 +279,7 @@ class InFlightBatch:
         records = outputs.records
         if message.topic != publisher.dlq_topic:
             if refused.too_large and len(message.sources) > 1:  # a scores frame
-                lines = publisher.single_lines(records, message)
-                self.refusals.learn_frame(message.size, max(m.size for m in lines) + 1)
-                return lines
+                return publisher.single_lines(records, message)
             if message.topic == publisher.alert_topic:
                 outputs.n_alerts -= 1
             # An anomaly's alert and score are the same size: when both fail, one copy is enough.

@@ -168,6 +168,8 @@ class OutputRefusals:
     def refused_before(self, records: Sequence[Any], message: Any) -> BaseException | None:
         """The exception `message` (an Outgoing of `records`) was refused with in an aborted
         transaction, or None."""
+        if not self._outputs:  # nothing remembered: no loop over a frame's sources per send
+            return None
         wanted = (message.topic, message.form)
         for j in message.sources:
             record = records[j]
@@ -175,6 +177,16 @@ class OutputRefusals:
             if refused is not None and wanted in refused:
                 return refused[wanted]
         return None
+
+    def learn(self, message: Any, refused: Refusal) -> None:
+        """What the broker's refusal of `message` (an Outgoing) says about later outputs: a
+        topic that refuses whatever it is sent is not tried for TOPIC_REFUSAL_S, and a scores
+        frame too large makes later frames smaller (`learn_frame`)."""
+        if refused.topic_wide:
+            self.refuse_topic(message.topic, refused.exc)
+        if refused.too_large and len(message.sources) > 1:  # a scores frame
+            longest = max(len(line) for line in (message.value or b"").split(b"\n"))
+            self.learn_frame(message.size, longest + 1)
 
     def learn_frame(self, size: int, smallest: int) -> None:
         """A scores frame of `size` bytes was refused as too large: later frames are cut at an
