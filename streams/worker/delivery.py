@@ -419,21 +419,20 @@ class Delivery:
         offsets: none of what it held was ever visible to read_committed subscribers. A
         producer that cannot abort any more is replaced (Transactions.recover), or the worker
         stops."""
-        assert self._transactions is not None
+        transactions = self._transactions
+        assert transactions is not None
         try:
-            self._transactions.abort(
-                reason, timeout_s=max(1.0, self.time_left()), renew=renew, cause=cause
-            )
+            try:
+                transactions.abort(
+                    reason, timeout_s=max(1.0, self.time_left()), renew=renew, cause=cause
+                )
+            except KafkaError as exc:
+                self._on_error("produce", exc)
+                transactions.recover(exc)
         except ProducerFailedError as final:  # fenced, not authorized: its one line says why
             self.failure = final
-        except KafkaError as exc:
-            self._on_error("produce", exc)
-            try:
-                self._transactions.recover(exc)
-            except ProducerFailedError as final:  # its one line says why
-                self.failure = final
-            except (KafkaError, RuntimeError) as final:
-                self.failure = RuntimeError(f"the transaction could not be aborted: {final}")
+        except (KafkaError, RuntimeError) as final:
+            self.failure = RuntimeError(f"the transaction could not be aborted: {final}")
         held = set(self._started_at) | set(self._state.assigned)
         self.forget(held)
 

@@ -185,9 +185,9 @@ class Transactions:
         logger.error("aborting the transaction: %s", reason)
         self.open = False
         self._metrics.transactions.labels(outcome="aborted").inc()
-        fenced = cause if isinstance(cause, FENCED) else None
-        if fatal_error(self._producer) or fenced or (renew and hasattr(self._producer, "renew")):
-            self._renew(fenced)
+        failed = fatal_error(self._producer) or (cause if isinstance(cause, FENCED) else None)
+        if failed is not None or (renew and hasattr(self._producer, "renew")):
+            self._renew(failed)
             return
         abort_transaction_within(self._producer, timeout_ms=max(1, int(timeout_s * 1000)))
 
@@ -195,17 +195,19 @@ class Transactions:
         """After an abort that raised `failed`: a producer kafka-python made unusable for good
         meanwhile is replaced (`_renew`); otherwise (the broker did not answer in time)
         `failed` is raised again."""
-        if fatal_error(self._producer) is None:
+        cause = fatal_error(self._producer)
+        if cause is None:
             raise failed
-        self._renew()
+        self._renew(cause)
 
-    def _renew(self, fenced: BaseException | None = None) -> None:
+    def _renew(self, cause: BaseException | None) -> None:
         """A fresh producer under the same transactional id (TransactionalProducer.renew),
         initialised: its InitProducerId aborts what the old one left open. A producer that
         failed for good says why in one line first. Raises ProducerFailedError (one line) where
         a fresh one cannot help: an id or cluster the ACLs deny, a stable transactional id
-        that another worker may hold (fencing it back would make them take turns)."""
-        cause = fatal_error(self._producer) or fenced
+        that another worker may hold (fencing it back would make them take turns). `cause`:
+        what made the producer fail for good, or said it was fenced; None after a send the
+        broker refused (the abort alone needs the fresh producer)."""
         renew = getattr(self._producer, "renew", None)
         if cause is not None:
             name = type(cause).__name__
