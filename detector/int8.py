@@ -175,13 +175,14 @@ def quantise_layers(model: VAE, ranges: dict) -> None:
     """In place, on a copy: each layer that `_quantised` names replaced by its int8 form with the
     scales from `ranges` (activation_ranges), the ReLU after it folded in. Raises
     Int8RangesError when a layer has no range (ranges of another architecture)."""
-    missing = [name for name in _quantised(model) if name not in ranges]
+    layers = _quantised(model)
+    missing = [name for name in layers if name not in ranges]
     if missing:
         raise Int8RangesError(
             f"no int8 activation range for layer {missing[0]} (the ranges were measured on "
             "another model)"
         )
-    for name, (layer, relu) in _quantised(model).items():
+    for name, (layer, relu) in layers.items():
         body_name, index = name.split(".")
         body, i = getattr(model, body_name), int(index)
         low, high = (float(v) for v in ranges[name])

@@ -245,15 +245,7 @@ def preprocess_image(source: bytes | Path, decoding: ImageDecoding) -> np.ndarra
         ) from None
     except MemoryError:
         raise ImageError(TOO_LARGE, "decoding it ran out of memory") from None
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        EOFError,
-        IndexError,
-        struct.error,
-        zlib.error,
-    ) as exc:
+    except _BROKEN as exc:
         # Pillow's words for a truncated or broken file: "image file is truncated", "broken
         # PNG file", "cannot identify", "Decompressed data too large for PngImagePlugin..."
         raise ImageError(CORRUPT_IMAGE, f"cannot decode it ({_first_line(exc)})") from None

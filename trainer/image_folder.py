@@ -111,8 +111,7 @@ def list_files(
     flat folder (loose files beside class folders are left out, with a warning)."""
     classes = _class_folders(folder, exclude)
     if not classes:
-        files, skipped = _image_files(folder)
-        return FolderFiles(folder, files, None, None, skipped)
+        return every_file(folder)
     labels = labels or class_labels([c.name for c in classes])
     loose = [p for p in folder.iterdir() if p.is_file() and _visible(p)]
     if loose:
