@@ -8,8 +8,8 @@ the GPU works; `PendingScores.result()` waits for the copy back.
 
 On the CPU (issue 21, BENCHMARKS.md "CPU scoring precision"): the model is scored through a
 prepared copy, made once per model and weights (`cpu_scoring_model`): the conv model's
-convolutions in channels-last and its last transposed convolution rewritten as an equivalent
-stride-1 convolution and a pixel shuffle, in chunks that stay in the cache (`CPU_CHUNK`); with
+convolutions in channels-last and its last transposed convolution rewritten as one matrix
+product and col2im, its ReLUs in place, in chunks that stay in the cache (`CPU_CHUNK`); with
 `precision` int8, its big layers in int8 with fixed activation scales measured at calibration
 (detector.int8, issue 29: an image's score does not depend on its batch); with bf16, all of it
 under CPU autocast to bf16. The scores are the model's own (fp32: within float rounding; int8 and
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from detector.bundle import Bundle, load_bundle
@@ -137,11 +138,6 @@ class _ChannelsLast(nn.Module):
         return x.contiguous(memory_format=torch.channels_last)
 
 
-class _Contiguous(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous()
-
-
 def _is_k4s2p1(layer: nn.Module, kind: type) -> bool:
     """A stride-2, kernel-4, padding-1 convolution (or transposed one) of the plain sort."""
     return (
@@ -157,44 +153,47 @@ def _is_k4s2p1(layer: nn.Module, kind: type) -> bool:
     )
 
 
-# A k4 s2 p1 transposed convolution writes output 2m + a from inputs m-1, m (a = 0) or m, m+1
-# (a = 1): a 3 x 3 stride-1 convolution per output parity, then a pixel shuffle. Parity a ->
-# {tap: kernel index}:
-_SHUFFLE_TAPS = {0: {0: 3, 1: 1}, 1: {1: 2, 2: 0}}
+class _FoldedTransposedConv(nn.Module):
+    """A k4 s2 p1 transposed convolution to few channels (the decoder's last, 32 -> 1) as what
+    it is by definition: each input pixel's channels times the weights give its 4 x 4 patch of
+    the output (one matrix product over all pixels of the batch), and overlapping patches add
+    up (col2im, `F.fold`). The same map as the layer; oneDNN's kernels for it, and a stride-1
+    convolution to 4x the channels with a pixel shuffle, did 2.25x the arithmetic and took
+    1.5-3x as long on the AVX2 machine (BENCHMARKS.md, issue 29)."""
+
+    def __init__(self, deconv: nn.ConvTranspose2d) -> None:
+        super().__init__()
+        weight = deconv.weight.detach()  # in x out x 4 x 4
+        # in x (out, 4, 4): F.fold's column order
+        self.register_buffer("patches", weight.reshape(weight.shape[0], -1).contiguous())
+        self.register_buffer("bias", deconv.bias.detach().view(1, -1, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, channels, side, _ = x.shape
+        # A view for channels-last input (what the layer before it writes): one row per pixel.
+        pixels = x.permute(0, 2, 3, 1).reshape(n * side * side, channels)
+        columns = (pixels @ self.patches).view(n, side * side, -1).transpose(1, 2)
+        out = F.fold(columns, (2 * side, 2 * side), 4, stride=2, padding=1)
+        return out.add_(self.bias)
 
 
-@torch.no_grad()
-def _shuffled_conv(deconv: nn.ConvTranspose2d) -> nn.Module:
-    """A 3 x 3 stride-1 convolution to 4x the channels, then pixel_shuffle(2): the same map as
-    the transposed convolution `deconv`."""
-    w = deconv.weight  # in x out x 4 x 4
-    in_channels, out_channels = w.shape[:2]
-    kernel = w.new_zeros(out_channels, 2, 2, in_channels, 3, 3)
-    for a, taps_a in _SHUFFLE_TAPS.items():
-        for b, taps_b in _SHUFFLE_TAPS.items():
-            for j1, k1 in taps_a.items():
-                for j2, k2 in taps_b.items():
-                    kernel[:, a, b, :, j1, j2] = w[:, :, k1, k2].T
-    same = nn.Conv2d(in_channels, out_channels * 4, 3, padding=1)
-    same.weight.copy_(kernel.reshape(out_channels * 4, in_channels, 3, 3))
-    same.bias.copy_(deconv.bias.repeat_interleave(4))
-    return nn.Sequential(_Contiguous(), same, nn.PixelShuffle(2))
-
-
-def _rewrite_convolutions(model: VAE) -> None:
+def _rewrite_layers(model: VAE) -> None:
     """In place, on a copy: the encoder's and decoder's convolutions in channels-last (1.2-3x
     faster each on the 2-core machine), except a k4 s2 p1 transposed convolution to fewer than
-    4 channels (the decoder's last, 32 -> 1), which becomes its stride-1 equivalent
-    (`_shuffled_conv`, 1.6-2.6x faster) in the usual layout. Other layers stay as they are."""
+    4 channels (the decoder's last, 32 -> 1), which becomes `_FoldedTransposedConv`; every ReLU
+    in place (its input is a fresh tensor no one else reads; 5-8 % of the conv score, spent
+    allocating). Other layers stay as they are."""
     for body in (model.encoder, model.decoder):
         if not isinstance(body, nn.Sequential):
             continue
         for i, layer in enumerate(body):
             if _is_k4s2p1(layer, nn.ConvTranspose2d) and layer.out_channels < 4:
-                body[i] = _shuffled_conv(layer)
+                body[i] = _FoldedTransposedConv(layer)
             elif type(layer) in (nn.Conv2d, nn.ConvTranspose2d):
                 layer.to(memory_format=torch.channels_last)
                 body[i] = nn.Sequential(_ChannelsLast(), layer)
+            elif type(layer) is nn.ReLU:
+                body[i] = nn.ReLU(inplace=True)
 
 
 class _LatentByProduct(nn.Module):
@@ -241,10 +240,10 @@ class _Bf16(nn.Module):
 
 
 def prepare_cpu_model(model: VAE, precision: str, *, int8_ranges: dict | None = None) -> VAE:
-    """A copy of `model` that scores the same on the CPU, faster: convolutions rewritten (conv
-    models), its big layers in int8 with the scales of `int8_ranges` (`precision` int8: the
-    activation ranges its calibration measured, detector.int8) or everything under bf16
-    autocast (bf16). The model itself is not changed."""
+    """A copy of `model` that scores the same on the CPU, faster: layers rewritten
+    (`_rewrite_layers`), its big layers in int8 with the scales of `int8_ranges` (`precision`
+    int8: the activation ranges its calibration measured, detector.int8) or everything under
+    bf16 autocast (bf16). The model itself is not changed."""
     if precision not in PRECISIONS:
         raise PrecisionError(f"precision {precision!r} is unknown (use fp32, int8 or bf16)")
     if precision == "int8" and not int8_ranges:
@@ -258,8 +257,7 @@ def prepare_cpu_model(model: VAE, precision: str, *, int8_ranges: dict | None = 
         prepared.latent = _LatentByProduct(prepared.latent)
     if precision == "int8":
         quantise_layers(prepared, int8_ranges)
-    if model.config.kind == "conv":
-        _rewrite_convolutions(prepared)
+    _rewrite_layers(prepared)
     if precision == "bf16":
         prepared = _Bf16(prepared)
     return prepared.eval()

@@ -45,9 +45,9 @@ def _calibration(**kwargs) -> Calibration:
 
 @pytest.mark.parametrize("kind", ["conv", "mlp"])
 def test_the_prepared_fp32_copy_scores_as_the_model_does(kind: str, fashion_mnist) -> None:
-    """The conv rewrite (channels-last, the last transposed convolution as a stride-1 one and a
-    pixel shuffle) is exact up to float rounding; speed does not depend on the weights, so an
-    untrained default model of each kind is enough."""
+    """The rewrite (channels-last, the last transposed convolution as a matrix product and
+    col2im, ReLUs in place) is exact up to float rounding; speed does not depend on the
+    weights, so an untrained default model of each kind is enough."""
     torch.manual_seed(0)
     model = VAE(ModelConfig(kind=kind)).eval()
     images = fashion_mnist.test.images[:300]
