@@ -157,9 +157,9 @@ class _FoldedTransposedConv(nn.Module):
     """A k4 s2 p1 transposed convolution to few channels (the decoder's last, 32 -> 1) as what
     it is by definition: each input pixel's channels times the weights give its 4 x 4 patch of
     the output (one matrix product over all pixels of the batch), and overlapping patches add
-    up (col2im, `F.fold`). The same map as the layer; oneDNN's kernels for it, and a stride-1
-    convolution to 4x the channels with a pixel shuffle, did 2.25x the arithmetic and took
-    1.5-3x as long on the AVX2 machine (BENCHMARKS.md, issue 29)."""
+    up (col2im, `F.fold`). The same map as the layer. On the AVX2 machine oneDNN's kernel for
+    the layer took 2.0-2.5x as long, and a stride-1 convolution to 4x the channels with a pixel
+    shuffle (2.25x the arithmetic) 3.5-4.7x (BENCHMARKS.md, issue 29)."""
 
     def __init__(self, deconv: nn.ConvTranspose2d) -> None:
         super().__init__()
@@ -181,8 +181,8 @@ def _rewrite_layers(model: VAE) -> None:
     """In place, on a copy: the encoder's and decoder's convolutions in channels-last (1.2-3x
     faster each on the 2-core machine), except a k4 s2 p1 transposed convolution to fewer than
     4 channels (the decoder's last, 32 -> 1), which becomes `_FoldedTransposedConv`; every ReLU
-    in place (its input is a fresh tensor no one else reads; 5-8 % of the conv score, spent
-    allocating). Other layers stay as they are."""
+    in place (its input is a fresh tensor no one else reads; 5-8 % off the conv score in one
+    thread). Other layers stay as they are."""
     for body in (model.encoder, model.decoder):
         if not isinstance(body, nn.Sequential):
             continue
