@@ -55,6 +55,21 @@ def test_the_prepared_fp32_copy_scores_as_the_model_does(kind: str, fashion_mnis
     np.testing.assert_allclose(got, _fp32_model_scores(model, images), rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("out_channels", [1, 3])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_the_folded_transposed_convolution_is_the_layer_it_replaces(out_channels, layout):
+    """The decoder's last layer as a matrix product and col2im gives the transposed
+    convolution's output (bias included) for either input layout and a few output channels."""
+    torch.manual_seed(out_channels)
+    layer = torch.nn.ConvTranspose2d(32, out_channels, 4, stride=2, padding=1).eval()
+    x = torch.randn(5, 32, 14, 14).contiguous(memory_format=layout)
+    with torch.inference_mode():
+        got = scorer._FoldedTransposedConv(layer)(x)
+        want = layer(x)
+    assert got.shape == want.shape == (5, out_channels, 28, 28)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_the_prepared_copy_of_a_trained_bundle_scores_as_its_model(
     trained_bundle: Path, fashion_mnist
 ) -> None:
