@@ -238,9 +238,21 @@ def test_the_init_containers_command_waits_for_the_bundle(played: PlayedWorker) 
 def test_a_frozen_worker_is_restarted_by_its_liveness_probe(played: PlayedWorker) -> None:
     """Last: it freezes the worker process (SIGSTOP: a process stuck in a call answers no
     /healthz), runs the liveness check at the probe's period, and expects podman to restart the
-    container and the pod to become ready again."""
+    container and the pod to become ready again.
+
+    A second container keeps the pod running meanwhile, as a cluster's pod keeps running while
+    the kubelet restarts one of its containers. Without it, podman 4.3 races itself: a
+    kube-played pod has the exit policy "stop" (settable for kube play only from podman 4.6 on,
+    io.podman.kube.exit.policy), so when the liveness restart has stopped the worker, the pod's
+    last container, the container's cleanup stopped the whole pod before the restart started
+    it again: "pod stop" right after "container died" in `podman events`, in 4 of 6 runs."""
     podman, container = played.podman, played.container
     liveness = played.spec["livenessProbe"]
+    podman.run(
+        "run", "--detach", "--pod", played.play.pod_name, *podman.label, "--no-healthcheck",
+        "--name", f"{played.play.pod_name}-keeps-the-pod", "--entrypoint", "sleep",
+        VAEWATCH_IMAGE, "infinity",
+    )  # fmt: skip
     before = podman.state(container)
     os.kill(int(before["Pid"]), signal.SIGSTOP)
     restarted_after = None
