@@ -274,6 +274,7 @@ def drain_run(
             cpu_scoring=args.cpu_scoring,
             cpu_threads=args.torch_threads,
             scores_format=args.scores_format,
+            alert_format=args.alert_format,
             fetch_max_wait_ms=fetch_wait_ms,
             processing_guarantee=args.guarantee,
             transaction_interval_ms=args.transaction_interval_ms,
@@ -307,6 +308,7 @@ def drain_run(
         "max_batch_size": args.batch,
         "scores_topic": not args.no_scores_topic,
         "scores_format": args.scores_format,
+        "alert_format": args.alert_format,
         "cpu_scoring": args.cpu_scoring,
         "switch_interval_s": sys.getswitchinterval(),
         "plain_consume_per_s": round(plain),
@@ -338,6 +340,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024, help="stream.max_batch_size")
     parser.add_argument("--no-scores-topic", action="store_true")
     parser.add_argument("--scores-format", default="record", choices=["record", "batch"])
+    parser.add_argument("--alert-format", default="record", choices=["record", "batch"])
     parser.add_argument(
         "--torch-threads",
         type=int,

@@ -30,6 +30,7 @@ from streams.codec import decode_batch
 from streams.config import StreamConfig
 from streams.connection_errors import describe_kafka_error
 from streams.kafka_io import create_consumer, topic_access_error
+from streams.worker.publish import output_values
 
 logger = logging.getLogger(__name__)
 
@@ -151,14 +152,24 @@ class AlertFollower:
         self.connected = True
         logger.info("live alerts: following %s", self.stream.alert_topic)
         while not self._stop.is_set():
-            records = [r for batch in alerts.poll(timeout_ms=200).values() for r in batch]
+            values = [
+                value
+                for batch in alerts.poll(timeout_ms=200).values()
+                for record in batch
+                for value in output_values(record.value, record.headers)  # frames too
+            ]
             # A viewer wants the newest alerts: when a burst brings more than the view
             # holds, the older ones are not read back (they stay on the alert topic).
-            skipped = max(len(records) - self.replay_recent, 0)
+            skipped = max(len(values) - self.replay_recent, 0)
             if skipped:
                 logger.info("live alerts: %d older alerts of a burst not shown", skipped)
-            for record in records[skipped:]:
-                self._handle(record.value, sources)
+            for value in values[skipped:]:
+                try:
+                    self._handle(value, sources)
+                except (KafkaError, OSError):
+                    raise  # _run reconnects
+                except Exception:  # one odd alert must not end the view for good
+                    logger.exception("live alerts: an alert could not be shown; skipped")
 
     def _handle(self, value: bytes, sources: KafkaConsumer) -> None:
         try:

@@ -21,6 +21,14 @@ class StreamConfig(BaseModel):
         description="One JSON object per anomaly, keyed topic/partition/offset "
         "(docs/wire-contract.md).",
     )
+    alert_format: Literal["record", "batch"] = Field(
+        "record",
+        description="record: one alert message per anomaly, keyed topic/partition/offset, "
+        "input headers passed through (the contract). batch: one message per input partition "
+        "and batch, holding the same alert objects as JSON Lines, keyed "
+        "topic/partition/first-last, without per-record headers; far fewer producer sends when "
+        "many records alert (docs/wire-contract.md).",
+    )
     scores_topic: str = Field(
         "",
         description="Every scored record goes here too when set, with an anomaly flag "

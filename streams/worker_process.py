@@ -99,6 +99,7 @@ def publisher_for(
         model_version=detector.version,
         threshold=detector.threshold,
         scores_format=stream.scores_format,
+        alert_format=stream.alert_format,
         max_request_size=stream.max_request_size,
         clock=clock,
     )

@@ -10,7 +10,8 @@ itself into a failed send like any other. `InFlightBatch.settle` sorts each fail
   that doubles, up to `send_retries` times; `retrying` tells the owner to pause consuming;
 - refused (too large for its topic, a null key for a compacted one, a timestamp out of range,
   not authorized, ...; or retries used up): replaced, in one logged line and counted:
-  - a scores frame too large: by one message per line (later frames are cut smaller);
+  - a frame (of alerts or scores) too large: by one message per line (later frames are cut
+    smaller);
   - an alert or a score: by its record's dead letter, a trimmed copy with reason
     `unsendable`, once per record even when its alert and its score both fail;
   - a dead letter: by its trimmed copy, or a bare one (no input value) where the topic
@@ -278,10 +279,10 @@ class InFlightBatch:
         assert outputs is not None
         records = outputs.records
         if message.topic != publisher.dlq_topic:
-            if refused.too_large and len(message.sources) > 1:  # a scores frame
+            if refused.too_large and len(message.sources) > 1:  # a frame
                 return publisher.single_lines(records, message)
             if message.topic == publisher.alert_topic:
-                outputs.n_alerts -= 1
+                outputs.n_alerts -= len(message.sources)
             # An anomaly's alert and score are the same size: when both fail, one copy is enough.
             sources = [j for j in message.sources if j not in self.copied]
             copies = []

@@ -51,7 +51,7 @@ from streams.client_internals import aborted_by_client
 
 logger = logging.getLogger(__name__)
 
-FRAME_BYTES = 256 * 1024  # largest batch-framed scores message, until a topic refuses one
+FRAME_BYTES = 256 * 1024  # largest frame of alerts or scores, until a topic refuses one
 TOPIC_REFUSAL_S = 60.0
 
 _REASONS: tuple[tuple[type[BaseException], str, bool], ...] = (
@@ -130,8 +130,8 @@ class OutputRefusals:
     """What the broker refused, kept by the batches' owner (delivery.py) for as long as the
     records concerned are not committed: under exactly_once the refused outputs of an aborted
     transaction, by input record and (output topic, form), so that the redo replaces them at
-    once; and, in both guarantees, the largest scores frame to build, an eighth of each frame
-    the scores topic refuses as too large. `on_refused(output, reason)` counts each refusal."""
+    once; and, in both guarantees, the largest frame to build (alerts and scores), an eighth of
+    each frame a topic refuses as too large. `on_refused(output, reason)` counts each refusal."""
 
     on_refused: Callable[[str, str], None] | None = None
     frame_bytes: int = FRAME_BYTES
@@ -180,16 +180,16 @@ class OutputRefusals:
 
     def learn(self, message: Any, refused: Refusal) -> None:
         """What the broker's refusal of `message` (an Outgoing) says about later outputs: a
-        topic that refuses whatever it is sent is not tried for TOPIC_REFUSAL_S, and a scores
-        frame too large makes later frames smaller (`learn_frame`)."""
+        topic that refuses whatever it is sent is not tried for TOPIC_REFUSAL_S, and a frame
+        too large makes later frames smaller (`learn_frame`), those of both framed topics."""
         if refused.topic_wide:
             self.refuse_topic(message.topic, refused.exc)
-        if refused.too_large and len(message.sources) > 1:  # a scores frame
+        if refused.too_large and len(message.sources) > 1:  # a frame
             longest = max(len(line) for line in (message.value or b"").split(b"\n"))
             self.learn_frame(message.size, longest + 1)
 
     def learn_frame(self, size: int, smallest: int) -> None:
-        """A scores frame of `size` bytes was refused as too large: later frames are cut at an
+        """A frame of `size` bytes was refused as too large: later frames are cut at an
         eighth of it (at least `smallest`, one line). The broker does not say its limit, and
         under exactly_once each guess too large costs an aborted transaction: an eighth gets
         from the default 256 KiB frame under a 64 KiB limit in one step, or from 26 KB under

@@ -1,4 +1,4 @@
-"""What the worker writes: alerts, per-record scores and dead letters, built as messages.
+"""What the worker writes: alerts, scores and dead letters, built as messages.
 
 `ResultPublisher.build` is a pure function of (records, decoded images, scores): it returns the
 batch's outgoing messages and what to count once they are acknowledged; the batch's owner
@@ -6,10 +6,13 @@ batch's outgoing messages and what to count once they are acknowledged; the batc
 refuses (`dead_letter_copy`, `single_lines`: streams/worker/batch.py).
 
 Alerts and scores are JSON objects keyed `topic/partition/offset` (so subscribers can drop the
-duplicates that at-least-once delivery allows); the input record's headers pass through. An
-output record goes to partition (input partition mod output partitions), which keeps the input
-order per partition and spares kafka-python's pure-Python key hash on every send. What a dead
-letter carries is in streams/worker/dead_letters.py.
+duplicates that at-least-once delivery allows); the input record's headers pass through. With
+`stream.alert_format` or `stream.scores_format` batch, a topic gets the same objects as frames
+instead: JSON Lines, one message per input partition and batch, keyed
+`topic/partition/first-last`, since kafka-python's producer costs tens of microseconds of CPU
+per message. An output record goes to partition (input partition mod output partitions), which
+keeps the input order per partition and spares kafka-python's pure-Python key hash on every
+send. What a dead letter carries is in streams/worker/dead_letters.py.
 
 A record that decoded and was scored can still be unfit to publish as it is: a score that JSON
 cannot hold (NaN, infinity) makes it a `scoring_error` dead letter (one check on the whole
@@ -43,12 +46,22 @@ from streams.worker.dead_letters import (
 from streams.worker.metrics import WorkerMetrics
 from streams.worker.output_refusals import FRAME_BYTES
 
-H_SCORES_FORMAT = "vaewatch.format"  # "jsonl" on batch-framed scores messages
+H_FORMAT = "vaewatch.format"  # "jsonl" on the frames of batch-framed alerts and scores
 _TIMESTAMP = attrgetter("timestamp")
 ID_HEADER = "id"  # with the raw codec, an `id` header stands in for the JSON `id` field
 # An id header this long (in characters) or shorter fits in MAX_ID_BYTES as JSON, whatever its
 # characters (at most 12 bytes each: \ud83d\ude00).
 _SHORT_ID_CHARS = (MAX_ID_BYTES - 2) // 12
+
+
+def output_values(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None) -> list[bytes]:
+    """The JSON objects (as bytes) one alerts or scores message carries, for its readers: the
+    lines of a frame (header H_FORMAT = jsonl), else the value itself."""
+    if value is None:
+        return []
+    if headers and (H_FORMAT, b"jsonl") in headers:
+        return value.split(b"\n")
+    return [value]
 
 
 def _json_text(value: Any) -> str:
@@ -62,7 +75,7 @@ def _key_text(key: bytes | None) -> str:
 class Outgoing(NamedTuple):
     """One send, kept until acknowledged so that it can be retried or replaced.
     `sources`: indexes (in the batch) of the input records it carries. `form`: "output" as
-    built, or what replaced a refused one: "line" (one line of a refused scores frame),
+    built, or what replaced a refused one: "line" (one line of a refused frame),
     "copy" (a trimmed dead-letter copy), "bare" (a dead letter without the input's value)."""
 
     topic: str
@@ -177,6 +190,7 @@ class ResultPublisher:
         model_version: str,
         threshold: float,
         scores_format: str = "record",
+        alert_format: str = "record",
         max_request_size: int = 1024 * 1024,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -184,6 +198,7 @@ class ResultPublisher:
         self._clock = clock  # the outputs' timestamps and scored_at_ms
         self._max_request_size = max_request_size
         self.scores_format = scores_format
+        self.alert_format = alert_format
         self.alert_topic = alert_topic
         self.scores_topic = scores_topic
         self.dlq_topic = dlq_topic
@@ -236,24 +251,27 @@ class ResultPublisher:
         return Outgoing(self.dlq_topic, value, key, headers, part, (source,), form)
 
     def single_lines(self, records: Sequence[ConsumerRecord], frame: Outgoing) -> list[Outgoing]:
-        """A scores frame the topic refused, as one message per line (form "line")."""
+        """A frame (of alerts or scores) the topic refused, as one message per line (form
+        "line")."""
         first = records[frame.sources[0]]
         lines = {first.partition: list(zip(frame.sources, frame.value.split(b"\n"), strict=True))}
         messages: list[Outgoing] = []
-        self._frame(messages, first.topic, lines, self._partition_count(frame.topic), 0)
+        parts = self._partition_count(frame.topic)
+        self._frame(messages, frame.topic, first.topic, lines, parts, 0)
         return [m._replace(form="line") for m in messages]
 
     def _frame(
         self,
         messages: list[Outgoing],
+        output_topic: str,
         topic: str,
         framed: dict[int, list[tuple[int, bytes]]],
         parts: int,
         frame_bytes: int,
     ) -> None:
-        """scores_format=batch: per input partition, messages of JSON Lines of the same objects
-        (at most `frame_bytes` each, well under the producer's request limit), keyed
-        topic/partition/first-last offset."""
+        """Batch format: per input partition of `topic`, messages to `output_topic` of JSON
+        Lines of the objects (at most `frame_bytes` each, well under the producer's request
+        limit), keyed topic/partition/first-last offset."""
         for partition, lines in framed.items():
             start, size = 0, 0
             for end, (_, line) in enumerate(lines, 1):
@@ -263,10 +281,10 @@ class ResultPublisher:
                     first = json.loads(chunk[0][1])["offset"]
                     last = json.loads(chunk[-1][1])["offset"]
                     message = Outgoing(
-                        topic=self.scores_topic,
+                        topic=output_topic,
                         value=b"\n".join(line for _, line in chunk),
                         key=f"{topic}/{partition}/{first}-{last}".encode(),
-                        headers=[(H_SCORES_FORMAT, b"jsonl")],
+                        headers=[(H_FORMAT, b"jsonl")],
                         partition=partition % parts,
                         sources=tuple(source for source, _ in chunk),
                     )
@@ -315,6 +333,7 @@ class ResultPublisher:
             alert_parts = self._partition_count(self.alert_topic) if n_anomaly else 1
             score_parts = self._partition_count(self.scores_topic) if self.scores_topic else 1
             per_record_scores = self.scores_topic and self.scores_format == "record"
+            frame_alerts = self.alert_format == "batch"
             # Without a scores topic only the anomalies produce output: visit just those rows
             # instead of every record.
             rows = (
@@ -326,8 +345,9 @@ class ResultPublisher:
             stamps = timestamps.tolist()
             score_list = scores.scores.tolist()
             p_list = scores.p_values.tolist()
-            # input partition -> (record index, JSON line) (batch format)
+            # input partition -> (record index, JSON line) (batch format), scores and alerts
             framed: dict[int, list[tuple[int, bytes]]] = {}
+            framed_alerts: dict[int, list[tuple[int, bytes]]] = {}
             topic_texts: dict[str, str] = {}
             for j in rows:
                 record = valid_records[j]
@@ -355,12 +375,16 @@ class ResultPublisher:
                     f'"p_value":{p_list[j]!r},"model_version":{self._version},'
                     f'"scored_at_ms":{now_ms},"anomaly":{"true" if is_anomaly else "false"}}}'
                 ).encode()
-                if not (is_anomaly or per_record_scores):
-                    framed.setdefault(record.partition, []).append((source[0], body))
+                alert_alone = is_anomaly and not frame_alerts
+                if is_anomaly and frame_alerts:
+                    framed_alerts.setdefault(record.partition, []).append((source[0], body))
+                if not (alert_alone or per_record_scores):
+                    if self.scores_topic:
+                        framed.setdefault(record.partition, []).append((source[0], body))
                     continue
                 key = f"{record.topic}/{record.partition}/{record.offset}".encode()
                 headers = usable_headers(record.headers) if record.headers else None
-                if is_anomaly:
+                if alert_alone:
                     part = record.partition % alert_parts
                     send(
                         Outgoing(self.alert_topic, body, key, headers, part, source),
@@ -372,7 +396,11 @@ class ResultPublisher:
                     )
                 elif self.scores_topic:
                     framed.setdefault(record.partition, []).append((source[0], body))
-            self._frame(messages, valid_records[0].topic, framed, score_parts, frame_bytes)
+            input_topic = valid_records[0].topic
+            self._frame(
+                messages, self.alert_topic, input_topic, framed_alerts, alert_parts, frame_bytes
+            )
+            self._frame(messages, self.scores_topic, input_topic, framed, score_parts, frame_bytes)
         n_scored = len(valid_records)
         score_values = scores.scores if scores is not None else np.empty(0, np.float32)
         errors = decoded.errors

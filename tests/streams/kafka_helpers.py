@@ -14,6 +14,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from streams.codec import encode_images
 from streams.config import StreamConfig
 from streams.kafka_io import security_options
+from streams.worker.publish import H_FORMAT, output_values
 
 # Apache Kafka refuses by default a record over about 1 MiB and a timestamp more than an hour
 # ahead (Tansu takes both). Topics configured to accept them exist, and the worker must cope with
@@ -74,6 +75,17 @@ def open_reader(
     return consumer
 
 
+def _output_keys(records: list[Any]) -> list[Any]:
+    keys: list[Any] = []
+    for r in records:
+        if r.headers and (H_FORMAT, b"jsonl") in r.headers:
+            lines = map(json.loads, output_values(r.value, r.headers))
+            keys += [f"{x['topic']}/{x['partition']}/{x['offset']}".encode() for x in lines]
+        else:
+            keys.append((r.partition, r.offset) if r.key is None else r.key)
+    return keys
+
+
 def read_topic(
     config: StreamConfig,
     topic: str,
@@ -85,9 +97,9 @@ def read_topic(
 ) -> list[Any]:
     """All records of `topic` from the start, once records with at least `until` distinct keys
     have been read (or the timeout passed, then whatever came). Worker outputs are keyed
-    topic/partition/offset, so duplicates from re-delivery do not count twice. `reader`: one
-    `open_reader` connected beforehand (closed here), so that the wait starts without the lag of
-    connecting."""
+    topic/partition/offset, so duplicates from re-delivery do not count twice; a frame (batch
+    format) counts the input records of its lines. `reader`: one `open_reader` connected
+    beforehand (closed here), so that the wait starts without the lag of connecting."""
     consumer = reader or open_reader(config, topic, isolation_level=isolation_level)
     records: list[Any] = []
     keys: set[Any] = set()
@@ -95,7 +107,7 @@ def read_topic(
     while len(keys) < until and time.monotonic() < deadline:
         for batch in consumer.poll(timeout_ms=200, max_records=5000).values():
             records.extend(batch)
-            keys.update((r.partition, r.offset) if r.key is None else r.key for r in batch)
+            keys.update(_output_keys(batch))
     # A short extra read so that duplicates or extras beyond `until` are seen too.
     for batch in consumer.poll(timeout_ms=300).values():
         records.extend(batch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from detector import Scores
 from streams.codec import MAX_ID_BYTES, decode_batch
 from streams.config import StreamConfig
 from streams.worker.batch import InFlightBatch
-from streams.worker.publish import ResultPublisher
+from streams.worker.publish import ResultPublisher, output_values
 
 MIB = 1024 * 1024
 IMAGE = bytes(range(256)) * 3 + bytes(16)  # 784 bytes
@@ -92,7 +93,14 @@ def _record(offset: int, value: bytes | None = IMAGE, *, key=None, headers=None,
     )  # fmt: skip
 
 
-def _publisher(producer: FakeProducer, *, scores_topic: str = "scores") -> ResultPublisher:
+def _publisher(
+    producer: FakeProducer,
+    *,
+    scores_topic: str = "scores",
+    alert_format: str = "record",
+    scores_format: str = "record",
+    clock: Callable[[], float] = time.time,
+) -> ResultPublisher:
     return ResultPublisher(
         producer=producer,
         alert_topic="alerts",
@@ -100,7 +108,10 @@ def _publisher(producer: FakeProducer, *, scores_topic: str = "scores") -> Resul
         dlq_topic="dlq",
         model_version="v1",
         threshold=1.0,
+        alert_format=alert_format,
+        scores_format=scores_format,
         max_request_size=producer.max_request_size,
+        clock=clock,
     )
 
 
@@ -340,13 +351,18 @@ def _input(draw: st.DrawFn, offset: int):
     n=st.integers(1, 8),
     scores_topic=st.sampled_from(["scores", ""]),
     policy=st.sampled_from(["fail", "skip"]),
+    alert_format=st.sampled_from(["record", "batch"]),
+    scores_format=st.sampled_from(["record", "batch"]),
 )
 def test_every_record_ends_as_one_score_or_one_dead_letter(
-    data: st.DataObject, n: int, scores_topic: str, policy: str
-) -> None:
+    data: st.DataObject, n: int, scores_topic: str, policy: str, alert_format: str,
+    scores_format: str,
+) -> None:  # fmt: skip
     records = [data.draw(_input(i)) for i in range(n)]
     producer = FakeProducer(max_request_size=64 * 1024)
-    publisher = _publisher(producer, scores_topic=scores_topic)
+    publisher = _publisher(
+        producer, scores_topic=scores_topic, alert_format=alert_format, scores_format=scores_format
+    )
     decoded = decode_batch([r.value for r in records], codec="raw", keys=[r.key for r in records])
     raw_scores = data.draw(
         st.lists(
@@ -360,24 +376,73 @@ def test_every_record_ends_as_one_score_or_one_dead_letter(
     _settle(published, config)  # never raises: every dead letter can be sent
 
     outcome: dict[int, list[str]] = {i: [] for i in range(n)}
-    for topic, value, _, _ in producer.sent:
+    alerted: list[int] = []
+    for topic, value, _, headers in producer.sent:
         if topic == "dlq":
             continue
-        body = _strict(value)
-        assert body["topic"] == "images"
-        if topic == "scores":
-            outcome[body["offset"]].append("scored")
-        else:
-            assert body["anomaly"] is True
+        for line in output_values(value, headers):
+            body = _strict(line)
+            assert body["topic"] == "images"
+            if topic == "scores":
+                outcome[body["offset"]].append("scored")
+            else:
+                assert body["anomaly"] is True
+                alerted.append(body["offset"])
+    assert len(alerted) == len(set(alerted)) == published.outputs.n_alerts
     for offset, headers in _letters(producer).items():
         assert len(headers["vaewatch.error.detail"].decode()) <= 200
         outcome[offset].append(headers["vaewatch.error"].decode())
     if scores_topic:
-        # one outcome each (an alert and its score are the same size: they fail together)
-        assert all(len(o) == 1 for o in outcome.values()), outcome
+        # One outcome each: an alert and its score are the same size, they fail together. When
+        # one of them is framed (without the input headers) the other alone may be too large:
+        # the record is then scored and dead-lettered for its alert.
+        split = alert_format != scores_format
+        assert all(
+            len(o) == 1 or (split and sorted(o) == ["scored", "unsendable"])
+            for o in outcome.values()
+        ), outcome
     else:
         assert all(len(o) <= 1 for o in outcome.values()), outcome
     assert published.outputs.n_normal + published.outputs.n_anomaly == len(published.outputs.scores)
     assert np.isfinite(published.outputs.scores).all()
     sent_reasons = [headers["vaewatch.error"].decode() for headers in _letters(producer).values()]
     assert sorted(published.outputs.dead_letter_reasons) == sorted(sent_reasons)
+
+
+# --- batch-framed alerts ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scores_topic", ["scores", ""])
+def test_batch_framed_alerts_hold_the_objects_of_per_record_alerts(scores_topic: str) -> None:
+    """stream.alert_format=batch: one message per input partition and batch, keyed by its first
+    and last offset, holding as JSON Lines exactly the objects record format sends one by one
+    (docs/wire-contract.md, Frames); the scores keep their own format."""
+    records = [_record(i, headers=[("id", f"img-{i}".encode())]) for i in range(6)]
+    values = [2.0, 0.5, 3.0, 0.5, 0.5, 4.0]
+    decoded = decode_batch([r.value for r in records], codec="raw")
+    scored_at = time.time()  # the same scored_at_ms in both formats
+    sent = {}
+    for fmt in ("record", "batch"):
+        producer = FakeProducer()
+        publisher = _publisher(
+            producer, scores_topic=scores_topic, alert_format=fmt, clock=lambda: scored_at
+        )
+        batch = _sent(publisher, records, decoded, _scores(values))
+        assert _settle(batch) == []
+        assert batch.outputs.n_alerts == 3
+        sent[fmt] = producer
+    per_record = [value for _, value, _, _ in sent["record"].on("alerts")]
+    ((_, value, key, headers),) = sent["batch"].on("alerts")
+    assert key == b"images/0/0-5" and headers == [("vaewatch.format", b"jsonl")]
+    assert output_values(value, headers) == per_record
+    assert [_strict(line)["offset"] for line in per_record] == [0, 2, 5]
+    assert sent["batch"].on("scores") == sent["record"].on("scores")  # one per record
+    assert len(sent["batch"].on("scores")) == (6 if scores_topic else 0)
+
+
+def test_a_message_without_the_frame_header_is_one_object() -> None:
+    line = b'{"offset": 1}'
+    assert output_values(line, None) == [line]
+    assert output_values(line, [("id", b"x")]) == [line]
+    assert output_values(line + b"\n" + line, [("vaewatch.format", b"jsonl")]) == [line, line]
+    assert output_values(None, None) == []

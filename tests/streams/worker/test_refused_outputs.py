@@ -214,12 +214,15 @@ GUARANTEES = [False, True]
 
 
 @pytest.mark.parametrize("exactly_once", GUARANTEES)
-def test_an_alert_topic_the_acls_deny_turns_alerts_into_dead_letters(exactly_once: bool) -> None:
+@pytest.mark.parametrize("alert_format", ["record", "batch"])
+def test_an_alert_topic_the_acls_deny_turns_alerts_into_dead_letters(
+    exactly_once: bool, alert_format: str
+) -> None:
     broker = FakeBroker(partitions=1)
     values = [DARK, BRIGHT, DARK, BRIGHT, BAD, DARK, BRIGHT, DARK]
     broker.produce(0, values)
     worker, consumer, producer, registry, transactions = _worker(
-        broker, _deny("alerts"), exactly_once=exactly_once
+        broker, _deny("alerts"), exactly_once=exactly_once, alert_format=alert_format
     )
     assert _run(worker, consumer, [], settle=producer.flush)
     assert broker.committed[P0] == len(values)
@@ -235,7 +238,9 @@ def test_an_alert_topic_the_acls_deny_turns_alerts_into_dead_letters(exactly_onc
     }
     assert b"TopicAuthorizationFailed" in letters[1]["vaewatch.error.detail"]
     assert len(_outputs(broker, "scores")) == len(values) - 1  # every record scored once
-    assert _refused(registry, "alert", "not_authorized") == 3
+    # one refusal per message: an alert each, or a frame per batch (two batches of four)
+    assert _refused(registry, "alert", "not_authorized") == (3 if alert_format == "record" else 2)
+    assert registry.get_sample_value("vaewatch_alerts_published_total") == 0
     # The topic refuses any alert: for a while the others are not even tried, and exactly once
     # aborts one transaction, not one per transaction holding an alert.
     assert [t for t, _, _ in producer.sent].count("alerts") <= 3
@@ -398,3 +403,35 @@ def test_exactly_once_a_scores_frame_too_large_costs_one_abort_not_one_per_guess
         for line in value.splitlines()
     ]
     assert sorted(lines) == list(range(len(values)))
+
+
+@pytest.mark.parametrize("exactly_once", GUARANTEES)
+def test_an_alert_frame_too_large_is_sent_again_line_by_line(exactly_once: bool) -> None:
+    """stream.alert_format=batch against an alert topic that takes 4,096 bytes: the first frame
+    (100 alerts, about 27 KB) is refused and sent again as one message per alert; the later
+    frames are cut to fit. Every alert arrives, none is dead-lettered, every one counts."""
+    broker = FakeBroker(partitions=1)
+    values = [BRIGHT] * 300
+    broker.produce(0, values)
+    refuse: Refuse = lambda topic, value, key: (  # noqa: E731
+        MessageSizeTooLargeError() if topic == "alerts" and len(value or b"") > 4096 else None
+    )
+    worker, consumer, producer, registry, transactions = _worker(
+        broker, refuse, exactly_once=exactly_once, alert_format="batch", max_batch_size=100
+    )
+    assert _run(worker, consumer, [], settle=producer.flush)
+    assert broker.committed[P0] == len(values)
+    alerted = [
+        json.loads(line)["offset"]
+        for t, value, _ in broker.outputs
+        if t == "alerts"
+        for line in value.splitlines()
+    ]
+    assert sorted(alerted) == list(range(len(values)))
+    assert _outputs(broker, "dlq") == []
+    assert registry.get_sample_value("vaewatch_alerts_published_total") == len(values)
+    if transactions is not None:
+        assert transactions.aborts == 1
+        assert _refused(registry, "alert", "too_large") == 1
+    else:  # the batches built before the first refusal was answered have frames as large
+        assert 1 <= _refused(registry, "alert", "too_large") <= 3

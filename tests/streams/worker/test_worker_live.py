@@ -286,30 +286,27 @@ def test_worker_waits_for_an_unreachable_broker_and_then_consumes(
             worker.process.kill()
 
 
-def test_batch_framed_scores_carry_every_record_as_json_lines(
+def test_batch_framed_alerts_and_scores_carry_every_record_as_json_lines(
     kafka_broker, trained_bundle, fashion_mnist, tmp_path
 ) -> None:
     topics = make_topics(kafka_broker)
     n = 300
     produce_values(topics.config, encode_images(fashion_mnist.test.images[:n], codec="raw"))
-    worker = start_worker(
-        model=trained_bundle,
-        topics=topics,
-        log_dir=tmp_path,
-        extra_args=["--set", "stream.scores_format=batch"],
-    )
+    framed = ["--set", "stream.scores_format=batch", "--set", "stream.alert_format=batch"]
+    worker = start_worker(model=trained_bundle, topics=topics, log_dir=tmp_path, extra_args=framed)
     try:
-        deadline = n  # messages are batches: read until every record's line has arrived
-        lines: list[dict] = []
-        for _ in range(50):
-            messages = read_topic(topics.config, topics.config.scores_topic, until=1, timeout_s=2)
-            lines = [json.loads(line) for m in messages for line in m.value.split(b"\n")]
-            if len({x["offset"] for x in lines}) >= deadline:
-                break
+        messages = read_topic(topics.config, topics.config.scores_topic, until=n)
     finally:
         assert worker.stop() == 0
+    lines = [json.loads(line) for m in messages for line in m.value.split(b"\n")]
     assert {x["offset"] for x in lines} == set(range(n))
-    for message in messages:
+    anomalies = {x["offset"] for x in lines if x["anomaly"]}
+    assert 0 < len(anomalies) < n  # the test set's other classes alert, most of its own do not
+    alert_messages = read_topic(topics.config, topics.config.alert_topic, until=len(anomalies))
+    alerts = [json.loads(line) for m in alert_messages for line in m.value.split(b"\n")]
+    assert sorted(x["offset"] for x in alerts) == sorted(anomalies)
+    assert len(alert_messages) < len(anomalies)  # frames, not one message per alert
+    for message in messages + alert_messages:
         first, last = message.key.decode().rsplit("/", 1)[1].split("-")
         offsets = [json.loads(line)["offset"] for line in message.value.split(b"\n")]
         assert (offsets[0], offsets[-1]) == (int(first), int(last))

@@ -95,6 +95,7 @@ def _worker(
         model_version="v1",
         threshold=0.5,
         scores_format=config.scores_format,
+        alert_format=config.alert_format,
     )
     worker = Worker(
         config=config,
