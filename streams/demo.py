@@ -177,6 +177,8 @@ def run_demo(
             update={
                 "bootstrap_servers": broker.bootstrap_servers,
                 "scores_topic": stream.scores_topic or "scores",
+                # The tally reads each score's label and anomaly headers, which frames drop.
+                "scores_format": "record",
                 "group_id": "vaewatch-demo",
             }
         )

@@ -54,11 +54,18 @@ def test_produce_replays_labelled_images_with_headers(kafka_broker, fashion_mnis
         assert json.loads(record.value)["id"] == headers["id"].decode() == f"test-{i}"
 
 
-@pytest.mark.parametrize("engine", ["tansu", "kafka"])
-def test_demo_runs_end_to_end_and_stops_cleanly(trained_bundle, engine: str) -> None:
+@pytest.mark.parametrize(
+    ("engine", "framed"),
+    [("tansu", False), ("kafka", False), ("tansu", True)],
+    ids=["tansu", "kafka", "tansu-framed-outputs"],
+)
+def test_demo_runs_end_to_end_and_stops_cleanly(trained_bundle, engine: str, framed: bool) -> None:
+    # framed: a config that frames the outputs; the demo's tally still reads one score a record
+    formats = ["--set", "stream.scores_format=batch", "--set", "stream.alert_format=batch"]
     done = _vaewatch(
         "--set",
         "detector.device=cpu",
+        *(formats if framed else []),
         "demo",
         "--engine",
         engine,
