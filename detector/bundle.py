@@ -117,7 +117,9 @@ def save_bundle(
     )
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The bundle's manifest (bundle.json), checked for its format and keys, without the
+    weights; a BundleError names what is wrong."""
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"{path}: no model bundle here (train one with `vaewatch train --out`)")
@@ -194,7 +196,7 @@ def _first_line(exc: BaseException) -> str:
 def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -> Bundle:
     """Read and verify a bundle: manifest, file digests, config, weight shapes, calibration."""
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     _verify_files(path, manifest["files"])
     # The version is a hash of the config and calibration summary too, so an edited manifest
     # (say a changed beta or threshold, which the weights alone would not reveal) is caught here.

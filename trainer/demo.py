@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from detector.bundle import MANIFEST
+from detector.bundle import MANIFEST, read_manifest
 from detector.config import ModelConfig
 from detector.preprocess import ImageSettings
 from trainer.config import CalibrationConfig, DataConfig, TrainConfig
@@ -34,8 +33,12 @@ def demo_bundle(
     `data.normal_classes` for at most `epochs` epochs (a demo should start within minutes, not
     train to convergence)."""
     if (model_dir / MANIFEST).is_file():
-        recorded = json.loads((model_dir / MANIFEST).read_text()).get("metadata", {})
-        classes = tuple((recorded.get("data") or {}).get("normal_classes") or data.normal_classes)
+        recorded = read_manifest(model_dir).get("metadata")
+        trained_on = recorded.get("data") if isinstance(recorded, dict) else None
+        classes = tuple(
+            (trained_on.get("normal_classes") if isinstance(trained_on, dict) else None)
+            or data.normal_classes
+        )
         say(f"model: {model_dir}, trained on classes {list(classes)} (delete it to train anew)")
         if classes != tuple(data.normal_classes):
             say(
