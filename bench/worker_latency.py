@@ -67,6 +67,7 @@ from streams.brokers.local import free_port
 from streams.config import StreamConfig
 from streams.kafka_io import create_producer, ensure_topics
 from streams.replay import ArrayRecords, plan_replay, replay
+from streams.worker.publish import output_values
 
 
 def rss_mib(pid: int) -> float:
@@ -123,9 +124,11 @@ def read_alerts(
         for records in consumer.poll(timeout_ms=50).values():
             now = time.time()
             for record in records:
-                alert = json.loads(record.value)
-                created = alert["timestamp_ms"] / 1000.0
-                latencies.append((now, now - created, alert["scored_at_ms"] / 1000.0 - created))
+                for value in output_values(record.value, record.headers):  # frames too
+                    alert = json.loads(value)
+                    created = alert["timestamp_ms"] / 1000.0
+                    scored = alert["scored_at_ms"] / 1000.0
+                    latencies.append((now, now - created, scored - created))
     consumer.close()
     out.put(latencies)
 
