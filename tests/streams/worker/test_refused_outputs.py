@@ -205,6 +205,23 @@ def _outputs(broker: FakeBroker, topic: str) -> list[dict[str, bytes]]:
     return [dict(headers) for t, _, headers in broker.outputs if t == topic]
 
 
+def _size_limit(topic: str, limit: int = 4096) -> Refuse:
+    """A topic whose max.message.bytes is `limit`."""
+    return lambda t, value, key: (
+        MessageSizeTooLargeError() if t == topic and len(value or b"") > limit else None
+    )
+
+
+def _line_offsets(broker: FakeBroker, topic: str) -> list[int]:
+    """The input offsets of the objects on `topic`, framed or not, sorted."""
+    return sorted(
+        json.loads(line)["offset"]
+        for t, value, _ in broker.outputs
+        if t == topic
+        for line in value.splitlines()
+    )
+
+
 def _deny(topic: str) -> Refuse:
     """An ACL that denies writing to `topic`."""
     return lambda t, value, key: TopicAuthorizationFailedError(t) if t == topic else None
@@ -361,10 +378,9 @@ def test_exactly_once_a_dead_letter_too_large_aborts_once_and_the_redo_sends_it_
     broker = FakeBroker(partitions=1)
     values = [DARK] * 5 + [b"\x01" * 20_000] + [DARK, BRIGHT, DARK]
     broker.produce(0, values)
-    refuse: Refuse = lambda topic, value, key: (  # noqa: E731
-        MessageSizeTooLargeError() if topic == "dlq" and len(value or b"") > 4096 else None
+    worker, consumer, producer, registry, transactions = _worker(
+        broker, _size_limit("dlq"), exactly_once=True
     )
-    worker, consumer, producer, registry, transactions = _worker(broker, refuse, exactly_once=True)
     assert _run(worker, consumer, [], settle=producer.flush)
     assert transactions is not None and transactions.aborts == 1
     assert broker.committed[P0] == len(values)
@@ -387,22 +403,13 @@ def test_exactly_once_a_scores_frame_too_large_costs_one_abort_not_one_per_guess
     broker = FakeBroker(partitions=1)
     values = [DARK] * 600
     broker.produce(0, values)
-    refuse: Refuse = lambda topic, value, key: (  # noqa: E731
-        MessageSizeTooLargeError() if topic == "scores" and len(value or b"") > 4096 else None
-    )
     worker, consumer, producer, _, transactions = _worker(
-        broker, refuse, exactly_once=True, scores_format="batch", max_batch_size=100
+        broker, _size_limit("scores"), exactly_once=True, scores_format="batch", max_batch_size=100
     )
     assert _run(worker, consumer, [], settle=producer.flush)
     assert transactions is not None and transactions.aborts == 1
     assert broker.committed[P0] == len(values)
-    lines = [
-        json.loads(line)["offset"]
-        for t, value, _ in broker.outputs
-        if t == "scores"
-        for line in value.splitlines()
-    ]
-    assert sorted(lines) == list(range(len(values)))
+    assert _line_offsets(broker, "scores") == list(range(len(values)))
 
 
 @pytest.mark.parametrize("exactly_once", GUARANTEES)
@@ -413,21 +420,16 @@ def test_an_alert_frame_too_large_is_sent_again_line_by_line(exactly_once: bool)
     broker = FakeBroker(partitions=1)
     values = [BRIGHT] * 300
     broker.produce(0, values)
-    refuse: Refuse = lambda topic, value, key: (  # noqa: E731
-        MessageSizeTooLargeError() if topic == "alerts" and len(value or b"") > 4096 else None
-    )
     worker, consumer, producer, registry, transactions = _worker(
-        broker, refuse, exactly_once=exactly_once, alert_format="batch", max_batch_size=100
+        broker,
+        _size_limit("alerts"),
+        exactly_once=exactly_once,
+        alert_format="batch",
+        max_batch_size=100,
     )
     assert _run(worker, consumer, [], settle=producer.flush)
     assert broker.committed[P0] == len(values)
-    alerted = [
-        json.loads(line)["offset"]
-        for t, value, _ in broker.outputs
-        if t == "alerts"
-        for line in value.splitlines()
-    ]
-    assert sorted(alerted) == list(range(len(values)))
+    assert _line_offsets(broker, "alerts") == list(range(len(values)))
     assert _outputs(broker, "dlq") == []
     assert registry.get_sample_value("vaewatch_alerts_published_total") == len(values)
     if transactions is not None:
