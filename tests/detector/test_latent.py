@@ -90,6 +90,24 @@ def test_total_variation_by_hand() -> None:
     assert total_variation(image.reshape(1, 784)).item() == pytest.approx(4.0 + 4.0)
 
 
+def test_total_variation_does_not_join_the_end_of_a_row_to_the_next_row() -> None:
+    image = torch.zeros(1, 28, 28)
+    image[0, 5, 27] = 1.0  # last pixel of a row: 1 horizontal and 2 vertical edges
+    image[0, 7, 0] = 1.0  # first pixel of a row: the same
+    assert total_variation(image.reshape(1, 784)).item() == pytest.approx(6.0)
+
+
+def test_total_variation_is_the_sum_over_the_image_grid() -> None:
+    x = torch.rand(64, 784)
+    kept = x.clone()
+    grid = x.view(64, 28, 28)
+    expected = (grid[:, :, 1:] - grid[:, :, :-1]).abs().sum(dim=(1, 2)) + (
+        grid[:, 1:, :] - grid[:, :-1, :]
+    ).abs().sum(dim=(1, 2))
+    torch.testing.assert_close(total_variation(x), expected)
+    assert torch.equal(x, kept)  # the input is left alone
+
+
 def test_normalisation_scales_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         _model().set_score_normalisation(torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]))
