@@ -46,7 +46,8 @@ from streams.worker.dead_letters import (
 from streams.worker.metrics import WorkerMetrics
 from streams.worker.output_refusals import FRAME_BYTES
 
-H_FORMAT = "vaewatch.format"  # "jsonl" on the frames of batch-framed alerts and scores
+H_FORMAT = "vaewatch.format"
+FRAME_HEADER = (H_FORMAT, b"jsonl")  # on the frames of batch-framed alerts and scores
 _TIMESTAMP = attrgetter("timestamp")
 ID_HEADER = "id"  # with the raw codec, an `id` header stands in for the JSON `id` field
 # An id header this long (in characters) or shorter fits in MAX_ID_BYTES as JSON, whatever its
@@ -56,12 +57,15 @@ _SHORT_ID_CHARS = (MAX_ID_BYTES - 2) // 12
 
 def output_values(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None) -> list[bytes]:
     """The JSON objects (as bytes) one alerts or scores message carries, for its readers: the
-    lines of a frame (header H_FORMAT = jsonl), else the value itself."""
+    lines of a frame (`is_frame`), else the value itself."""
     if value is None:
         return []
-    if headers and (H_FORMAT, b"jsonl") in headers:
-        return value.split(b"\n")
-    return [value]
+    return value.split(b"\n") if is_frame(headers) else [value]
+
+
+def is_frame(headers: Sequence[tuple[str, bytes]] | None) -> bool:
+    """Whether a message with these headers is a frame of JSON Lines (batch format)."""
+    return headers is not None and FRAME_HEADER in headers
 
 
 def _json_text(value: Any) -> str:
@@ -284,7 +288,7 @@ class ResultPublisher:
                         topic=output_topic,
                         value=b"\n".join(line for _, line in chunk),
                         key=f"{topic}/{partition}/{first}-{last}".encode(),
-                        headers=[(H_FORMAT, b"jsonl")],
+                        headers=[FRAME_HEADER],
                         partition=partition % parts,
                         sources=tuple(source for source, _ in chunk),
                     )

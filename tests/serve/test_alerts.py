@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from serve.alerts import AlertFollower
-from streams.worker.publish import H_FORMAT
+from streams.worker.publish import FRAME_HEADER
 from tests.fixtures_broker import make_topics
 from tests.streams.kafka_helpers import produce_values, raw_images
 
@@ -56,7 +56,7 @@ def test_the_follower_shows_framed_and_single_alerts_and_skips_a_tombstone(
         [frame, None, _alert(source, 2)],  # type: ignore[list-item]
         topic=config.alert_topic,
         keys=[f"{source}/0/0-1".encode(), b"gone", f"{source}/0/2".encode()],
-        headers=[[(H_FORMAT, b"jsonl")], [], []],
+        headers=[[FRAME_HEADER], [], []],
     )
     cards = _Cards()
     explained: list[tuple[int, str | None]] = []
@@ -67,9 +67,9 @@ def test_the_follower_shows_framed_and_single_alerts_and_skips_a_tombstone(
 
     follower = AlertFollower(
         stream=config,
-        hub=cards,
+        hub=cards,  # type: ignore[arg-type]
         explain=explain,
-        replay_recent=10,  # type: ignore[arg-type]
+        replay_recent=10,
     )
     follower.start()
     try:

@@ -14,7 +14,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from streams.codec import encode_images
 from streams.config import StreamConfig
 from streams.kafka_io import security_options
-from streams.worker.publish import H_FORMAT, output_values
+from streams.worker.publish import is_frame, output_values
 
 # Apache Kafka refuses by default a record over about 1 MiB and a timestamp more than an hour
 # ahead (Tansu takes both). Topics configured to accept them exist, and the worker must cope with
@@ -78,7 +78,7 @@ def open_reader(
 def _output_keys(records: list[Any]) -> list[Any]:
     keys: list[Any] = []
     for r in records:
-        if r.headers and (H_FORMAT, b"jsonl") in r.headers:
+        if is_frame(r.headers):
             lines = map(json.loads, output_values(r.value, r.headers))
             keys += [f"{x['topic']}/{x['partition']}/{x['offset']}".encode() for x in lines]
         else:
